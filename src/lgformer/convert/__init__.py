@@ -1,0 +1,1 @@
+"""Converters between the authors' checkpoints / pretrained releases and our layout."""

@@ -1,0 +1,1 @@
+"""Datasets: the REFER release, a custom JSONL format and a synthetic referring benchmark."""

@@ -1,0 +1,1 @@
+"""Training, evaluation, metrics, distributed helpers and checkpoints."""
