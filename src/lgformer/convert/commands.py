@@ -1,4 +1,4 @@
-"""CLI sub-commands of this area."""
+"""`lgformer convert official` and `lgformer verify-official`."""
 
 from __future__ import annotations
 
@@ -6,4 +6,46 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add this area's sub-commands to the `lgformer` parser."""
+    conv = sub.add_parser("convert", help="convert checkpoints between the authors' layout and ours")
+    conv_sub = conv.add_subparsers(dest="source", metavar="SOURCE", required=True)
+    off = conv_sub.add_parser("official", help="the authors' released LGFormer .pth -> our checkpoint folder")
+    off.add_argument("checkpoint", help="the authors' checkpoint file (torch.save dict with 'model')")
+    off.add_argument("--out", required=True, help="output checkpoint folder")
+    off.add_argument(
+        "--text-encoder", default="bert-base-uncased", help="tokenizer/architecture name of the BERT (default %(default)s)"
+    )
+    off.set_defaults(handler=_convert_official)
+
+    ver = sub.add_parser("verify-official", help="reproduce the authors' golden forward pass (exit 0 iff <= 1e-4)")
+    ver.add_argument("golden", help="golden .safetensors (image, text_features, text_mask, logits_i)")
+    ver.add_argument("--variant", required=True, choices=["tiny-w7", "small-w7", "base-w12", "large-w12"])
+    ver.set_defaults(handler=_verify_official)
+
+
+def _convert_official(args: argparse.Namespace) -> int:
+    from lgformer import config as config_mod
+    from lgformer.convert.official import from_official, infer_preset, load_official_checkpoint
+    from lgformer.engine.checkpoint import save_model
+    from lgformer.model.build import build_model
+
+    state = load_official_checkpoint(args.checkpoint)
+    preset, window = infer_preset(state)
+    cfg = config_mod.preset(preset)
+    cfg.model.window = window
+    cfg.model.text_encoder = args.text_encoder
+    model = build_model(cfg.model, pretrained=False)
+    model.load_state_dict(from_official(state, model))
+    save_model(args.out, model, cfg, extra={"source": f"authors' checkpoint {args.checkpoint}"})
+    print(f"converted {args.checkpoint} ({preset}, window {window}) -> {args.out}")
+    return 0
+
+
+def _verify_official(args: argparse.Namespace) -> int:
+    from lgformer.convert.verify import TOLERANCE, verify_official
+
+    diffs = verify_official(args.golden, args.variant)
+    for name, diff in diffs.items():
+        print(f"{name} max_abs_diff={diff:.3e}")
+    worst = max(diffs.values())
+    print(f"max_abs_diff={worst:.3e}")
+    return 0 if worst <= TOLERANCE else 1

@@ -1,4 +1,4 @@
-"""CLI sub-commands of this area."""
+"""`lgformer summary`: the network of a preset, box by box, with parameter counts."""
 
 from __future__ import annotations
 
@@ -6,4 +6,37 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add this area's sub-commands to the `lgformer` parser."""
+    p = sub.add_parser("summary", help="print a preset's network: boxes, parameter counts, output shapes")
+    p.add_argument("--config", default="lite", help="preset name or YAML file (default %(default)s)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--size", type=int, default=None, help="input size for the shape trace (default: config)")
+    p.set_defaults(handler=_summary)
+
+
+def _summary(args: argparse.Namespace) -> int:
+    import torch
+
+    from lgformer import config as config_mod
+    from lgformer.model.build import build_model
+
+    cfg = config_mod.load(args.config, args.overrides)
+    model = build_model(cfg.model, pretrained=False).eval()
+    size = args.size or cfg.model.image_size
+    print(f"preset: {cfg.preset or args.config}  backbone: {cfg.model.backbone}  fusion: {cfg.model.fusion}  "
+          f"text encoder: {cfg.model.text_encoder}")
+    total = 0
+    for name, module in model.named_children():
+        count = sum(p.numel() for p in module.parameters())
+        total += count
+        print(f"  {name:<20} {type(module).__name__:<20} {count:>13,d} params")
+    print(f"  {'total':<41} {total:>13,d} params")
+    t = cfg.model.max_tokens
+    with torch.no_grad():
+        image = torch.zeros(1, 3, size, size)
+        words = torch.zeros(1, t, model.text_encoder.dim)
+        mask = torch.ones(1, t, dtype=torch.long)
+        feats, _ = model.image_encoder(image, words, mask)
+        logits = model(image, mask, text_features=words)
+    print(f"  backbone features at {size}x{size}: " + ", ".join(str(tuple(f.shape[1:])) for f in feats))
+    print(f"  output logits: {tuple(logits.shape)} (one map per prototype; the last is the prediction)")
+    return 0

@@ -41,14 +41,20 @@ def resolve(name: str) -> str:
 def _load_hf_tokenizer(name: str):
     from transformers import AutoTokenizer
 
-    source = resolve(name)
-    try:
-        return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as exc:
-        if name == BERT_BASE:
-            # MiniLM-L6 ships the bert-base-uncased vocabulary and lower-casing rules verbatim, so it
-            # tokenises identically: use it when bert-base-uncased is neither local nor reachable.
+    if name == BERT_BASE:
+        # MiniLM-L6 ships the bert-base-uncased vocabulary and lower-casing rules verbatim, so it
+        # tokenises identically: prefer a local copy of either, and only then ask the hub.
+        try:
+            return AutoTokenizer.from_pretrained(BERT_BASE, local_files_only=True)
+        except (OSError, ValueError):
+            pass
+        try:
             return AutoTokenizer.from_pretrained(str(minilm_path()))
+        except LGFormerError:
+            pass
+    try:
+        return AutoTokenizer.from_pretrained(resolve(name))
+    except (OSError, ValueError) as exc:
         raise LGFormerError(_missing_message(name, exc)) from None
 
 
@@ -104,7 +110,7 @@ class TextEncoder(nn.Module):
             except (OSError, ValueError) as exc:
                 raise LGFormerError(_missing_message(name, exc)) from None
         try:
-            config = BertConfig.from_pretrained(source)
+            config = BertConfig.from_pretrained(source, local_files_only=name == BERT_BASE)
         except (OSError, ValueError):
             if name != BERT_BASE:
                 raise LGFormerError(f"text encoder {name!r}: no config.json found") from None

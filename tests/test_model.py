@@ -1,0 +1,130 @@
+"""The network's contracts: shapes, padding invariance, batch = samples, gradients everywhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lgformer import config as config_mod
+from lgformer.model.build import build_model
+from lgformer.model.loss import mask_loss
+
+ABLATIONS = {
+    "default": [],
+    "pwam": ["model.fusion=pwam"],
+    "no-l2va": ["model.l2va=false"],
+    "sentence-keys": ["model.l2va_keys=sentence"],
+    "no-v2la": ["model.v2la=false"],
+    "learnable-k1": ["model.query=learnable", "model.num_queries=1"],
+    "learnable-k10": ["model.query=learnable", "model.num_queries=10"],
+    "no-head-bias": ["model.head_bias=false"],
+    "fusion-heads": ["model.fusion_heads=[2,2,2,2]"],
+    "paper-loss": ["model.loss_resolution=quarter", "model.loss_all_outputs=false", "model.loss_pos_weight=1.0"],
+}
+
+
+def _model(preset: str, overrides=(), seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = config_mod.load(preset, overrides)
+    return build_model(cfg.model, pretrained=False), cfg
+
+
+def _inputs(batch: int, size: int, lengths: list[int], t: int = 20, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randn(batch, 3, size, size, generator=g)
+    ids = torch.randint(1000, 5000, (batch, t), generator=g)
+    mask = torch.zeros(batch, t, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    ids = ids * mask
+    return image, ids, mask
+
+
+def _assert_all_grads(model, skip=("text_encoder.bert.embeddings", "text_encoder.bert.pooler")):
+    missing = [n for n, p in model.named_parameters() if p.grad is None or (not n.startswith(skip) and not p.grad.any())]
+    assert not missing, f"parameters without gradient: {missing[:10]}"
+
+
+@pytest.mark.parametrize("name", list(ABLATIONS))
+def test_every_parameter_gets_a_gradient_per_ablation(name):
+    model, cfg = _model("lite", ABLATIONS[name])
+    model.train()
+    image, ids, mask = _inputs(2, 64, [5, 9])
+    target = (torch.rand(2, 64, 64) > 0.5).float()
+    logits = model(image, mask, ids=ids, upsample=False)
+    m = cfg.model
+    loss = mask_loss(logits, target, m.loss_pos_weight, m.loss_all_outputs, m.loss_resolution)
+    loss.backward()
+    assert torch.isfinite(loss)
+    _assert_all_grads(model)
+
+
+@pytest.mark.parametrize("preset", ["official-swin-t", "official-swin-b"])
+def test_official_presets_train_step(preset):
+    model, cfg = _model(preset)
+    model.train()
+    image, ids, mask = _inputs(1, 96, [7])
+    logits = model(image, mask, ids=ids, upsample=False)
+    assert logits.shape == (1, 7, 24, 24)
+    mask_loss(logits, (torch.rand(1, 96, 96) > 0.5).float()).backward()
+    _assert_all_grads(model)
+
+
+def test_output_shape_for_odd_sizes():
+    model, _ = _model("lite")
+    model.eval()
+    image, ids, mask = _inputs(1, 70, [4])
+    image = image[..., :61]
+    with torch.no_grad():
+        logits = model(image, mask, ids=ids)
+    assert logits.shape == (1, 4, 70, 61)
+
+
+@pytest.mark.parametrize("preset", ["lite", "official-swin-t"])
+def test_padded_text_positions_do_not_matter(preset):
+    model, _ = _model(preset)
+    model.eval()
+    image, ids, mask = _inputs(2, 64, [4, 11])
+    words = torch.randn(2, 20, model.text_encoder.dim)
+    noisy_words = torch.where(mask[..., None].bool(), words, torch.randn_like(words) * 50)
+    noisy_ids = torch.where(mask.bool(), ids, torch.randint(1000, 5000, ids.shape))
+    with torch.no_grad():
+        a = model(image, mask, text_features=words)
+        b = model(image, mask, text_features=noisy_words)
+        c = model(image, mask, ids=ids)
+        d = model(image, mask, ids=noisy_ids)
+    assert torch.equal(a, b)
+    assert torch.allclose(c, d, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["lite", "official-swin-t"])
+def test_batch_equals_samples(preset):
+    model, _ = _model(preset)
+    model.eval()
+    image, ids, mask = _inputs(3, 64, [3, 20, 8])
+    with torch.no_grad():
+        batched = model(image, mask, ids=ids)
+        single = torch.cat([model(image[i : i + 1], mask[i : i + 1], ids=ids[i : i + 1]) for i in range(3)])
+    assert torch.allclose(batched, single, atol=1e-4), (batched - single).abs().max()
+
+
+def test_lite_preset_loads_pretrained_encoders_offline_and_trains():
+    cfg = config_mod.preset("lite")
+    model = build_model(cfg.model, pretrained=True)
+    from lgformer.model.text_encoder import Tokenizer
+
+    ids, mask = Tokenizer(cfg.model.text_encoder)(["the red star left of the blue ring", "ring"])
+    image = torch.randn(2, 3, 96, 96)
+    logits = model(image, mask, ids=ids, upsample=False)
+    assert logits.shape == (2, 4, 24, 24)
+    mask_loss(logits, (torch.rand(2, 96, 96) > 0.5).float()).backward()
+    _assert_all_grads(model)
+
+
+def test_loss_matches_official_definition():
+    logits = torch.randn(2, 7, 8, 8)
+    target = (torch.rand(2, 32, 32) > 0.5).float()
+    up = torch.nn.functional.interpolate(logits, size=(32, 32), mode="bilinear", align_corners=False)
+    bce = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(1.1))
+    expected = sum(bce(up[:, k], target) for k in range(7))
+    assert torch.allclose(mask_loss(logits, target), expected, atol=1e-6)
