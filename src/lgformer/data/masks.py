@@ -8,6 +8,7 @@ reproduces that quirk; `union` keeps every covered pixel. An RLE is a single map
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ def _decode_polygons(polygons: list, height: int, width: int, rule: str, where: 
             valid.append([float(v) for v in poly])
     if not valid:
         return np.zeros((height, width), dtype=bool)
-    maps = coco_mask.decode(coco_mask.frPyObjects(valid, height, width))  # (H, W, n): one map per polygon
+    maps = _decode(coco_mask.frPyObjects(valid, height, width))  # (H, W, n): one map per polygon
     coverage = maps.astype(np.int32).sum(axis=2)
     return coverage == 1 if rule == "exactly_one" else coverage > 0
 
@@ -64,9 +65,16 @@ def _decode_rle(rle: dict, height: int, width: int, where: str) -> np.ndarray:
     else:
         raise LGFormerError(f"{where}: RLE 'counts' must be a string or a list of integers")
     try:
-        return coco_mask.decode(compressed).astype(bool)
+        return _decode(compressed).astype(bool)
     except (ValueError, UnicodeError) as exc:
         raise LGFormerError(f"{where}: cannot decode RLE ({exc})") from None
+
+
+def _decode(rle: dict | list) -> np.ndarray:
+    """pycocotools' decode, without the numpy-2 DeprecationWarning its compiled code raises on every call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="__array__ implementation", category=DeprecationWarning)
+        return coco_mask.decode(rle)
 
 
 def encode_rle(mask: np.ndarray) -> dict:

@@ -102,11 +102,14 @@ def load_model(
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
     if missing or unexpected or wrong:
-        parts = [f"{label}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
-                 for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-                 if items]
+        parts = [
+            f"{label}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
+            for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+            if items
+        ]
         raise LGFormerError(
-            f"{directory}: weights do not fit preset {cfg.preset or cfg.model.backbone!r} ({'; '.join(parts)})"
+            f"{directory}: weights do not fit preset {cfg.preset or cfg.model.backbone!r} "
+            f"({'; '.join(parts)})"
         )
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=False)
     return model.to(device).eval(), cfg

@@ -1,9 +1,216 @@
-"""CLI sub-commands of this area."""
+"""`lgformer train` and `lgformer eval`. Heavy imports stay inside the handlers."""
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this area's sub-commands to the `lgformer` parser."""
+    p = sub.add_parser(
+        "train",
+        help="train a config (the paper's recipe by default); single process or under torchrun",
+        description="Train into --out (last/, best/, log.jsonl, plots.png), or continue a run with --resume.",
+    )
+    p.add_argument("--config", help="preset name or YAML file (required unless --resume)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. train.batch_size=16 (repeatable)",
+    )
+    p.add_argument("--out", type=Path, help="output folder of a new run")
+    p.add_argument(
+        "--resume", type=Path, metavar="DIR", help="continue the run in DIR from DIR/last, exactly"
+    )
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        metavar="STEPS",
+        help="stop (and save) after this many optimizer steps; the schedule is unchanged",
+    )
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default %(default)s)")
+    p.set_defaults(handler=_train)
+
+    p = sub.add_parser(
+        "eval",
+        help="oIoU / mIoU / precision@K of a checkpoint (or of saved masks) on dataset splits",
+        description="Evaluate every sentence of the split(s); report overall, per word-length bucket and per "
+        "synthetic level. Data flags default to the checkpoint's data config.",
+    )
+    p.add_argument("--checkpoint", type=Path, help="checkpoint folder (model.safetensors + config.json)")
+    p.add_argument(
+        "--predictions",
+        type=Path,
+        metavar="DIR",
+        help="score <sent_id>.png masks of any system instead of running a checkpoint",
+    )
+    p.add_argument(
+        "--missing-as-empty", action="store_true", help="with --predictions: missing PNG = empty mask"
+    )
+    p.add_argument("--root", help="data root (REFER layout), JSONL file or synthetic-benchmark folder")
+    p.add_argument("--dataset", help="refcoco | refcoco+ | refcocog | refclef | jsonl | synth")
+    p.add_argument("--split-by", help="refs(<split-by>).p, e.g. unc, umd, google")
+    p.add_argument("--split", nargs="+", default=["val"], help="one or more splits (default %(default)s)")
+    p.add_argument("--image-dir", help="image folder override")
+    p.add_argument(
+        "--image-size", type=int, help="network size S of the resized protocol (default: config / 480)"
+    )
+    p.add_argument(
+        "--protocol",
+        default="resized",
+        choices=["resized", "original"],
+        help="resized: GT resized to S x S (authors' code, default); original: prediction upsampled "
+        "to the image size (paper text)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a value of the checkpoint's config (repeatable)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of tables")
+    p.add_argument("--out", type=Path, metavar="DIR", help="write report.json and report.md here")
+    p.add_argument("--save-masks", type=Path, metavar="DIR", help="write <sent_id>.png predicted masks")
+    p.add_argument("--save-overlays", type=Path, metavar="DIR", help="write image + prediction/GT overlays")
+    p.add_argument(
+        "--overlays", type=int, default=50, metavar="N", help="overlays of the first N (default 50)"
+    )
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"], help="autocast (default: fp32)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default %(default)s)")
+    p.set_defaults(handler=_eval)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from lgformer import config as config_mod
+    from lgformer.engine import distributed
+    from lgformer.engine.checkpoint import read_config
+    from lgformer.engine.train import train
+    from lgformer.errors import LGFormerError
+
+    if args.resume is not None:
+        if args.out is not None and args.out != args.resume:
+            raise LGFormerError("--resume DIR continues the run in DIR; do not also pass a different --out")
+        cfg, _ = read_config(args.resume / "last")
+        if args.config is not None:
+            wanted = config_mod.load(args.config)
+            if wanted.model != cfg.model:
+                diff = [k for k, v in config_mod.to_dict(wanted.model).items() if getattr(cfg.model, k) != v]
+                raise LGFormerError(
+                    f"{args.resume / 'last'} is a {cfg.preset or cfg.model.backbone!r} checkpoint; --config "
+                    f"{args.config} describes another model (differs in model.{', model.'.join(diff[:5])})"
+                )
+        for item in args.overrides:
+            cfg = config_mod.apply_override(cfg, item)
+        out = args.resume
+    else:
+        if args.config is None or args.out is None:
+            raise LGFormerError("give --config and --out for a new run, or --resume DIR")
+        cfg = config_mod.load(args.config, args.overrides)
+        out = args.out
+    try:
+        result = train(
+            cfg, out, resume=args.resume is not None, device=args.device, stop_after=args.stop_after
+        )
+    finally:
+        distributed.cleanup()
+    if distributed.world().main:
+        best = f", best val oIoU {result.best_oiou:.2f}" if result.best_oiou is not None else ""
+        state = "stopped" if result.stopped_early else "finished"
+        print(f"{state} at step {result.step}{best}; checkpoint {result.last}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from lgformer import config as config_mod
+    from lgformer.data.dataset import DataConfig, build_dataset
+    from lgformer.engine import distributed
+    from lgformer.engine.checkpoint import load_model
+    from lgformer.engine.evaluate import MaskWriter, evaluate_model, evaluate_predictions, markdown, report
+    from lgformer.engine.train import amp_dtype
+    from lgformer.errors import LGFormerError
+
+    if (args.checkpoint is None) == (args.predictions is None):
+        raise LGFormerError("give exactly one of --checkpoint DIR or --predictions DIR")
+    w, dev = distributed.setup(args.device)
+    if args.checkpoint is not None:
+        model, cfg = load_model(args.checkpoint, dev, tuple(args.overrides))
+        data = cfg.data
+    else:
+        if args.root is None or args.dataset is None:
+            raise LGFormerError("--predictions needs --root and --dataset")
+        model, cfg, data = None, None, DataConfig()
+    flags = {
+        "root": args.root,
+        "dataset": args.dataset,
+        "split_by": args.split_by,
+        "image_dir": args.image_dir,
+        "image_size": args.image_size,
+    }
+    data = config_mod.merge(data, {k: v for k, v in flags.items() if v is not None}, "eval flags")
+    tokenizer = None
+    if model is not None:
+        from lgformer.model.text_encoder import Tokenizer
+
+        tokenizer = Tokenizer(cfg.model.text_encoder, cfg.model.max_tokens)
+        data = dataclasses.replace(data, max_tokens=cfg.model.max_tokens)
+    reports = {}
+    for split in args.split:
+        dataset = build_dataset(data, split, train=False, tokenizer=tokenizer)
+        if model is not None:
+            writer = None
+            if args.save_masks or args.save_overlays:
+                suffix = Path(split) if len(args.split) > 1 else Path()
+                writer = MaskWriter(
+                    dataset,
+                    args.save_masks and args.save_masks / suffix,
+                    args.save_overlays and args.save_overlays / suffix,
+                    args.overlays,
+                )
+            counts = evaluate_model(
+                model,
+                dataset,
+                dev,
+                protocol=args.protocol,
+                batch_size=args.batch_size,
+                dtype=amp_dtype(args.amp, dev),
+                workers=args.workers,
+                progress=True,
+                sink=writer,
+            )
+        else:
+            counts = evaluate_predictions(
+                args.predictions,
+                dataset,
+                protocol=args.protocol,
+                missing_as_empty=args.missing_as_empty,
+                progress=True,
+            )
+        reports[split] = report(counts, dataset, args.protocol)
+    distributed.cleanup()
+    if not w.main:
+        return 0
+    source = str(args.checkpoint or args.predictions)
+    title = f"{data.dataset} ({data.split_by}) — {source}"
+    body = reports[args.split[0]] if len(reports) == 1 else reports
+    if args.out is not None:
+        from lgformer.engine.checkpoint import atomic_write
+
+        text = json.dumps(
+            {"source": source, "dataset": data.dataset, "split_by": data.split_by, "reports": reports},
+            indent=2,
+        )
+        atomic_write(args.out / "report.json", lambda tmp: Path(tmp).write_text(text))
+        atomic_write(args.out / "report.md", lambda tmp: Path(tmp).write_text(markdown(reports, title)))
+    print(json.dumps(body) if args.json else markdown(reports, title))
+    return 0

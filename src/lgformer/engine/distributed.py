@@ -32,8 +32,11 @@ def world() -> World:
     """This process's place, from the torchrun environment (a world of one without it)."""
     if dist.is_available() and dist.is_initialized():
         return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-    return World(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                 int(os.environ.get("LOCAL_RANK", 0)))
+    return World(
+        int(os.environ.get("RANK", 0)),
+        int(os.environ.get("WORLD_SIZE", 1)),
+        int(os.environ.get("LOCAL_RANK", 0)),
+    )
 
 
 def setup(device: str = "auto") -> tuple[World, torch.device]:
@@ -52,7 +55,9 @@ def setup(device: str = "auto") -> tuple[World, torch.device]:
     else:
         raise LGFormerError(f"--device {device!r}; valid: auto, cpu, cuda, cuda:N")
     if w.size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+        dist.init_process_group(
+            "nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None
+        )
     return w, dev
 
 
@@ -69,7 +74,9 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum of `tensor` over all ranks (a copy; on NCCL the reduction runs on this rank's GPU)."""
     if not _active():
         return tensor.clone()
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else tensor.device
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else tensor.device
+    )
     out = tensor.detach().to(device, copy=True)
     dist.all_reduce(out)
     return out.to(tensor.device)
@@ -93,7 +100,9 @@ class TrainSampler(Sampler[int]):
         if global_batch % world_size:
             raise LGFormerError(f"global batch {global_batch} is not divisible by {world_size} processes")
         if size < global_batch:
-            raise LGFormerError(f"the training set has {size} samples, fewer than one global batch ({global_batch})")
+            raise LGFormerError(
+                f"the training set has {size} samples, fewer than one global batch ({global_batch})"
+            )
         self.size = size
         self.global_batch = global_batch
         self.per_rank = global_batch // world_size

@@ -31,7 +31,14 @@ from torch.utils.data import DataLoader
 from lgformer import config as config_mod
 from lgformer.config import Config, TrainConfig
 from lgformer.engine import distributed as D
-from lgformer.engine.checkpoint import atomic_write, load_model, load_training_state, save_model, save_training_state
+from lgformer.engine.checkpoint import (
+    atomic_write,
+    load_model,
+    load_training_state,
+    read_config,
+    save_model,
+    save_training_state,
+)
 from lgformer.engine.evaluate import evaluate_model
 from lgformer.errors import LGFormerError
 
@@ -112,12 +119,15 @@ def param_groups(model: nn.Module, tc: TrainConfig) -> list[dict[str, Any]]:
             or name.startswith("image_encoder.out_norms.")
         )
         key = ("pretrained" if pretrained else "new", decay)
-        group = groups.setdefault(key, {
-            "name": f"{key[0]}{'' if decay else '-no-decay'}",
-            "params": [],
-            "lr": lr_pre if pretrained else tc.lr,
-            "weight_decay": tc.weight_decay if decay else 0.0,
-        })
+        group = groups.setdefault(
+            key,
+            {
+                "name": f"{key[0]}{'' if decay else '-no-decay'}",
+                "params": [],
+                "lr": lr_pre if pretrained else tc.lr,
+                "weight_decay": tc.weight_decay if decay else 0.0,
+            },
+        )
         group["params"].append(p)
     for group in groups.values():
         group["initial_lr"] = group["lr"]
@@ -137,8 +147,12 @@ def _rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "gauss": float(np_state[4]),
+        },
     }
 
 
@@ -149,7 +163,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     version, keys, gauss = state["python"]
     random.setstate((version, tuple(keys), gauss))
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -206,7 +222,8 @@ class Log:
         axes[1].plot([r["step"] for r in steps], [r["lr"] for r in steps])
         axes[1].set(title="learning rate (new parts)", xlabel="step")
         for metric in ("oIoU", "mIoU", "P@0.5", "P@0.9"):
-            axes[2].plot([r["step"] for r in vals], [r["val"][metric] for r in vals], marker="o", label=metric)
+            xs, ys = [r["step"] for r in vals], [r["val"][metric] for r in vals]
+            axes[2].plot(xs, ys, marker="o", label=metric)
         axes[2].set(title="validation (%)", xlabel="step")
         if vals:
             axes[2].legend()
@@ -216,172 +233,254 @@ class Log:
         self.last_plot = time.monotonic()
 
 
-def train(
-    cfg: Config,
-    out: str | Path,
-    *,
-    resume: bool = False,
-    device: str = "auto",
-    stop_after: int | None = None,
-) -> TrainResult:
-    """Train `cfg` into `out` (or continue the run in `out` from `out/last`). `stop_after` ends the run
-    after that many optimizer steps without touching the schedule (the remaining steps can be resumed)."""
-    from tqdm import tqdm
+class Trainer:
+    """One run in `out`: a new one from `cfg`, or (`resume=True`) the run in `out` continued from
+    `out/last` with its optimizer, step, best score and RNG states. `fit()` trains to the end."""
 
-    from lgformer.data import build_dataset, collate
-    from lgformer.model.build import build_model
-    from lgformer.model.loss import mask_loss
-    from lgformer.model.text_encoder import Tokenizer
+    def __init__(self, cfg: Config, out: str | Path, *, resume: bool = False, device: str = "auto") -> None:
+        from lgformer.data.dataset import build_dataset
+        from lgformer.model.build import build_model
+        from lgformer.model.text_encoder import Tokenizer
 
-    tc = cfg.train
-    out = Path(out)
-    w, dev = D.setup(device)
-    dtype = amp_dtype(tc.amp, dev)
-    micro, accum = batch_split(tc, w.size)
-    seed_everything(tc.seed + w.rank, tc.deterministic)
+        self.cfg, self.tc, self.out = cfg, cfg.train, Path(out)
+        tc = self.tc
+        if not resume and (self.out / "last").exists():
+            raise LGFormerError(f"{self.out} already holds a run; continue it with --resume {self.out}")
+        self.world, self.device = D.setup(device)
+        self.dtype = amp_dtype(tc.amp, self.device)
+        self.micro, self.accum = batch_split(tc, self.world.size)
+        seed_everything(tc.seed + self.world.rank, tc.deterministic)
 
-    tokenizer = Tokenizer(cfg.model.text_encoder, cfg.model.max_tokens)
-    train_set = build_dataset(cfg.data, tc.train_split, train=True, tokenizer=tokenizer)
-    val_set = build_dataset(cfg.data, tc.val_split, train=False, tokenizer=tokenizer) if tc.val_split else None
-    sampler = D.TrainSampler(len(train_set), tc.batch_size, w.rank, w.size, tc.seed)
-    per_epoch = sampler.steps_per_epoch
-    total = tc.max_steps or tc.epochs * per_epoch
+        tokenizer = Tokenizer(cfg.model.text_encoder, cfg.model.max_tokens)
+        self.train_set = build_dataset(
+            cfg.data, tc.train_split, train=True, tokenizer=tokenizer, seed=tc.seed
+        )
+        self.val_set = None
+        if tc.val_split:
+            self.val_set = build_dataset(cfg.data, tc.val_split, train=False, tokenizer=tokenizer)
+        self.sampler = D.TrainSampler(
+            len(self.train_set), tc.batch_size, self.world.rank, self.world.size, tc.seed
+        )
+        self.per_epoch = self.sampler.steps_per_epoch
+        self.total = tc.max_steps or tc.epochs * self.per_epoch
 
-    if resume:
-        model, _ = load_model(out / "last", dev)
-        state = load_training_state(out / "last")
-    else:
-        model = build_model(cfg.model, pretrained=tc.pretrained).to(dev)
-        state = None
-    freeze(model, tc)
-    optimizer = torch.optim.AdamW(param_groups(model, tc), lr=tc.lr, weight_decay=tc.weight_decay)
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    step, best = 0, None
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        step, best = state["step"], state["best_oiou"]
-        rng = state["rng"]
-        if len(rng) == w.size:
-            _set_rng_state(rng[w.rank])
+        if resume:
+            self.model, _ = load_model(self.out / "last", self.device)
         else:
-            seed_everything(tc.seed + w.rank + step, tc.deterministic)
-    exclude = ("text_encoder.",) if tc.pretrained and tc.freeze_text_encoder else ()
-    ddp = DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None) if w.size > 1 else None
-    net = ddp or model
+            self.model = build_model(cfg.model, pretrained=tc.pretrained).to(self.device)
+        freeze(self.model, tc)
+        # A frozen pretrained text encoder is not stored: checkpoints reload it from its source.
+        self.exclude = ("text_encoder.",) if tc.pretrained and tc.freeze_text_encoder else ()
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, tc), lr=tc.lr, weight_decay=tc.weight_decay
+        )
+        self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
+        self.step, self.best, self.saved_step = 0, None, None
+        if resume:
+            self._restore(load_training_state(self.out / "last"), read_config(self.out / "last")[1])
+        self.ddp = None
+        if self.world.size > 1:
+            ids = [self.device] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.model, device_ids=ids)
+        self.log = None
+        if self.world.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.log = Log(self.out, keep_until=self.step if resume else None)
+            config_mod.save(cfg, self.out / "config.yaml")
+            self._describe()
 
-    log = Log(out, keep_until=step if resume else None) if w.main else None
-    if w.main:
-        out.mkdir(parents=True, exist_ok=True)
-        config_mod.save(cfg, out / "config.yaml")
-        print(f"global batch {tc.batch_size} = {micro} per device x {w.size} process(es) x {accum} "
-              f"accumulation step(s); {per_epoch} steps per epoch ({len(train_set)} samples), {total} steps in all")
-        for g in optimizer.param_groups:
+    def _describe(self) -> None:
+        tc = self.tc
+        print(
+            f"global batch {tc.batch_size} = {self.micro} per device x {self.world.size} process(es) x "
+            f"{self.accum} accumulation step(s); {self.per_epoch} steps per epoch "
+            f"({len(self.train_set)} samples), {self.total} steps in all"
+        )
+        for g in self.optimizer.param_groups:
             count = sum(p.numel() for p in g["params"])
-            print(f"  group {g['name']:<22} {count:>12,d} params  lr {g['initial_lr']:g}  wd {g['weight_decay']:g}")
-        if step:
-            print(f"resumed from {out / 'last'} at step {step}")
+            print(
+                f"  group {g['name']:<18} {count:>12,d} params  "
+                f"lr {g['initial_lr']:g}  wd {g['weight_decay']:g}"
+            )
+        if self.step:
+            print(f"resumed from {self.out / 'last'} at step {self.step}")
 
-    def save(val: dict[str, Any] | None) -> None:
-        nonlocal best
-        rng = [None] * w.size
-        if w.size > 1:
+    def _restore(self, state: dict[str, Any], meta: dict[str, Any]) -> None:
+        if meta.get("step") != state["step"]:
+            raise LGFormerError(
+                f"{self.out / 'last'}: weights (step {meta.get('step')}) and trainer state "
+                f"(step {state['step']}) disagree; the run was interrupted while saving"
+            )
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.best, self.saved_step = state["step"], state["best_oiou"], state["step"]
+        if len(state["rng"]) == self.world.size:
+            _set_rng_state(state["rng"][self.world.rank])
+        else:  # another number of processes: exactness is impossible anyway, stay reproducible
+            seed_everything(self.tc.seed + self.world.rank + self.step, self.tc.deterministic)
+
+    def fit(self, stop_after: int | None = None) -> TrainResult:
+        """Train to `total` steps; `stop_after` ends (and saves) earlier without touching the schedule."""
+        from tqdm import tqdm
+
+        from lgformer.data.dataset import collate
+
+        tc = self.tc
+        bar = tqdm(total=self.total, initial=self.step, disable=not self.world.main, dynamic_ncols=True)
+        window: list[float] = []
+        window_start = time.monotonic()
+        done = False
+        while not done and self.step < self.total:
+            epoch, start = divmod(self.step, self.per_epoch)
+            self.sampler.set_epoch(epoch, start)
+            self.train_set.set_epoch(epoch)
+            loader = DataLoader(
+                self.train_set,
+                batch_size=self.micro,
+                sampler=self.sampler,
+                num_workers=tc.workers,
+                collate_fn=collate,
+                generator=torch.Generator().manual_seed(tc.seed + epoch),
+                pin_memory=self.device.type == "cuda",
+            )
+            batches = iter(loader)
+            for _ in range(start, self.per_epoch):
+                lr = tc.lr * lr_factor(self.step, self.total, tc.warmup_steps, tc.poly_power)  # new parts
+                loss = self._optimizer_step(batches)
+                window.append(loss)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                if self.log is not None and (self.step % tc.log_every == 0 or self.step == self.total):
+                    rate = len(window) / max(time.monotonic() - window_start, 1e-9)
+                    self.log.write(
+                        {
+                            "step": self.step,
+                            "epoch": round(self.step / self.per_epoch, 4),
+                            "loss": sum(window) / len(window),
+                            "lr": lr,
+                            "steps_per_s": rate,
+                        }
+                    )
+                    window, window_start = [], time.monotonic()
+                done = self.step == self.total or (stop_after is not None and self.step >= stop_after)
+                end_of_epoch = self.step % self.per_epoch == 0
+                due = self.step % tc.val_every == 0 if tc.val_every else end_of_epoch
+                if self.val_set is not None and (due or self.step == self.total):
+                    val = self.validate()
+                    bar.write(
+                        f"step {self.step}: {tc.val_split} oIoU {val['oIoU']:.2f}  mIoU {val['mIoU']:.2f}"
+                    )
+                    self.save(val)
+                elif done or end_of_epoch or (tc.save_every and self.step % tc.save_every == 0):
+                    self.save(None)
+                if done:
+                    break
+        bar.close()
+        if self.log is not None:
+            self.log.plot()
+        return TrainResult(self.step, self.step < self.total, self.best, self.out / "last")
+
+    def _optimizer_step(self, batches: Any) -> float:
+        """One update from `accum` micro-batches; returns the loss averaged over the global batch."""
+        from lgformer.model.loss import mask_loss
+
+        tc, m, dev = self.tc, self.cfg.model, self.device
+        factor = lr_factor(self.step, self.total, tc.warmup_steps, tc.poly_power)
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["initial_lr"] * factor
+        set_train_mode(self.model, tc)
+        net = self.ddp or self.model
+        loss_sum = torch.zeros((), device=dev)
+        for j in range(self.accum):
+            batch = next(batches)
+            last = j == self.accum - 1
+            with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
+                with autocast(dev, self.dtype):
+                    image, text_mask, ids = (batch[k].to(dev) for k in ("image", "text_mask", "ids"))
+                    logits = net(image, text_mask, ids=ids, upsample=False)
+                    loss = mask_loss(
+                        logits,
+                        batch["mask"].to(dev),
+                        m.loss_pos_weight,
+                        m.loss_all_outputs,
+                        m.loss_resolution,
+                    )
+                    loss = loss / self.accum
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            loss_sum += loss.detach()
+        value = float(D.all_reduce_sum(loss_sum)) / self.world.size
+        if not math.isfinite(value):
+            where = "none" if self.saved_step is None else f"{self.out / 'last'} (step {self.saved_step})"
+            raise LGFormerError(
+                f"step {self.step + 1}: loss is {value}; run stopped. Last good checkpoint: {where}"
+            )
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if tc.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip_grad)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return value
+
+    def validate(self) -> dict[str, Any]:
+        """Metrics on the validation split (resized protocol, complete on every rank); logged on rank 0."""
+        self.model.eval()
+        counts = evaluate_model(
+            self.model,
+            self.val_set,
+            self.device,
+            batch_size=self.micro,
+            dtype=self.dtype,
+            workers=self.tc.workers,
+        )
+        val = counts.summary()
+        if self.log is not None:
+            record = {
+                "step": self.step,
+                "epoch": round(self.step / self.per_epoch, 4),
+                "split": self.tc.val_split,
+            }
+            self.log.write({**record, "val": val}, plot=True)
+        return val
+
+    def save(self, val: dict[str, Any] | None) -> None:
+        """Write `last` (weights, config, trainer state with every rank's RNG) and, if `val` improves the
+        best oIoU, `best`. Collective: every rank calls it."""
+        rng = [None] * self.world.size
+        if self.world.size > 1:
             torch.distributed.all_gather_object(rng, _rng_state())
         else:
             rng = [_rng_state()]
-        improved = val is not None and (best is None or val["oIoU"] > best)
+        improved = val is not None and (self.best is None or val["oIoU"] > self.best)
         if improved:
-            best = val["oIoU"]
-        if w.main:
-            meta = {"step": step, "epoch": step / per_epoch}
+            self.best = val["oIoU"]
+        if self.world.main:
+            meta = {"step": self.step, "epoch": self.step / self.per_epoch}
             if improved:
-                save_model(out / "best", model, cfg, exclude=exclude, extra={**meta, "val": val})
-            save_training_state(out / "last", {
-                "step": step,
-                "best_oiou": best,
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else {},
+                save_model(
+                    self.out / "best", self.model, self.cfg, exclude=self.exclude, extra={**meta, "val": val}
+                )
+            state = {
+                "step": self.step,
+                "best_oiou": self.best,
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else {},
                 "rng": rng,
-            })
-            save_model(out / "last", model, cfg, exclude=exclude, extra=meta)
+            }
+            save_training_state(self.out / "last", state)
+            save_model(self.out / "last", self.model, self.cfg, exclude=self.exclude, extra=meta)
+        self.saved_step = self.step
         D.barrier()
 
-    bar = tqdm(total=total, initial=step, disable=not w.main, dynamic_ncols=True, desc="train")
-    window_loss, window_steps, window_start = 0.0, 0, time.monotonic()
-    stopped = False
-    while step < total and not stopped:
-        epoch, start = divmod(step, per_epoch)
-        sampler.set_epoch(epoch, start)
-        train_set.set_epoch(epoch)
-        loader = DataLoader(
-            train_set, batch_size=micro, sampler=sampler, num_workers=tc.workers, collate_fn=collate,
-            generator=torch.Generator().manual_seed(tc.seed + epoch), pin_memory=dev.type == "cuda",
-        )
-        batches = iter(loader)
-        for _ in range(start, per_epoch):
-            factor = lr_factor(step, total, tc.warmup_steps, tc.poly_power)
-            for g in optimizer.param_groups:
-                g["lr"] = g["initial_lr"] * factor
-            set_train_mode(model, tc)
-            loss_sum = torch.zeros((), device=dev)
-            for j in range(accum):
-                batch = next(batches)
-                sync = ddp.no_sync() if ddp is not None and j < accum - 1 else contextlib.nullcontext()
-                with sync:
-                    with autocast(dev, dtype):
-                        logits = net(batch["image"].to(dev), batch["text_mask"].to(dev), ids=batch["ids"].to(dev),
-                                     upsample=False)
-                        m = cfg.model
-                        loss = mask_loss(logits, batch["mask"].to(dev), m.loss_pos_weight, m.loss_all_outputs,
-                                         m.loss_resolution) / accum
-                    (scaler.scale(loss) if scaler is not None else loss).backward()
-                loss_sum += loss.detach()
-            loss_value = float(D.all_reduce_sum(loss_sum)) / w.size
-            if not math.isfinite(loss_value):
-                bar.close()
-                where = f"{out / 'last'} (step {step})" if (out / "last").is_dir() else "none yet"
-                raise LGFormerError(f"step {step + 1}: loss is {loss_value}; stopped. Last good checkpoint: {where}")
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if tc.clip_grad:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_grad)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            window_loss += loss_value
-            window_steps += 1
-            lr_new = optimizer.param_groups[0]["lr"]
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_new:.2e}")
-            if log is not None and (step % tc.log_every == 0 or step == total):
-                elapsed = time.monotonic() - window_start
-                log.write({"step": step, "epoch": round(step / per_epoch, 4), "loss": window_loss / window_steps,
-                           "lr": lr_new, "steps_per_s": window_steps / max(elapsed, 1e-9)})
-                window_loss, window_steps, window_start = 0.0, 0, time.monotonic()
-            end_of_epoch = step % per_epoch == 0
-            validate = val_set is not None and (
-                step == total or (step % tc.val_every == 0 if tc.val_every else end_of_epoch)
-            )
-            stopped = stop_after is not None and step >= stop_after
-            if validate:
-                model.eval()
-                counts = evaluate_model(model, val_set, dev, batch_size=micro, dtype=dtype, workers=tc.workers)
-                val = counts.summary()
-                if log is not None:
-                    log.write({"step": step, "epoch": round(step / per_epoch, 4), "split": tc.val_split,
-                               "val": val}, plot=True)
-                    bar.write(f"step {step}: {tc.val_split} oIoU {val['oIoU']:.2f} mIoU {val['mIoU']:.2f}")
-                save(val)
-            elif stopped or step == total or (tc.save_every and step % tc.save_every == 0):
-                save(None)
-            if stopped or step == total:
-                break
-    bar.close()
-    if log is not None:
-        log.plot()
-    return TrainResult(step, step < total, best, out / "last")
+
+def train(
+    cfg: Config, out: str | Path, *, resume: bool = False, device: str = "auto", stop_after: int | None = None
+) -> TrainResult:
+    """Train `cfg` into `out` (or continue the run there); see `Trainer`."""
+    return Trainer(cfg, out, resume=resume, device=device).fit(stop_after)

@@ -30,6 +30,11 @@ class MultiModalBackbone(nn.Module):
         self.vis_gates = nn.ModuleList(Gate(c) for c in channels)
         self.text_gates = nn.ModuleList(Gate(text_dim) for _ in channels) if self.bidirectional else None
         self.out_norms = nn.ModuleList(nn.LayerNorm(c) for c in channels)
+        # After the last stage nothing consumes X' or L': its gates exist (the authors' checkpoints carry
+        # them) but can never receive a gradient, so they are frozen and not evaluated.
+        for gates in (self.vis_gates, self.text_gates):
+            if gates is not None:
+                gates[-1].requires_grad_(False)
 
     def forward(
         self, image: torch.Tensor, words: torch.Tensor, mask: torch.Tensor
@@ -39,15 +44,19 @@ class MultiModalBackbone(nn.Module):
         text_dec = lang
         x = image
         feats = []
+        last = len(self.trunk.stages) - 1
         for i, stage in enumerate(self.trunk.stages):
             x = stage(x)
             b, c, h, w = x.shape
             tokens = x.flatten(2).transpose(1, 2)  # (B, N, C); a view when x is channels-last
             v_m, l_m = self.fusions[i](tokens, lang, m)
+            feats.append(self.out_norms[i](v_m).transpose(1, 2).view(b, c, h, w))
+            if l_m is not None:
+                text_dec = l_m
+            if i == last:
+                break
             tokens = tokens + self.vis_gates[i](v_m) * v_m
             if l_m is not None:
                 lang = (lang + self.text_gates[i](l_m) * l_m) * m.unsqueeze(-1)
-                text_dec = l_m
-            feats.append(self.out_norms[i](v_m).transpose(1, 2).view(b, c, h, w))
             x = tokens.transpose(1, 2).view(b, c, h, w)
         return feats, text_dec

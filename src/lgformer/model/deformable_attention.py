@@ -46,10 +46,8 @@ def ms_deform_attn_sample(
         [F.pad(m.unflatten(2, hw), (0, 0, 1, 1, 1, 1)).flatten(2, 3) for m, hw in zip(maps, shapes)], dim=2
     ).view(B * heads * Sp, dh)
 
-    wh = torch.tensor(
-        [[w for _, w in shapes], [h for h, _ in shapes]], dtype=itype, device=device
-    )  # (2, levels)
-    size = wh.to(dtype)[:, :, None]
+    wh = torch.tensor([[w for _, w in shapes], [h for h, _ in shapes]], dtype=itype, device=device)
+    size = wh.to(dtype)[:, :, None]  # (W, H) by level
     # Pixel coordinates x̃ = x·W − 0.5, ỹ = y·H − 0.5, laid out (B, Lq, heads, xy, levels, points);
     # clamping to [−2, size+1] only affects points whose neighbours are all off the map.
     pix = (locations.to(dtype).movedim(-1, 3).contiguous() * size - 0.5).clamp(max=size + 1).clamp_(min=-2.0)
@@ -59,9 +57,8 @@ def ms_deform_attn_sample(
     corner = low.to(itype)[:, :, :, :, None] + torch.tensor([0, 1], dtype=itype, device=device).view(2, 1, 1)
     corner = torch.minimum(corner.clamp_(min=-1), wh.view(2, 1, levels, 1)) + 1
     start = torch.tensor([0, *padded[:-1]], dtype=itype, device=device).cumsum(0, dtype=itype)
-    base = torch.arange(B * heads, dtype=itype, device=device).view(B, 1, heads, 1, 1, 1) * Sp + start.view(
-        levels, 1
-    )
+    batch_head = torch.arange(B * heads, dtype=itype, device=device).view(B, 1, heads, 1, 1, 1)
+    base = batch_head * Sp + start.view(levels, 1)
     row = corner[:, :, :, 1] * (wh[0] + 2).view(levels, 1) + base  # (B, Lq, heads, y-corner, ...)
     index = row[:, :, :, :, None] + corner[:, :, :, 0, None]  # (B, Lq, heads, y-corner, x-corner, ...)
 

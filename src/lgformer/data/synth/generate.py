@@ -1,0 +1,214 @@
+"""`lgformer data synth`: write the synthetic referring benchmark in the REFER layout.
+
+    OUT/images/synth/synth_<split>_<index>.jpg
+    OUT/synth/instances.json     images, annotations (exact RLE of the visible pixels + the scene graph under
+                                 "attributes"), categories (the shapes)
+    OUT/synth/refs(synth).p      REFER refs (protocol 2) with sentences and the level of each ref
+
+Scene i of a split is made for level 1 + i % 4 and yields `refs_per_scene` refs of that level, so the four
+levels are balanced. A ref's level is the lowest level at which its object can be described at all (a
+level-3 ref has an identical twin, so attributes do not identify it; a level-4 ref cannot be identified by
+any single relation either), and its sentences are verified expressions of that level. Everything about a
+scene derives from (seed, split, index), so the output is byte-identical for a seed whatever the number of
+worker processes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import multiprocessing
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from lgformer.data.files import atomic_write
+from lgformer.data.masks import encode_rle
+from lgformer.data.synth.describe import describe
+from lgformer.data.synth.grammar import SHAPES, Obj, min_level
+from lgformer.data.synth.scene import encode_jpeg, render_image, sample_objects
+from lgformer.errors import LGFormerError
+
+SPLITS = ("train", "val", "test")
+REFS_PER_SCENE = 3
+SENTENCES_PER_REF = 3
+MAX_ATTEMPTS = 500
+VERSION = 1
+
+
+@dataclass
+class Scene:
+    split: str
+    index: int
+    level: int
+    objs: list[Obj]
+    masks: list[dict]  # RLE of each object's visible pixels
+    areas: list[int]
+    boxes: list[list[int]]
+    visible_share: list[float]
+    jpeg: bytes
+    refs: list[tuple[int, list[str]]]  # (object index, sentences)
+
+    @property
+    def file_name(self) -> str:
+        return f"synth_{self.split}_{self.index:06d}.jpg"
+
+
+def make_scene(seed: int, split: str, index: int, size: int, n_refs: int) -> Scene:
+    """Scene `index` of `split`: objects, picture, masks and `n_refs` refs of level 1 + index % 4."""
+    rng = np.random.default_rng([seed, SPLITS.index(split), index])
+    plan = 1 + index % 4
+    for _ in range(MAX_ATTEMPTS):
+        sampled = sample_objects(rng, plan, size)
+        if sampled is None:
+            continue
+        objs, full, visible = sampled
+        eligible = [i for i in range(len(objs)) if min_level(i, objs) == plan]
+        if len(eligible) < n_refs:
+            continue
+        refs = []
+        for i in sorted(int(k) for k in rng.permutation(eligible)[: n_refs + 2]):
+            texts = describe(i, objs, plan, rng, SENTENCES_PER_REF)
+            if len(texts) >= 2 and len(refs) < n_refs:
+                refs.append((i, texts))
+        if len(refs) < n_refs:
+            continue
+        image = render_image(rng, objs, full, size)
+        return Scene(
+            split=split,
+            index=index,
+            level=plan,
+            objs=objs,
+            masks=[encode_rle(v) for v in visible],
+            areas=[int(v.sum()) for v in visible],
+            boxes=[_box(v) for v in visible],
+            visible_share=[round(float(v.sum() / f.sum()), 3) for v, f in zip(visible, full)],
+            jpeg=encode_jpeg(image),
+            refs=refs,
+        )
+    raise RuntimeError(f"synth: no level-{plan} scene found for {split} {index} in {MAX_ATTEMPTS} attempts")
+
+
+def _box(mask: np.ndarray) -> list[int]:
+    ys, xs = np.nonzero(mask)
+    return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
+
+
+def _scene_task(task: tuple[int, str, int, int, int]) -> Scene:
+    return make_scene(*task)
+
+
+def scene_tasks(seed: int, counts: dict[str, int], size: int, n_refs: int = REFS_PER_SCENE) -> list[tuple]:
+    """(seed, split, index, size, refs) for every scene; the last scene of a split takes the remainder."""
+    tasks = []
+    for split in SPLITS:
+        total = counts.get(split, 0)
+        for index in range(math.ceil(total / n_refs)):
+            tasks.append((seed, split, index, size, min(n_refs, total - index * n_refs)))
+    return tasks
+
+
+def generate(
+    out: str | Path, counts: dict[str, int], seed: int = 0, size: int = 320, workers: int = 1
+) -> dict[str, int]:
+    """Write the benchmark with counts[split] refs per split; returns the number of images, objects and refs."""
+    if size < 96:
+        raise LGFormerError(f"synth: image size {size} is too small (at least 96)")
+    if any(n < 0 for n in counts.values()) or not any(counts.values()):
+        raise LGFormerError("synth: give a positive number of refs for at least one split")
+    out = Path(out)
+    image_dir = out / "images" / "synth"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    tasks = scene_tasks(seed, counts, size)
+    writer = _Writer(seed, size, counts)
+    if workers > 1:
+        with multiprocessing.get_context().Pool(workers) as pool:
+            scenes = pool.imap(_scene_task, tasks, chunksize=4)
+            for scene in tqdm(scenes, total=len(tasks), desc="synth scenes", unit="scene"):
+                writer.add(scene, image_dir)
+    else:
+        for task in tqdm(tasks, desc="synth scenes", unit="scene"):
+            writer.add(_scene_task(task), image_dir)
+    writer.finish(out / "synth")
+    return {"images": len(writer.images), "objects": len(writer.annotations), "refs": len(writer.refs)}
+
+
+class _Writer:
+    """Numbers images, annotations, refs and sentences in scene order and collects the REFER records."""
+
+    def __init__(self, seed: int, size: int, counts: dict[str, int]) -> None:
+        self.info = {
+            "description": "lgformer synthetic referring benchmark",
+            "version": VERSION,
+            "seed": seed,
+            "image_size": size,
+            "refs": {split: counts.get(split, 0) for split in SPLITS},
+        }
+        self.images: list[dict] = []
+        self.annotations: list[dict] = []
+        self.refs: list[dict] = []
+        self.sentences = 0
+
+    def add(self, scene: Scene, image_dir: Path) -> None:
+        atomic_write(image_dir / scene.file_name, scene.jpeg)
+        image_id = len(self.images) + 1
+        size = scene.masks[0]["size"]
+        self.images.append({"id": image_id, "file_name": scene.file_name, "height": size[0], "width": size[1]})
+        ann_ids = []
+        for depth, obj in enumerate(scene.objs):
+            ann_ids.append(len(self.annotations) + 1)
+            self.annotations.append({
+                "id": ann_ids[-1],
+                "image_id": image_id,
+                "category_id": SHAPES.index(obj.shape) + 1,
+                "segmentation": scene.masks[depth],
+                "area": scene.areas[depth],
+                "bbox": scene.boxes[depth],
+                "iscrowd": 0,
+                "attributes": {
+                    "shape": obj.shape, "color": obj.color, "size": obj.size, "pattern": obj.pattern,
+                    "center": [obj.cx, obj.cy], "radius": obj.r, "depth": depth,
+                    "visible": scene.visible_share[depth],
+                },
+            })
+        for obj_index, texts in scene.refs:
+            sent_ids = list(range(self.sentences, self.sentences + len(texts)))
+            self.sentences += len(texts)
+            ann_id = ann_ids[obj_index]
+            self.refs.append({
+                "sent_ids": sent_ids,
+                "file_name": f"{Path(scene.file_name).stem}_{ann_id}.jpg",
+                "ann_id": ann_id,
+                "ref_id": len(self.refs),
+                "image_id": image_id,
+                "split": scene.split,
+                "sentences": [
+                    {"tokens": t.split(), "raw": t, "sent_id": s, "sent": t} for t, s in zip(texts, sent_ids)
+                ],
+                "category_id": SHAPES.index(scene.objs[obj_index].shape) + 1,
+                "level": scene.level,
+            })
+
+    def finish(self, folder: Path) -> None:
+        instances = {
+            "info": self.info,
+            "images": self.images,
+            "annotations": self.annotations,
+            "categories": [{"supercategory": "shape", "id": k + 1, "name": s} for k, s in enumerate(SHAPES)],
+        }
+        atomic_write(folder / "instances.json", json.dumps(instances, separators=(",", ":")))
+        atomic_write(folder / "refs(synth).p", _deterministic_pickle(self.refs))
+
+
+def _deterministic_pickle(value: object) -> bytes:
+    """Protocol 2 (as the REFER files) without the memo, so the bytes depend on the values only, not on which
+    equal strings happen to be the same object."""
+    buffer = io.BytesIO()
+    pickler = pickle.Pickler(buffer, protocol=2)
+    pickler.fast = True
+    pickler.dump(value)
+    return buffer.getvalue()

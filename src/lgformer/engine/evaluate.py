@@ -1,0 +1,248 @@
+"""Evaluation (spec §7): every (ref, sentence) pair, metrics overall, per word-length bucket (paper Table 3)
+and per synthetic complexity level, under one of two protocols named in every report:
+
+- `resized` (the authors' code, default; compares with the paper's Table 1): the prediction at the network
+  input size S x S against the ground truth resized to S x S with nearest;
+- `original` (the paper's text): the 1/4-scale logits upsampled bilinearly to the original image size,
+  against the original-size ground truth.
+
+The prediction is `logits[:, -1] > 0` (sigmoid > 0.5 on the last output). Masks from another system can be
+scored instead (`evaluate_predictions`). Under torchrun each rank takes every world-size-th sentence and the
+integer counts are summed by index, so the result does not depend on the number of ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from lgformer.engine import distributed as D
+from lgformer.engine.metrics import METRICS, IoUCounts, intersection_union
+from lgformer.errors import LGFormerError
+
+if TYPE_CHECKING:
+    from lgformer.data.dataset import ReferDataset
+
+PROTOCOLS = ("resized", "original")
+Sink = Callable[[int, np.ndarray], None]  # (dataset index, predicted mask bool (H, W)) -> None
+
+
+def check_protocol(protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise LGFormerError(f"unknown protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
+
+
+def _progress(total: int, desc: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not D.world().main, dynamic_ncols=True, leave=False)
+
+
+@torch.inference_mode()
+def evaluate_model(
+    model: nn.Module,
+    dataset: ReferDataset,
+    device: torch.device,
+    *,
+    protocol: str = "resized",
+    batch_size: int = 8,
+    dtype: torch.dtype | None = None,
+    workers: int = 0,
+    progress: bool = False,
+    sink: Sink | None = None,
+) -> IoUCounts:
+    """Per-sentence I/U of `model` (in eval mode) on `dataset`, complete on every rank."""
+    from lgformer.data.dataset import collate
+
+    check_protocol(protocol)
+    counts = IoUCounts(len(dataset))
+    indices = D.shard(len(dataset), D.world())
+    loader = DataLoader(
+        Subset(dataset, indices), batch_size=batch_size, num_workers=workers, collate_fn=collate
+    )
+    bar = _progress(len(indices), f"eval {protocol}") if progress else None
+    for batch in loader:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(
+                batch["image"].to(device),
+                batch["text_mask"].to(device),
+                ids=batch["ids"].to(device),
+                upsample=False,
+            )
+        last = logits[:, -1:].float()
+        if protocol == "resized":
+            pred = (
+                F.interpolate(last, size=batch["mask"].shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+                > 0
+            )
+            inter, union = intersection_union(pred.cpu(), batch["mask"] > 0.5)
+            preds = list(pred.cpu().numpy())
+        else:
+            preds, inter, union = [], [], []
+            for row, index in enumerate(batch["index"].tolist()):
+                gt = torch.from_numpy(dataset.original_mask(index))
+                pred = (
+                    F.interpolate(last[row : row + 1], size=gt.shape, mode="bilinear", align_corners=False)[0]
+                    > 0
+                )
+                i, u = intersection_union(pred.cpu(), gt[None])
+                preds.append(pred[0].cpu().numpy())
+                inter.append(i)
+                union.append(u)
+            inter, union = torch.cat(inter), torch.cat(union)
+        counts.add(batch["index"], inter, union)
+        if sink is not None:
+            for index, pred in zip(batch["index"].tolist(), preds):
+                sink(index, pred)
+        if bar is not None:
+            bar.update(len(preds))
+    if bar is not None:
+        bar.close()
+    counts.all_reduce()
+    return counts
+
+
+def ground_truth(dataset: ReferDataset, index: int, protocol: str) -> np.ndarray:
+    """Ground truth of item `index` under `protocol`, bool: (S, S) resized with nearest, or original size."""
+    from lgformer.data.images import mask_tensor
+
+    mask = dataset.original_mask(index)
+    return mask if protocol == "original" else mask_tensor(mask, dataset.image_size).numpy() > 0.5
+
+
+def evaluate_predictions(
+    directory: str | Path,
+    dataset: ReferDataset,
+    *,
+    protocol: str = "resized",
+    missing_as_empty: bool = False,
+    progress: bool = False,
+) -> IoUCounts:
+    """Score masks of any system: `<sent_id>.png` per sentence (non-zero = object, any size, resized with
+    nearest to the protocol's size). Missing files are an error listing the first ids, or empty masks."""
+    from lgformer.data.masks import read_mask_png
+
+    check_protocol(protocol)
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise LGFormerError(f"--predictions {directory}: not a folder")
+    ids = [dataset.sentence(i).sent_id for i in range(len(dataset))]
+    missing = [str(s) for s in ids if not (directory / f"{s}.png").is_file()]
+    if missing and not missing_as_empty:
+        raise LGFormerError(
+            f"{directory}: no prediction for {len(missing)} of {len(ids)} sentences (first: "
+            f"{', '.join(m + '.png' for m in missing[:5])}); pass --missing-as-empty to count them as empty"
+        )
+    counts = IoUCounts(len(dataset))
+    indices = D.shard(len(dataset), D.world())
+    bar = _progress(len(indices), f"score {protocol}") if progress else None
+    for index in indices:
+        gt = ground_truth(dataset, index, protocol)
+        path = directory / f"{ids[index]}.png"
+        if path.is_file():
+            pred = read_mask_png(path, str(path))
+            if pred.shape != gt.shape:
+                resized = Image.fromarray(pred.astype(np.uint8)).resize(gt.shape[::-1], Image.NEAREST)
+                pred = np.asarray(resized) > 0
+        else:
+            pred = np.zeros_like(gt)
+        inter, union = intersection_union(torch.from_numpy(pred)[None], torch.from_numpy(gt)[None])
+        counts.add(torch.tensor([index]), inter, union)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    counts.all_reduce()
+    return counts
+
+
+def report(counts: IoUCounts, dataset: ReferDataset, protocol: str) -> dict[str, Any]:
+    """Metrics overall (in percent), `by_length` over the paper's word buckets and, when the data has
+    complexity levels (synthetic benchmark), `by_level`. Empty groups report only `sentences: 0`."""
+    from lgformer.data.text import BUCKETS, count_words, length_bucket
+
+    buckets = np.array([length_bucket(count_words(dataset.sentence(i).text)) for i in range(len(dataset))])
+    levels = np.array([dataset.referent(i).level for i in range(len(dataset))])
+    out: dict[str, Any] = {"protocol": protocol, "gt_rule": dataset.gt_rule, **counts.summary()}
+    out["by_length"] = {b: _group(counts, buckets == b) for b in BUCKETS}
+    if (levels > 0).any():
+        out["by_level"] = {str(lv): _group(counts, levels == lv) for lv in sorted(set(levels.tolist()) - {0})}
+    return out
+
+
+def _group(counts: IoUCounts, select: np.ndarray) -> dict[str, Any]:
+    summary = counts.summary(select)
+    return summary if summary["sentences"] else {"sentences": 0}
+
+
+def markdown(reports: dict[str, dict[str, Any]], title: str) -> str:
+    """One table row per split (like the paper's Table 1), then the per-length and per-level tables."""
+    first = next(iter(reports.values()))
+    lines = [
+        f"## {title}",
+        "",
+        f"Protocol: `{first['protocol']}`; ground-truth rule: `{first['gt_rule']}`.",
+        "",
+    ]
+    lines += _table("split", {split: r for split, r in reports.items()})
+    for split, r in reports.items():
+        lines += ["", f"### {split}: by expression length (words)", ""] + _table("words", r["by_length"])
+        if "by_level" in r:
+            lines += ["", f"### {split}: by complexity level", ""] + _table("level", r["by_level"])
+    return "\n".join(lines) + "\n"
+
+
+def _table(key: str, rows: dict[str, dict[str, Any]]) -> list[str]:
+    lines = [f"| {key} | sentences | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 2) + "|"]
+    for name, r in rows.items():
+        cells = [f"{r[m]:.2f}" if m in r else "–" for m in METRICS]
+        lines.append(f"| {name} | {r['sentences']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+class MaskWriter:
+    """`--save-masks`: `<sent_id>.png` (0/255) at the protocol's size, readable back by `--predictions`;
+    `--save-overlays`: the first `limit` items as the original image with prediction (red) and ground
+    truth (green) tinted, the sentence written on top."""
+
+    def __init__(self, dataset: ReferDataset, masks: Path | None, overlays: Path | None, limit: int) -> None:
+        self.dataset = dataset
+        self.masks = masks
+        self.overlays = overlays
+        self.limit = limit
+        for folder in (masks, overlays):
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, index: int, pred: np.ndarray) -> None:
+        sent_id = self.dataset.sentence(index).sent_id
+        if self.masks is not None:
+            Image.fromarray(pred.astype(np.uint8) * 255).save(self.masks / f"{sent_id}.png")
+        if self.overlays is not None and index < self.limit:
+            self._overlay(index, pred).save(self.overlays / f"{sent_id}.png")
+
+    def _overlay(self, index: int, pred: np.ndarray) -> Image.Image:
+        from PIL import ImageDraw
+
+        from lgformer.data.images import load_image
+
+        image = np.asarray(load_image(self.dataset.image_path(index)), dtype=np.float32)
+        h, w = image.shape[:2]
+        gt = self.dataset.original_mask(index)
+        pred = np.asarray(Image.fromarray(pred.astype(np.uint8)).resize((w, h), Image.NEAREST)) > 0
+        for mask, colour in ((gt, (0, 255, 0)), (pred, (255, 0, 0))):
+            image[mask] = 0.55 * image[mask] + 0.45 * np.array(colour, dtype=np.float32)
+        out = Image.fromarray(image.clip(0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(out)
+        text = self.dataset.sentence(index).text
+        draw.rectangle((0, 0, w, 14), fill=(0, 0, 0))
+        draw.text((3, 1), text, fill=(255, 255, 255))
+        return out
