@@ -115,3 +115,27 @@ def test_missing_paths_give_one_line_errors(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "nope.pth not found" in err
     assert main(["verify-official", str(tmp_path / "g.safetensors"), "--variant", "tiny-w7"]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_verify_official_any_batch_size_and_partial_golden(tmp_path, capsys):
+    """Golden files may hold any batch, any (padded) size and only some outputs: build one from the
+    recipe model itself (window 7 on 100x68 needs padding at every stage) and check the CLI path."""
+    from safetensors.torch import save_file
+
+    model = build_recipe_model("tiny-w7")
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(2, 3, 100, 68, generator=g)
+    words = torch.randn(2, 20, 768, generator=g)
+    mask = torch.zeros(2, 20, dtype=torch.long)
+    mask[0, :20], mask[1, :5] = 1, 1
+    with torch.no_grad():
+        logits = model(image, mask, text_features=words)
+    golden = tmp_path / "golden.safetensors"
+    save_file({"image": image, "text_features": words, "text_mask": mask,
+               "logits_3": logits[:, 3:4].contiguous(), "logits_6": logits[:, 6:7].contiguous()}, golden)
+    assert main(["verify-official", str(golden), "--variant", "tiny-w7"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[:-1]] == ["logits_3", "logits_6"]
+    save_file({"image": image, "text_features": words, "text_mask": mask,
+               "logits_6": (logits[:, 6:7] + 1e-3).contiguous()}, golden)
+    assert main(["verify-official", str(golden), "--variant", "tiny-w7"]) == 1

@@ -12,12 +12,19 @@ Handler = Callable[[argparse.Namespace], int | None]
 
 
 def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
+    from lgformer.app import commands as app_commands
     from lgformer.convert import commands as convert_commands
     from lgformer.data import commands as data_commands
     from lgformer.engine import commands as engine_commands
     from lgformer.model import commands as model_commands
 
-    return [model_commands.register, convert_commands.register, data_commands.register, engine_commands.register]
+    return [
+        app_commands.register,
+        model_commands.register,
+        convert_commands.register,
+        data_commands.register,
+        engine_commands.register,
+    ]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -84,9 +84,9 @@ def make_scene(seed: int, split: str, index: int, size: int, n_refs: int) -> Sce
             level=plan,
             objs=objs,
             masks=[encode_rle(v) for v in visible],
-            areas=[int(v.sum()) for v in visible],
+            areas=[int(np.count_nonzero(v)) for v in visible],
             boxes=[_box(v) for v in visible],
-            visible_share=[round(float(v.sum() / f.sum()), 3) for v, f in zip(visible, full)],
+            visible_share=[round(np.count_nonzero(v) / np.count_nonzero(f), 3) for v, f in zip(visible, full)],
             jpeg=encode_jpeg(image),
             refs=refs,
         )

@@ -37,10 +37,17 @@ MIN_SEPARATION = 0.75  # centres at least this many (r1 + r2) apart
 JPEG_QUALITY = 92
 
 
-def shape_mask(shape: str, cx: float, cy: float, r: float, size: int) -> np.ndarray:
-    """Pixels (centres) inside `shape` of radius r centred at (cx, cy): bool (size, size)."""
+def shape_box(cx: float, cy: float, r: float, size: int) -> tuple[slice, slice]:
+    """The rows and columns that can hold pixels of an object of radius r centred at (cx, cy)."""
     x0, x1 = max(0, math.floor(cx - r) - 1), min(size, math.ceil(cx + r) + 2)
     y0, y1 = max(0, math.floor(cy - r) - 1), min(size, math.ceil(cy + r) + 2)
+    return slice(y0, y1), slice(x0, x1)
+
+
+def shape_mask(shape: str, cx: float, cy: float, r: float, size: int) -> np.ndarray:
+    """Pixels (centres) inside `shape` of radius r centred at (cx, cy): bool (size, size)."""
+    rows, cols = shape_box(cx, cy, r, size)
+    y0, y1, x0, x1 = rows.start, rows.stop, cols.start, cols.stop
     xs = (np.arange(x0, x1, dtype=np.float64) + 0.5 - cx) / r
     ys = (np.arange(y0, y1, dtype=np.float64) + 0.5 - cy) / r
     u, v = np.meshgrid(xs, ys)
@@ -116,7 +123,7 @@ def sample_objects(
     ]
     full = [shape_mask(o.shape, o.cx, o.cy, o.r, size) for o in objs]
     visible = visible_masks(full)
-    if any(vis.sum() < MIN_VISIBLE * f.sum() for vis, f in zip(visible, full)):
+    if any(np.count_nonzero(vis) < MIN_VISIBLE * np.count_nonzero(f) for vis, f in zip(visible, full)):
         return None
     return objs, full, visible
 
@@ -197,13 +204,16 @@ def _place(rng: np.random.Generator, radii: list[float], row: list[int], size: i
 def render_image(rng: np.random.Generator, objs: list[Obj], full: list[np.ndarray], size: int) -> np.ndarray:
     """The picture, uint8 (size, size, 3): textured background, patterned objects in order, sensor noise."""
     image = _background(rng, size)
-    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     period = max(6.0, size / 40.0)
     for obj, mask in zip(objs, full):
         base = np.clip(np.array(RGB[obj.color], dtype=np.float32) + rng.normal(0, 7, 3), 0, 255)
         luminance = 0.299 * base[0] + 0.587 * base[1] + 0.114 * base[2]
         second = base * 0.55 if luminance > 110 else base + 0.5 * (255 - base)
-        u, v = xs[mask] - obj.cx, ys[mask] - obj.cy
+        rows, cols = shape_box(obj.cx, obj.cy, obj.r, size)
+        inside = mask[rows, cols]
+        ys, xs = np.nonzero(inside)
+        u = xs + np.float32(cols.start + 0.5 - obj.cx)
+        v = ys + np.float32(rows.start + 0.5 - obj.cy)
         if obj.pattern == "striped":
             alt = np.floor((u + v) / period) % 2 == 0
         elif obj.pattern == "dotted":
@@ -214,26 +224,31 @@ def render_image(rng: np.random.Generator, objs: list[Obj], full: list[np.ndarra
             alt = (np.floor(u / cell) + np.floor(v / cell)) % 2 == 0
         else:
             alt = np.zeros(u.shape, dtype=bool)
-        image[mask] = np.where(alt[:, None], second, base)
-    image += rng.normal(0, float(rng.uniform(2, 6)), image.shape).astype(np.float32)
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+        image[rows, cols][inside] = np.where(alt[:, None], second, base)
+    image += rng.standard_normal(image.shape, dtype=np.float32) * np.float32(rng.uniform(2, 6))
+    np.clip(image, 0, 255, out=image)
+    return (image + 0.5).astype(np.uint8)
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     """Low-saturation mottled gray (a luminance field and a weaker one per channel) with a faint wave texture."""
     gray = float(rng.uniform(95, 165))
-    tint = rng.normal(0, 8, 3)
-    fields = [_smooth_noise(rng, size, 6, 14.0)] * 3
-    fields = [f + _smooth_noise(rng, size, 6, 6.0) for f in fields]
-    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
+    tint = rng.normal(0, 8, 3).astype(np.float32)
+    luminance = _smooth_noise(rng, size, 6, 14.0)
+    image = np.stack([_smooth_noise(rng, size, 6, 6.0) for _ in range(3)], axis=-1)
+    coords = np.arange(size, dtype=np.float32)
     theta, freq = float(rng.uniform(0, math.pi)), float(rng.uniform(0.05, 0.25))
-    texture = float(rng.uniform(1, 5)) * np.sin(freq * (xs * math.cos(theta) + ys * math.sin(theta)))
-    return (gray + tint + np.stack(fields, axis=-1) + texture[..., None]).astype(np.float32)
+    wave = np.float32(rng.uniform(1, 5)) * np.sin(
+        np.float32(freq) * (coords[None, :] * np.float32(math.cos(theta)) + coords[:, None] * np.float32(math.sin(theta)))
+    )
+    image += (luminance + wave + np.float32(gray))[..., None]
+    image += tint
+    return image
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int, sigma: float) -> np.ndarray:
-    coarse = Image.fromarray(rng.normal(0, sigma, (cells, cells)).astype(np.float32), mode="F")
-    return np.asarray(coarse.resize((size, size), Image.BILINEAR))
+    coarse = Image.fromarray(rng.normal(0, sigma, (cells, cells)).astype(np.float32))
+    return np.array(coarse.resize((size, size), Image.BILINEAR))
 
 
 def encode_jpeg(image: np.ndarray) -> bytes:

@@ -1,0 +1,1 @@
+"""Using a trained model: prediction CLI, web page, demo."""

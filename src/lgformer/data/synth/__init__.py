@@ -1,0 +1,1 @@
+"""The synthetic referring benchmark: scenes, the referring grammar and its interpreter, the generator."""
