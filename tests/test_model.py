@@ -142,3 +142,30 @@ def test_loss_matches_official_definition():
     bce = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(1.1))
     expected = sum(bce(up[:, k], target) for k in range(7))
     assert torch.allclose(mask_loss(logits, target), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["model.backbone_weights=/nonexistent/swin_base_patch4_window12_384_22k.pth"], "swin_base_patch4"),
+        (["model.text_encoder=/nonexistent/bert-base-uncased"], "/nonexistent/bert-base-uncased"),
+    ],
+)
+def test_missing_pretrained_weights_give_one_line_errors(overrides, needle):
+    from lgformer.errors import LGFormerError
+
+    cfg = config_mod.load("official-swin-t", overrides)
+    with pytest.raises(LGFormerError) as info:
+        build_model(cfg.model, pretrained=True)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_bad_config_values_are_named():
+    from lgformer.errors import LGFormerError
+
+    with pytest.raises(LGFormerError, match="valid: vlba, pwam"):
+        build_model(config_mod.load("lite", ["model.fusion=film"]).model, pretrained=False)
+    with pytest.raises(LGFormerError, match="unknown key 'fuson'"):
+        config_mod.load("lite", ["model.fuson=pwam"])
+    with pytest.raises(LGFormerError, match="expected an integer"):
+        config_mod.load("lite", ["model.decoder_layers=three"])
