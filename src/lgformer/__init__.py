@@ -1,3 +1,20 @@
 """LGFormer: linguistic query-guided mask generation for referring image segmentation."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+__all__ = ["Segmenter", "__version__"]
+
+if TYPE_CHECKING:
+    from lgformer.predictor import Segmenter
+
+
+def __getattr__(name: str) -> Any:
+    """`lgformer.Segmenter` imports torch and the model only when first used, so `import lgformer` stays light."""
+    if name == "Segmenter":
+        from lgformer.predictor import Segmenter
+
+        return Segmenter
+    raise AttributeError(f"module 'lgformer' has no attribute {name!r}")

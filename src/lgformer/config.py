@@ -147,22 +147,29 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
-    """Build dataclass `cls` from a (possibly partial) dict, type-checking every field."""
+def from_dict(cls: type, data: dict[str, Any], where: str = "config", path: str = "") -> Any:
+    """Build dataclass `cls` from a (possibly partial) dict, type-checking every field. `where` names the
+    source (a file, `--set`), `path` the dotted section prefix, both only for error messages."""
     if not isinstance(data, dict):
-        raise LGFormerError(f"{where}: expected a mapping, got {type(data).__name__}")
+        raise LGFormerError(
+            f"{where}: {path.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}"
+        )
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         if key not in names:
-            raise LGFormerError(f"{where}: unknown key {key!r}; valid keys: {', '.join(names)}")
+            raise LGFormerError(f"{where}: unknown key {key!r}{_in(path)}; valid keys: {', '.join(names)}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = from_dict(tp, value, f"{where}.{key}")
+            kwargs[key] = from_dict(tp, value, where, f"{path}{key}.")
         else:
-            kwargs[key] = _coerce(value, tp, f"{where}.{key}")
+            kwargs[key] = _coerce(value, tp, f"{where}: {path}{key}")
     return cls(**kwargs)
+
+
+def _in(path: str) -> str:
+    return f" in section {path.rstrip('.')!r}" if path else ""
 
 
 def load(spec: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
@@ -218,23 +225,27 @@ def apply_override(cfg: Config, item: str) -> Config:
     for part in parts[:-1]:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
-    return merge(cfg, nested, f"--set {key}")
+    return merge(cfg, nested, "--set")
 
 
 def save(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def _deep_update(base: dict[str, Any], data: dict[str, Any], where: str, hints: dict[str, Any]) -> dict:
+def _deep_update(
+    base: dict[str, Any], data: dict[str, Any], where: str, hints: dict[str, Any], path: str = ""
+) -> dict:
     if not isinstance(data, dict):
-        raise LGFormerError(f"{where}: expected a mapping, got {type(data).__name__}")
+        raise LGFormerError(
+            f"{where}: {path.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}"
+        )
     out = dict(base)
     for key, value in data.items():
         if key not in base:
-            raise LGFormerError(f"{where}: unknown key {key!r}; valid keys: {', '.join(base)}")
+            raise LGFormerError(f"{where}: unknown key {key!r}{_in(path)}; valid keys: {', '.join(base)}")
         tp = hints.get(key)
         if isinstance(base[key], dict) and tp is not None and dataclasses.is_dataclass(tp):
-            out[key] = _deep_update(base[key], value, where, typing.get_type_hints(tp))
+            out[key] = _deep_update(base[key], value, where, typing.get_type_hints(tp), f"{path}{key}.")
         else:
             out[key] = value
     return out

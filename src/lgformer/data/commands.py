@@ -12,46 +12,65 @@ from lgformer.errors import LGFormerError
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this area's sub-commands to the `lgformer` parser."""
-    data = sub.add_parser("data", help="datasets: statistics, integrity check, JSONL export, synthetic benchmark")
+    data = sub.add_parser(
+        "data", help="datasets: statistics, integrity check, JSONL export, synthetic benchmark"
+    )
     data_sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
 
     stats = data_sub.add_parser(
         "stats", help="refs, sentences, images, objects, word-length buckets and token lengths of a split"
     )
     _source_arguments(stats, split_help="one split (default: all splits)")
-    stats.add_argument("--tokenizer", default="bert-base-uncased", help="tokenizer for token lengths (default %(default)s)")
+    stats.add_argument(
+        "--tokenizer", default="bert-base-uncased", help="tokenizer for token lengths (default %(default)s)"
+    )
     stats.add_argument("--max-tokens", type=int, default=20, help="truncation length (default %(default)s)")
     stats.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     stats.set_defaults(handler=_stats)
 
-    check = data_sub.add_parser("check", help="decode every image and mask of a split; report missing/corrupt files")
+    check = data_sub.add_parser(
+        "check", help="decode every image and mask of a split; report missing/corrupt files"
+    )
     _source_arguments(check, split_help="one split (default: all splits)")
     check.add_argument("--gt-rule", default="exactly_one", help="exactly_one (default, authors') or union")
     check.set_defaults(handler=_check)
 
-    export = data_sub.add_parser("export-jsonl", help="write a dataset (or one split) in the custom JSONL format")
+    export = data_sub.add_parser(
+        "export-jsonl", help="write a dataset (or one split) in the custom JSONL format"
+    )
     _source_arguments(export, split_help="one split (default: all splits)")
     export.add_argument("--out", required=True, help="output .jsonl file (paths in it are relative to it)")
     export.set_defaults(handler=_export)
 
-    synth = data_sub.add_parser("synth", help="generate the synthetic referring benchmark in the REFER layout")
-    synth.add_argument("--out", required=True, help="output folder (use it as data.root with data.dataset=synth)")
+    synth = data_sub.add_parser(
+        "synth", help="generate the synthetic referring benchmark in the REFER layout"
+    )
+    synth.add_argument(
+        "--out", required=True, help="output folder (use it as data.root with data.dataset=synth)"
+    )
     synth.add_argument("--train", type=int, default=10000, help="training refs (default %(default)s)")
     synth.add_argument("--val", type=int, default=1000, help="validation refs (default %(default)s)")
     synth.add_argument("--test", type=int, default=1000, help="test refs (default %(default)s)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--size", type=int, default=320, help="image size in pixels (default %(default)s)")
-    synth.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
-    synth.add_argument("--sheet", default=None, help="also draw 8 val scenes with their expressions to this PNG")
+    synth.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)"
+    )
+    synth.add_argument(
+        "--sheet", default=None, help="also draw 8 val scenes with their expressions to this PNG"
+    )
     synth.set_defaults(handler=_synth)
 
 
 def _source_arguments(parser: argparse.ArgumentParser, split_help: str) -> None:
     parser.add_argument(
-        "--root", required=True,
+        "--root",
+        required=True,
         help="DATA_ROOT (REFER layout), synthetic folder, .jsonl file, or (stats only) a sentence .csv",
     )
-    parser.add_argument("--dataset", default="refcoco", help="refcoco | refcoco+ | refcocog | refclef | jsonl | synth")
+    parser.add_argument(
+        "--dataset", default="refcoco", help="refcoco | refcoco+ | refcocog | refclef | jsonl | synth"
+    )
     parser.add_argument("--split-by", default="unc", help="refs(<split-by>).p (default %(default)s)")
     parser.add_argument("--split", default=None, help=split_help)
     parser.add_argument("--image-dir", default=None, help="override the image folder")
@@ -64,7 +83,9 @@ def _referents(args: argparse.Namespace) -> list:
     if args.root.endswith(".csv"):
         referents = load_sentence_csv(args.root)
     else:
-        cfg = DataConfig(root=args.root, dataset=args.dataset, split_by=args.split_by, image_dir=args.image_dir)
+        cfg = DataConfig(
+            root=args.root, dataset=args.dataset, split_by=args.split_by, image_dir=args.image_dir
+        )
         referents = load_referents(cfg)
     return referents if args.split is None else select_split(referents, args.split, args.root)
 
@@ -79,7 +100,7 @@ def _stats(args: argparse.Namespace) -> int:
     report = {
         "source": args.root,
         "dataset": "sentence-csv" if args.root.endswith(".csv") else args.dataset,
-        "split": args.split or "all",
+        "split": args.split or ",".join(sorted({ref.split for ref in referents})),
         "refs": len(referents),
         "sentences": len(sentences),
         "images": len({ref.image_id for ref in referents}),
@@ -92,12 +113,18 @@ def _stats(args: argparse.Namespace) -> int:
     print(f"{report['source']}  ({report['dataset']}, split {report['split']})")
     for key in ("refs", "sentences", "images", "objects"):
         value = report[key]
-        print(f"  {key:<10} {value:>9,}" if value is not None else f"  {key:<10} {'-':>9}  (text-only source)")
+        print(
+            f"  {key:<10} {value:>9,}" if value is not None else f"  {key:<10} {'-':>9}  (text-only source)"
+        )
     total = max(1, report["sentences"])
     print(f"  words per sentence: mean {report['words_mean']:.2f}, max {report['words_max']}")
-    print("  length buckets (words):  " + "   ".join(
-        f"{b}: {report['length_buckets'][b]:,} ({100 * report['length_buckets'][b] / total:.1f}%)" for b in BUCKETS
-    ))
+    print(
+        "  length buckets (words):  "
+        + "   ".join(
+            f"{b}: {report['length_buckets'][b]:,} ({100 * report['length_buckets'][b] / total:.1f}%)"
+            for b in BUCKETS
+        )
+    )
     tokens = report.get("tokens")
     if tokens:
         print(
@@ -145,13 +172,15 @@ def _check(args: argparse.Namespace) -> int:
             continue
         size = sizes[ref.image]
         if size is not None and mask.shape != size:
-            report("bad mask", f"{ref.where}: mask {mask.shape[1]}x{mask.shape[0]}, image {size[1]}x{size[0]}")
+            report(
+                "bad mask", f"{ref.where}: mask {mask.shape[1]}x{mask.shape[0]}, image {size[1]}x{size[0]}"
+            )
         elif not mask.any():
             report("empty mask", f"{ref.where}: no foreground pixel under rule {args.gt_rule}")
     found = sum(problems.values())
     print(
-        f"checked {len(sizes):,} images and {len(referents):,} masks: "
-        + ", ".join(f"{n:,} {kind}" for kind, n in problems.items())
+        f"checked {len(sizes):,} images and {len(referents):,} masks (gt rule {args.gt_rule}): "
+        + ", ".join(f"{kind}: {n:,}" for kind, n in problems.items())
         + ("" if found else " - all good")
     )
     return 1 if found else 0
@@ -175,11 +204,16 @@ def _synth(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     counts = generate(
-        args.out, {"train": args.train, "val": args.val, "test": args.test}, args.seed, args.size, args.workers
+        args.out,
+        {"train": args.train, "val": args.val, "test": args.test},
+        args.seed,
+        args.size,
+        args.workers,
     )
     elapsed = time.perf_counter() - start
     print(
-        f"wrote {counts['refs']:,} refs ({counts['images']:,} images, {counts['objects']:,} objects) to {args.out} "
+        f"wrote {counts['refs']:,} refs ({counts['images']:,} images, {counts['objects']:,} objects) "
+        f"to {args.out} "
         f"in {elapsed:.1f} s with {args.workers} worker(s); use data.root={args.out} data.dataset=synth"
     )
     if args.sheet:

@@ -5,11 +5,12 @@ dropped, as the authors' `convert("RGB")` does), CMYK and 16-bit grayscale (scal
 `convert` would clip to white). Files above `MAX_PIXELS` are refused before decoding (decompression bombs);
 missing, truncated or corrupt files raise `LGFormerError` naming the file.
 
-EXIF orientation: COCO/REFER annotations (polygons, RLE, boxes) are in the stored-pixel frame, and the authors'
-pipeline (PIL `open` + `convert("RGB")`) never applies the EXIF orientation tag, so the dataset loaders do not
-either (`exif_transpose=False`, the default). The three refcoco-mini photos carry no EXIF block at all; a
-rotated photo would still be caught by the loaders' check that the decoded size equals the annotated size.
-Prediction on a user's own photo may pass `exif_transpose=True` to see it the way an image viewer shows it.
+EXIF orientation: COCO/REFER annotations (polygons, RLE, boxes) are in the stored-pixel frame, and the
+authors' pipeline (PIL `open` + `convert("RGB")`) never applies the EXIF orientation tag, so the dataset
+loaders do not either (`exif_transpose=False`, the default). The three refcoco-mini photos carry no EXIF
+block at all; a rotated photo would still be caught by the loaders' check that the decoded size equals the
+annotated size. Prediction on a user's own photo may pass `exif_transpose=True` to see it the way an image
+viewer shows it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-def load_image(path: str | Path, *, max_pixels: int = MAX_PIXELS, exif_transpose: bool = False) -> Image.Image:
+def load_image(
+    path: str | Path, *, max_pixels: int = MAX_PIXELS, exif_transpose: bool = False
+) -> Image.Image:
     """Decode `path` to an RGB PIL image (see the module docstring for modes, limits and EXIF)."""
     path = Path(path)
     try:

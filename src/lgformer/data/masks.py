@@ -27,13 +27,15 @@ def check_rule(rule: str) -> None:
 
 
 def decode_segmentation(seg: Any, height: int, width: int, rule: str, where: str) -> np.ndarray:
-    """A COCO segmentation (list of polygons, or an RLE dict with compressed or list counts) -> bool (H, W)."""
+    """A COCO segmentation (polygon list, or RLE dict with compressed or list counts) -> bool (H, W)."""
     check_rule(rule)
     if isinstance(seg, dict):
         return _decode_rle(seg, height, width, where)
     if isinstance(seg, list):
         return _decode_polygons(seg, height, width, rule, where)
-    raise LGFormerError(f"{where}: segmentation must be a list of polygons or an RLE dict, got {type(seg).__name__}")
+    raise LGFormerError(
+        f"{where}: segmentation must be a list of polygons or an RLE dict, got {type(seg).__name__}"
+    )
 
 
 def _decode_polygons(polygons: list, height: int, width: int, rule: str, where: str) -> np.ndarray:
@@ -58,7 +60,9 @@ def _decode_rle(rle: dict, height: int, width: int, where: str) -> np.ndarray:
         raise LGFormerError(f"{where}: RLE size {size} differs from the image size [{height}, {width}]")
     if isinstance(counts, list):
         if not all(isinstance(v, int) and v >= 0 for v in counts) or sum(counts) != height * width:
-            raise LGFormerError(f"{where}: uncompressed RLE counts must be non-negative and sum to height*width")
+            raise LGFormerError(
+                f"{where}: uncompressed RLE counts must be non-negative and sum to height*width"
+            )
         compressed = coco_mask.frPyObjects({"size": size, "counts": counts}, height, width)
     elif isinstance(counts, (str, bytes)):
         compressed = {"size": size, "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
@@ -91,7 +95,7 @@ def read_mask_png(path: Path, where: str) -> np.ndarray:
             values = np.asarray(im if im.mode in ("1", "L", "P", "I", "I;16") else im.convert("L"))
     except FileNotFoundError:
         raise LGFormerError(f"{where}: mask file not found: {path}") from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise LGFormerError(f"{where}: cannot decode mask {path} ({exc})") from None
     return values != 0
 

@@ -40,7 +40,15 @@ def load_plain_pickle(path: str | Path) -> Any:
         raise LGFormerError(f"{path}: file not found") from None
     try:
         return _text(_PlainDataUnpickler(data, path).load())
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        IndexError,
+        KeyError,
+        AttributeError,
+    ) as exc:
         raise LGFormerError(f"{path}: not a valid pickle ({type(exc).__name__}: {exc})") from None
 
 

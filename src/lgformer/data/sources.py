@@ -85,7 +85,9 @@ def referent_mask(ref: Referent, rule: str) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------- REFER
 
 
-def load_refer(root: str | Path, dataset: str, split_by: str, image_dir: str | Path | None = None) -> list[Referent]:
+def load_refer(
+    root: str | Path, dataset: str, split_by: str, image_dir: str | Path | None = None
+) -> list[Referent]:
     """All refs of DATA_ROOT/<dataset>/refs(<split_by>).p joined with instances.json (every split)."""
     folder = Path(root) / dataset
     instances_path = folder / "instances.json"
@@ -96,10 +98,18 @@ def load_refer(root: str | Path, dataset: str, split_by: str, image_dir: str | P
         )
     if not refs_path.is_file():
         found = sorted(p.name for p in folder.glob("refs(*).p"))
-        raise LGFormerError(f"{refs_path}: file not found (in {folder}: {', '.join(found) or 'no refs files'})")
+        raise LGFormerError(
+            f"{refs_path}: file not found (in {folder}: {', '.join(found) or 'no refs files'})"
+        )
     instances = _read_json(instances_path)
-    images = {img["id"]: img for img in _records(instances, "images", ("id", "file_name", "height", "width"), instances_path)}
-    anns = {ann["id"]: ann for ann in _records(instances, "annotations", ("id", "image_id", "segmentation"), instances_path)}
+    images = {
+        img["id"]: img
+        for img in _records(instances, "images", ("id", "file_name", "height", "width"), instances_path)
+    }
+    anns = {
+        ann["id"]: ann
+        for ann in _records(instances, "annotations", ("id", "image_id", "segmentation"), instances_path)
+    }
     refs = load_plain_pickle(refs_path)
     if not isinstance(refs, list):
         raise LGFormerError(f"{refs_path}: expected a list of refs, got {type(refs).__name__}")
@@ -121,6 +131,8 @@ def _refer_referent(ref: Any, k: int, path: Path, images: dict, anns: dict, imag
     img = images.get(ref["image_id"])
     if img is None:
         raise LGFormerError(f"{where}: image {ref['image_id']} is not in instances.json")
+    if not isinstance(ref["sentences"], list):
+        raise LGFormerError(f"{where}: 'sentences' must be a list")
     sentences = []
     for j, sent in enumerate(ref["sentences"]):
         text = sent.get("raw", sent.get("sent")) if isinstance(sent, dict) else None
@@ -185,7 +197,9 @@ def load_jsonl(path: str | Path, image_dir: str | Path | None = None) -> list[Re
             continue
         ref = _jsonl_referent(line, f"{path}:{number}", path.parent, image_root)
         if ref.ref_id in seen:
-            raise LGFormerError(f"{path}:{number}: field 'id': {ref.ref_id!r} already used on line {seen[ref.ref_id]}")
+            raise LGFormerError(
+                f"{path}:{number}: field 'id': {ref.ref_id!r} already used on line {seen[ref.ref_id]}"
+            )
         seen[str(ref.ref_id)] = number
         referents.append(ref)
     if not referents:
@@ -247,7 +261,7 @@ def _image_size(image: Path, where: str) -> tuple[int, int]:
             width, height = im.size
     except FileNotFoundError:
         raise LGFormerError(f"{where}: field 'image': file not found: {image}") from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise LGFormerError(f"{where}: field 'image': cannot read {image} ({exc})") from None
     return height, width
 
@@ -261,7 +275,7 @@ def _jsonl_mask(mask: Any, where: str, base: Path, height: int, width: int) -> A
                 mask_width, mask_height = im.size
         except FileNotFoundError:
             raise LGFormerError(f"{field_where}: file not found: {path}") from None
-        except (OSError, SyntaxError, ValueError) as exc:
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise LGFormerError(f"{field_where}: cannot read {path} ({exc})") from None
         if (mask_height, mask_width) != (height, width):
             raise LGFormerError(
@@ -271,17 +285,21 @@ def _jsonl_mask(mask: Any, where: str, base: Path, height: int, width: int) -> A
     if isinstance(mask, dict) and len(mask) == 1 and "rle" in mask and isinstance(mask["rle"], dict):
         rle = mask["rle"]
         if rle.get("size") != [height, width]:
-            raise LGFormerError(f"{field_where}: RLE size {rle.get('size')} differs from the image size [{height}, {width}]")
+            raise LGFormerError(
+                f"{field_where}: RLE size {rle.get('size')} differs from the image size [{height}, {width}]"
+            )
         return rle
     if isinstance(mask, dict) and len(mask) == 1 and isinstance(mask.get("polygons"), list):
         polygons = mask["polygons"]
         for poly in polygons:
-            if not isinstance(poly, list) or len(poly) % 2 or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in poly
+            if (
+                not isinstance(poly, list)
+                or len(poly) % 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in poly)
             ):
                 raise LGFormerError(f"{field_where}: polygons must be flat lists of x, y numbers")
         return polygons
-    raise LGFormerError(f"{field_where}: expected a PNG path, {{\"rle\": {{...}}}} or {{\"polygons\": [[...]]}}")
+    raise LGFormerError(f'{field_where}: expected a PNG path, {{"rle": {{...}}}} or {{"polygons": [[...]]}}')
 
 
 def export_jsonl(referents: Sequence[Referent], out: str | Path) -> int:
@@ -298,7 +316,12 @@ def export_jsonl(referents: Sequence[Referent], out: str | Path) -> int:
             mask: Any = os.path.relpath(seg.resolve(), base)
         elif isinstance(seg, dict):
             counts = seg["counts"]
-            mask = {"rle": {"size": seg["size"], "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}}
+            mask = {
+                "rle": {
+                    "size": seg["size"],
+                    "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts,
+                }
+            }
         else:
             mask = {"polygons": seg}
         record: dict[str, Any] = {
@@ -326,9 +349,13 @@ def load_sentence_csv(path: str | Path) -> list[Referent]:
     try:
         with open(path, newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
-            missing = [c for c in ("ref_id", "img_id", "sent_id", "sent") if c not in (reader.fieldnames or [])]
+            missing = [
+                c for c in ("ref_id", "img_id", "sent_id", "sent") if c not in (reader.fieldnames or [])
+            ]
             if missing:
-                raise LGFormerError(f"{path}: missing column(s) {', '.join(missing)} (expected ref_id,img_id,sent_id,sent)")
+                raise LGFormerError(
+                    f"{path}: missing column(s) {', '.join(missing)} (expected ref_id,img_id,sent_id,sent)"
+                )
             by_ref: dict[str, Referent] = {}
             for number, row in enumerate(reader, start=2):
                 text = row["sent"] or ""
@@ -337,7 +364,10 @@ def load_sentence_csv(path: str | Path) -> list[Referent]:
                 ref = by_ref.get(row["ref_id"])
                 if ref is None:
                     ref = by_ref[row["ref_id"]] = Referent(
-                        ref_id=_int_or_str(row["ref_id"]), split=split, sentences=[], where=str(path),
+                        ref_id=_int_or_str(row["ref_id"]),
+                        split=split,
+                        sentences=[],
+                        where=str(path),
                         image_id=_int_or_str(row["img_id"]),
                     )
                 ref.sentences.append(Sentence(_int_or_str(row["sent_id"]), text))

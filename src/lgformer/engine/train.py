@@ -183,6 +183,7 @@ class TrainResult:
     stopped_early: bool
     best_oiou: float | None
     last: Path
+    train_seconds: float  # wall time spent in this run's steps and validations, over all its sessions
 
 
 class Log:
@@ -276,6 +277,7 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
         self.step, self.best, self.saved_step = 0, None, None
+        self.seconds_before = 0.0  # time of the sessions before a resume
         if resume:
             self._restore(load_training_state(self.out / "last"), read_config(self.out / "last")[1])
         self.ddp = None
@@ -315,6 +317,7 @@ class Trainer:
         if self.scaler is not None and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.best, self.saved_step = state["step"], state["best_oiou"], state["step"]
+        self.seconds_before = state["train_seconds"]
         if len(state["rng"]) == self.world.size:
             _set_rng_state(state["rng"][self.world.rank])
         else:  # another number of processes: exactness is impossible anyway, stay reproducible
@@ -327,6 +330,7 @@ class Trainer:
         from lgformer.data.dataset import collate
 
         tc = self.tc
+        self.clock = time.monotonic()
         bar = tqdm(total=self.total, initial=self.step, disable=not self.world.main, dynamic_ncols=True)
         window: list[float] = []
         window_start = time.monotonic()
@@ -360,6 +364,7 @@ class Trainer:
                             "loss": sum(window) / len(window),
                             "lr": lr,
                             "steps_per_s": rate,
+                            "train_s": round(self.seconds, 1),
                         }
                     )
                     window, window_start = [], time.monotonic()
@@ -379,7 +384,11 @@ class Trainer:
         bar.close()
         if self.log is not None:
             self.log.plot()
-        return TrainResult(self.step, self.step < self.total, self.best, self.out / "last")
+        return TrainResult(self.step, self.step < self.total, self.best, self.out / "last", self.seconds)
+
+    @property
+    def seconds(self) -> float:
+        return self.seconds_before + time.monotonic() - self.clock
 
     def _optimizer_step(self, batches: Any) -> float:
         """One update from `accum` micro-batches; returns the loss averaged over the global batch."""
@@ -472,6 +481,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else {},
                 "rng": rng,
+                "train_seconds": self.seconds,
             }
             save_training_state(self.out / "last", state)
             save_model(self.out / "last", self.model, self.cfg, exclude=self.exclude, extra=meta)

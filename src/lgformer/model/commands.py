@@ -1,8 +1,10 @@
-"""`lgformer summary`: the network of a preset, box by box, with parameter counts."""
+"""`lgformer summary` (a preset's network box by box) and `lgformer bench` (its speed and memory)."""
 
 from __future__ import annotations
 
 import argparse
+
+from lgformer.errors import LGFormerError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -11,6 +13,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--size", type=int, default=None, help="input size for the shape trace (default: config)")
     p.set_defaults(handler=_summary)
+
+    p = sub.add_parser(
+        "bench",
+        help="time a preset's network: latency, images/s, GFLOP, efficiency vs GEMM, peak memory",
+        description="Random weights. Times the full forward (text encoder included) and each box separately; "
+        "efficiency = achieved GFLOP/s / GEMM GFLOP/s measured in the same process at the same dtype.",
+    )
+    p.add_argument("--preset", default="lite", help="preset name or YAML file (default %(default)s)")
+    p.add_argument("--size", type=int, default=None, help="square input size (default: the config's)")
+    p.add_argument("--batch", type=int, default=1, help="images per forward (default %(default)s)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="fp32 or autocast dtype")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    p.add_argument("--repeat", type=int, default=10, help="timed runs per measurement (default %(default)s)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default %(default)s)")
+    p.add_argument("--train", action="store_true", help="also time one optimiser step (fwd + bwd + AdamW)")
+    p.add_argument("--no-parts", dest="parts", action="store_false", help="skip the per-box timings")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(handler=_bench)
 
 
 def _summary(args: argparse.Namespace) -> int:
@@ -21,9 +41,11 @@ def _summary(args: argparse.Namespace) -> int:
 
     cfg = config_mod.load(args.config, args.overrides)
     model = build_model(cfg.model, pretrained=False).eval()
-    size = args.size or cfg.model.image_size
-    print(f"preset: {cfg.preset or args.config}  backbone: {cfg.model.backbone}  fusion: {cfg.model.fusion}  "
-          f"text encoder: {cfg.model.text_encoder}")
+    size = args.size or cfg.data.image_size
+    print(
+        f"preset: {cfg.preset or args.config}  backbone: {cfg.model.backbone}  fusion: {cfg.model.fusion}  "
+        f"text encoder: {cfg.model.text_encoder}"
+    )
     total = 0
     for name, module in model.named_children():
         count = sum(p.numel() for p in module.parameters())
@@ -39,4 +61,26 @@ def _summary(args: argparse.Namespace) -> int:
         logits = model(image, mask, text_features=words)
     print(f"  backbone features at {size}x{size}: " + ", ".join(str(tuple(f.shape[1:])) for f in feats))
     print(f"  output logits: {tuple(logits.shape)} (one map per prototype; the last is the prediction)")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import json
+
+    from lgformer.engine import bench
+
+    if args.batch < 1 or args.repeat < 1 or (args.size is not None and args.size < 1):
+        raise LGFormerError("--batch, --repeat and --size must be >= 1")
+    report = bench.run(
+        args.preset,
+        size=args.size,
+        batch=args.batch,
+        dtype=args.dtype,
+        threads=args.threads,
+        repeat=args.repeat,
+        train=args.train,
+        device=args.device,
+        parts=args.parts,
+    )
+    print(json.dumps(report, indent=2) if args.json else bench.format_report(report))
     return 0

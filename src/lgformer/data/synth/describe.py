@@ -31,11 +31,19 @@ from lgformer.data.synth.grammar import (
 )
 
 TRIES = {1: 8, 2: 16, 3: 40, 4: 60}
-L4_TEMPLATES = (("ordinal", "relation"), ("ordinal", "negation", "relation"), ("relation", "relation"),
-                ("negation", "relation", "relation"), ("ordinal", "negation"))
+L4_TEMPLATES = (
+    ("ordinal", "relation"),
+    ("ordinal", "negation", "relation"),
+    ("relation", "relation"),
+    ("negation", "relation", "relation"),
+    ("ordinal", "negation"),
+    ("ordinal", "relation", "relation"),
+)
 
 
-def describe(target: int, objs: Sequence[Obj], lvl: int, rng: np.random.Generator, count: int = 3) -> list[str]:
+def describe(
+    target: int, objs: Sequence[Obj], lvl: int, rng: np.random.Generator, count: int = 3
+) -> list[str]:
     """Up to `count` distinct verified expressions of level `lvl` for `objs[target]`."""
     context = _Context(target, objs)
     texts: list[str] = []
@@ -66,10 +74,15 @@ class _Context:
         self.obj = objs[target]
         self.landmarks = [j for j in unique_landmarks(objs) if j != target]
         self.true_relations = [
-            (rel, j) for j in self.landmarks for rel in RELATIONS if relation_value(self.obj, objs[j], rel) == YES
+            (rel, j)
+            for j in self.landmarks
+            for rel in RELATIONS
+            if relation_value(self.obj, objs[j], rel) == YES
         ]
 
-    def attrs(self, rng: np.random.Generator, p: float, obj: Obj | None = None) -> tuple[tuple[str, str], ...]:
+    def attrs(
+        self, rng: np.random.Generator, p: float, obj: Obj | None = None
+    ) -> tuple[tuple[str, str], ...]:
         obj = obj or self.obj
         return tuple((a, obj.attribute(a)) for a in ATTRIBUTES if rng.random() < p)
 
@@ -89,7 +102,9 @@ class _Context:
         if len(self.true_relations) < n:
             return None
         picks = rng.choice(len(self.true_relations), size=n, replace=False)
-        return tuple((self.true_relations[k][0], self.landmark(self.true_relations[k][1], rng)) for k in picks)
+        return tuple(
+            (self.true_relations[k][0], self.landmark(self.true_relations[k][1], rng)) for k in picks
+        )
 
     def negation(self, rng: np.random.Generator) -> tuple[tuple[str, str], ...]:
         """Negate a value some other object of the same shape has (informative), else any other value."""

@@ -71,12 +71,15 @@ def make_scene(seed: int, split: str, index: int, size: int, n_refs: int) -> Sce
         if len(eligible) < n_refs:
             continue
         refs = []
-        for i in sorted(int(k) for k in rng.permutation(eligible)[: n_refs + 2]):
+        for i in rng.permutation(eligible).tolist():
             texts = describe(i, objs, plan, rng, SENTENCES_PER_REF)
-            if len(texts) >= 2 and len(refs) < n_refs:
+            if len(texts) >= 2:
                 refs.append((i, texts))
+                if len(refs) == n_refs:
+                    break
         if len(refs) < n_refs:
             continue
+        refs.sort()
         image = render_image(rng, objs, full, size)
         return Scene(
             split=split,
@@ -86,11 +89,16 @@ def make_scene(seed: int, split: str, index: int, size: int, n_refs: int) -> Sce
             masks=[encode_rle(v) for v in visible],
             areas=[int(np.count_nonzero(v)) for v in visible],
             boxes=[_box(v) for v in visible],
-            visible_share=[round(np.count_nonzero(v) / np.count_nonzero(f), 3) for v, f in zip(visible, full)],
+            visible_share=[
+                round(np.count_nonzero(v) / np.count_nonzero(f), 3) for v, f in zip(visible, full)
+            ],
             jpeg=encode_jpeg(image),
             refs=refs,
         )
-    raise RuntimeError(f"synth: no level-{plan} scene found for {split} {index} in {MAX_ATTEMPTS} attempts")
+    raise LGFormerError(
+        f"synth: no level-{plan} scene with {n_refs} refs found for {split} {index} in {MAX_ATTEMPTS} "
+        f"attempts (image size {size} too small?)"
+    )
 
 
 def _box(mask: np.ndarray) -> list[int]:
@@ -115,7 +123,8 @@ def scene_tasks(seed: int, counts: dict[str, int], size: int, n_refs: int = REFS
 def generate(
     out: str | Path, counts: dict[str, int], seed: int = 0, size: int = 320, workers: int = 1
 ) -> dict[str, int]:
-    """Write the benchmark with counts[split] refs per split; returns the number of images, objects and refs."""
+    """Write the benchmark with counts[split] refs per split; returns the numbers of images, objects
+    and refs."""
     if size < 96:
         raise LGFormerError(f"synth: image size {size} is too small (at least 96)")
     if any(n < 0 for n in counts.values()) or not any(counts.values()):
@@ -134,6 +143,10 @@ def generate(
         for task in tqdm(tasks, desc="synth scenes", unit="scene"):
             writer.add(_scene_task(task), image_dir)
     writer.finish(out / "synth")
+    keep = {image["file_name"] for image in writer.images}
+    for stale in image_dir.glob("synth_*.jpg"):  # left by an earlier, larger run into the same folder
+        if stale.name not in keep:
+            stale.unlink()
     return {"images": len(writer.images), "objects": len(writer.annotations), "refs": len(writer.refs)}
 
 
@@ -157,41 +170,53 @@ class _Writer:
         atomic_write(image_dir / scene.file_name, scene.jpeg)
         image_id = len(self.images) + 1
         size = scene.masks[0]["size"]
-        self.images.append({"id": image_id, "file_name": scene.file_name, "height": size[0], "width": size[1]})
+        self.images.append(
+            {"id": image_id, "file_name": scene.file_name, "height": size[0], "width": size[1]}
+        )
         ann_ids = []
         for depth, obj in enumerate(scene.objs):
             ann_ids.append(len(self.annotations) + 1)
-            self.annotations.append({
-                "id": ann_ids[-1],
-                "image_id": image_id,
-                "category_id": SHAPES.index(obj.shape) + 1,
-                "segmentation": scene.masks[depth],
-                "area": scene.areas[depth],
-                "bbox": scene.boxes[depth],
-                "iscrowd": 0,
-                "attributes": {
-                    "shape": obj.shape, "color": obj.color, "size": obj.size, "pattern": obj.pattern,
-                    "center": [obj.cx, obj.cy], "radius": obj.r, "depth": depth,
-                    "visible": scene.visible_share[depth],
-                },
-            })
+            self.annotations.append(
+                {
+                    "id": ann_ids[-1],
+                    "image_id": image_id,
+                    "category_id": SHAPES.index(obj.shape) + 1,
+                    "segmentation": scene.masks[depth],
+                    "area": scene.areas[depth],
+                    "bbox": scene.boxes[depth],
+                    "iscrowd": 0,
+                    "attributes": {
+                        "shape": obj.shape,
+                        "color": obj.color,
+                        "size": obj.size,
+                        "pattern": obj.pattern,
+                        "center": [obj.cx, obj.cy],
+                        "radius": obj.r,
+                        "depth": depth,
+                        "visible": scene.visible_share[depth],
+                    },
+                }
+            )
         for obj_index, texts in scene.refs:
             sent_ids = list(range(self.sentences, self.sentences + len(texts)))
             self.sentences += len(texts)
             ann_id = ann_ids[obj_index]
-            self.refs.append({
-                "sent_ids": sent_ids,
-                "file_name": f"{Path(scene.file_name).stem}_{ann_id}.jpg",
-                "ann_id": ann_id,
-                "ref_id": len(self.refs),
-                "image_id": image_id,
-                "split": scene.split,
-                "sentences": [
-                    {"tokens": t.split(), "raw": t, "sent_id": s, "sent": t} for t, s in zip(texts, sent_ids)
-                ],
-                "category_id": SHAPES.index(scene.objs[obj_index].shape) + 1,
-                "level": scene.level,
-            })
+            self.refs.append(
+                {
+                    "sent_ids": sent_ids,
+                    "file_name": f"{Path(scene.file_name).stem}_{ann_id}.jpg",
+                    "ann_id": ann_id,
+                    "ref_id": len(self.refs),
+                    "image_id": image_id,
+                    "split": scene.split,
+                    "sentences": [
+                        {"tokens": t.split(), "raw": t, "sent_id": s, "sent": t}
+                        for t, s in zip(texts, sent_ids)
+                    ],
+                    "category_id": SHAPES.index(scene.objs[obj_index].shape) + 1,
+                    "level": scene.level,
+                }
+            )
 
     def finish(self, folder: Path) -> None:
         instances = {

@@ -41,8 +41,12 @@ SHAPE_WORDS = {s: (s,) for s in SHAPES} | {"circle": ("circle", "disc"), "cross"
 ATTRIBUTE_WORDS = {
     "size": {"small": ("small", "little"), "large": ("large", "big")},
     "color": {c: (c,) for c in COLORS},
-    "pattern": {"plain": ("plain", "solid"), "striped": ("striped",), "dotted": ("dotted", "spotted"),
-                "checked": ("checked",)},
+    "pattern": {
+        "plain": ("plain", "solid"),
+        "striped": ("striped",),
+        "dotted": ("dotted", "spotted"),
+        "checked": ("checked",),
+    },
 }
 PATTERN_NOUNS = {"striped": ("stripes",), "dotted": ("dots", "spots"), "checked": ("checks",)}
 RELATION_WORDS = {
@@ -56,7 +60,7 @@ RELATION_WORDS = {
 CLEAR_ANGLE = 35.0  # degrees off the relation's axis: up to here "true"
 FALSE_ANGLE = 65.0  # from here on "false"; in between "unclear"
 CLEAR_ALONG = 0.5  # "true" also needs the centres this far apart along the axis, in units of r1 + r2
-ORDINAL_GAP = 0.35  # ranked neighbours must be this far apart along the direction, in units of r1 + r2
+ORDINAL_GAP = 0.75  # ranked neighbours must be this far apart along the direction, in units of r1 + r2
 
 YES, UNCLEAR, NO = 1.0, 0.5, 0.0
 
@@ -131,7 +135,9 @@ def render(desc: Desc, rng: np.random.Generator) -> str:
     return " ".join(words)
 
 
-def _noun_phrase(shape: str, attrs: Sequence[tuple[str, str]], rng: np.random.Generator, allow_with: bool) -> list[str]:
+def _noun_phrase(
+    shape: str, attrs: Sequence[tuple[str, str]], rng: np.random.Generator, allow_with: bool
+) -> list[str]:
     values = dict(attrs)
     pattern = values.get("pattern")
     with_noun = allow_with and pattern in PATTERN_NOUNS and rng.random() < 0.4
@@ -153,7 +159,9 @@ def _pick(rng: np.random.Generator, options: Sequence):
 # ------------------------------------------------------------------------------------------------ parsing
 
 _SHAPE_OF = {w: s for s, words in SHAPE_WORDS.items() for w in words}
-_ADJECTIVE_OF = {w: (a, v) for a, table in ATTRIBUTE_WORDS.items() for v, words in table.items() for w in words}
+_ADJECTIVE_OF = {
+    w: (a, v) for a, table in ATTRIBUTE_WORDS.items() for v, words in table.items() for w in words
+}
 _PATTERN_NOUN_OF = {w: v for v, words in PATTERN_NOUNS.items() for w in words}
 _RELATION_PHRASES = sorted(
     ((phrase, rel) for rel, phrases in RELATION_WORDS.items() for phrase in phrases), key=lambda p: -len(p[0])
@@ -194,7 +202,9 @@ class _Parser:
     def expect(self, *options: str) -> str:
         word = self.take(*options)
         if word is None:
-            raise GrammarError(f"expected {' or '.join(options)} at word {self.pos + 1} of {' '.join(self.words)!r}")
+            raise GrammarError(
+                f"expected {' or '.join(options)} at word {self.pos + 1} of {' '.join(self.words)!r}"
+            )
         return word
 
     def expression(self) -> Desc:
@@ -222,6 +232,9 @@ class _Parser:
                 self.expect("the")
                 relations.append((relation, Desc(*self.noun_phrase())))
             first = False
+        # clauses are a conjunction: keep them in a canonical order, whatever the wording's order
+        negations.sort(key=lambda n: (ATTRIBUTES.index(n[0]), n[1]))
+        relations.sort(key=lambda r: (RELATIONS.index(r[0]), r[1].shape, r[1].attrs))
         return Desc(shape, attrs, tuple(negations), tuple(relations), ordinal)
 
     def noun_phrase(self) -> tuple[str, tuple[tuple[str, str], ...]]:
@@ -317,7 +330,8 @@ def resolve(desc: Desc, objs: Sequence[Obj]) -> int | None:
         return None
     # the ordinal counts among the objects that pass every clause ...
     filtered = rank([i for i, v in enumerate(values) if v == YES], objs, direction, k)
-    # ... or among the objects of the noun phrase, the clauses then describing the one counted: both must agree
+    # ... or among the objects of the noun phrase, the clauses then describing the one counted; both
+    # readings must agree
     counted = rank([i for i, o in enumerate(objs) if matches(o, desc.shape, desc.attrs)], objs, direction, k)
     return filtered if filtered is not None and filtered == counted else None
 

@@ -7,8 +7,8 @@ truth is the visible part: the mask minus every object drawn after it. Placement
 
 Attribute sampling depends on the level a scene is made for, so that distractors share attributes with the
 targets: level-1 scenes repeat colours and patterns across shapes; level-2 scenes repeat shapes with other
-attributes; level-3 scenes hold identical twins (only a relation separates them) and level-4 scenes identical
-triplets laid out in a row (an ordinal or two relations are needed).
+attributes; level-3 scenes hold identical twins (only a relation separates them) and level-4 scenes an
+identical triplet, half of the time in a row (an ordinal or two relations are needed).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ RGB = {
 }
 RADIUS = {"small": (0.055, 0.07), "large": (0.105, 0.13)}  # fractions of the image size
 MIN_VISIBLE = 0.6  # every object keeps at least this share of its pixels visible
-MIN_SEPARATION = 0.75  # centres at least this many (r1 + r2) apart
+MIN_SEPARATION = 0.65  # centres at least this many (r1 + r2) apart
 JPEG_QUALITY = 92
 
 
@@ -135,7 +135,11 @@ def _prototypes(rng: np.random.Generator, plan: int) -> tuple[list[tuple[str, st
     patterns = [PATTERNS[i] for i in rng.permutation(len(PATTERNS))]
 
     def attrs(n_colors: int, n_patterns: int) -> tuple[str, str, str]:
-        return (colors[int(rng.integers(n_colors))], SIZES[int(rng.integers(2))], patterns[int(rng.integers(n_patterns))])
+        return (
+            colors[int(rng.integers(n_colors))],
+            SIZES[int(rng.integers(2))],
+            patterns[int(rng.integers(n_patterns))],
+        )
 
     protos: list[tuple[str, str, str, str]] = []
     row: set[int] = set()
@@ -158,19 +162,21 @@ def _prototypes(rng: np.random.Generator, plan: int) -> tuple[list[tuple[str, st
             protos += [(s, *a), (s, *a)]
         for s in shapes[4 : 4 + int(rng.integers(1, 3))]:
             protos.append((s, *attrs(len(COLORS), 3)))
-    else:  # an identical triplet in a row, an identical pair, and landmarks
+    else:  # an identical triplet (in a row or scattered), an identical pair, and landmarks
         a = attrs(3, 2)
-        row = {0, 1, 2}
+        row = {0, 1, 2} if rng.random() < 0.5 else set()
         protos += [(shapes[0], *a)] * 3
         if rng.random() < 0.6:
             b = attrs(3, 2)
             protos += [(shapes[int(rng.integers(0, 2))], *b)] * 2
-        for s in shapes[4 : 4 + int(rng.integers(1, 3))]:
+        for s in shapes[4 : 4 + int(rng.integers(1, 4))]:
             protos.append((s, *attrs(len(COLORS), 3)))
     return protos, row
 
 
-def _place(rng: np.random.Generator, radii: list[float], row: list[int], size: int) -> list[tuple[float, float]] | None:
+def _place(
+    rng: np.random.Generator, radii: list[float], row: list[int], size: int
+) -> list[tuple[float, float]] | None:
     centres: dict[int, tuple[float, float]] = {}
     if row:
         horizontal = rng.random() < 0.5
@@ -231,7 +237,7 @@ def render_image(rng: np.random.Generator, objs: list[Obj], full: list[np.ndarra
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Low-saturation mottled gray (a luminance field and a weaker one per channel) with a faint wave texture."""
+    """Low-saturation mottled gray (a luminance field, a weaker one per channel) and a faint wave texture."""
     gray = float(rng.uniform(95, 165))
     tint = rng.normal(0, 8, 3).astype(np.float32)
     luminance = _smooth_noise(rng, size, 6, 14.0)
@@ -239,7 +245,8 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     coords = np.arange(size, dtype=np.float32)
     theta, freq = float(rng.uniform(0, math.pi)), float(rng.uniform(0.05, 0.25))
     wave = np.float32(rng.uniform(1, 5)) * np.sin(
-        np.float32(freq) * (coords[None, :] * np.float32(math.cos(theta)) + coords[:, None] * np.float32(math.sin(theta)))
+        np.float32(freq)
+        * (coords[None, :] * np.float32(math.cos(theta)) + coords[:, None] * np.float32(math.sin(theta)))
     )
     image += (luminance + wave + np.float32(gray))[..., None]
     image += tint

@@ -1,0 +1,69 @@
+"""`lgformer predict`: every (image, expression) pair -> mask PNG + overlay PNG, and one JSON summary.
+
+Every input is checked before anything is written (expressions, then every image), so a bad input fails the
+run with its message and leaves no partial output; warnings (truncated expressions, unknown words) are
+printed once.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from lgformer.app.render import mask_image, overlay, save_png
+from lgformer.engine.checkpoint import atomic_write
+from lgformer.predictor import InputWarning, Segmenter
+
+SUMMARY = "predictions.json"
+
+
+def predict_files(
+    seg: Segmenter, source: str, images: list[Path], texts: list[str], out: Path, threshold: float = 0.5
+) -> dict[str, Any]:
+    """Run every text on every image; write `<stem>_<k>_mask.png`, `<stem>_<k>_overlay.png` (k: the text's
+    1-based position) and `predictions.json` under `out`. Returns the summary."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", InputWarning)
+        seg.encode(texts)
+    for warning in caught:
+        print(f"lgformer predict: warning: {warning.message}", file=sys.stderr)
+    pictures = [seg.load_image(path) for path in images]
+    records = []
+    for path, picture, stem in zip(images, pictures, _unique_stems(images)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", InputWarning)  # already reported above
+            predictions = seg.predict(picture, texts, threshold)
+        for k, pred in enumerate(predictions, start=1):
+            mask_path = save_png(out / f"{stem}_{k}_mask.png", mask_image(pred.mask))
+            note = f"score {pred.score:.2f}, {100 * pred.mask.mean():.1f}% of the image"
+            overlay_path = save_png(out / f"{stem}_{k}_overlay.png", overlay(picture, pred.mask, pred.sentence, note))
+            records.append(
+                {
+                    "image": str(path),
+                    "width": picture.width,
+                    "height": picture.height,
+                    "sentence": pred.sentence,
+                    "mask": mask_path.name,
+                    "overlay": overlay_path.name,
+                    "score": round(pred.score, 4),
+                    "area": int(pred.mask.sum()),
+                    "bbox": pred.bbox,
+                }
+            )
+            print(f"{path.name}: {pred.sentence!r} -> {overlay_path} ({note})")
+    summary = {"checkpoint": source, "threshold": threshold, "image_size": seg.image_size, "predictions": records}
+    atomic_write(out / SUMMARY, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+    return summary
+
+
+def _unique_stems(paths: list[Path]) -> list[str]:
+    """File stems, numbered on repeats (a/x.jpg and b/x.jpg -> x, x-2)."""
+    seen: dict[str, int] = {}
+    stems = []
+    for path in paths:
+        seen[path.stem] = seen.get(path.stem, 0) + 1
+        stems.append(path.stem if seen[path.stem] == 1 else f"{path.stem}-{seen[path.stem]}")
+    return stems

@@ -1,0 +1,269 @@
+"""`lgformer bench`: latency, throughput, FLOPs, efficiency and peak memory of a preset's network.
+
+Random weights (timing does not depend on their values). The full forward includes the text encoder;
+the text encoder, backbone, pixel decoder and prototype generator (+ head) are also timed one by one
+on the intermediate tensors of a full forward. Efficiency is the achieved model GFLOP/s divided by the
+GEMM GFLOP/s measured in the same process, at the same dtype and thread count. On CPU memory is the
+peak resident set (VmHWM, reset before each phase); on GPU `torch.cuda.max_memory_allocated`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lgformer import config as config_mod
+from lgformer.config import Config
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+GEMM_SIZE = 2048
+VALID_TOKENS = 12  # [CLS] + 10 wordpieces + [SEP], a typical RefCOCO expression
+CLEAR_REFS = Path("/proc/self/clear_refs")
+STATUS = Path("/proc/self/status")
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast at `dtype` on `device`, or nothing for fp32."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[], Any], repeat: int, warmup: int, device: torch.device) -> list[float]:
+    """Seconds per call of `fn`, `repeat` times after `warmup` untimed calls (CUDA events on GPU)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def summarise(times: list[float]) -> dict[str, float]:
+    """Median, min and max of a list of seconds."""
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+
+
+def gemm_gflops(
+    dtype: torch.dtype | None, device: torch.device, n: int = GEMM_SIZE, repeat: int = 5
+) -> float:
+    """Best GFLOP/s of an n x n x n matrix product at `dtype` (fp32 when None)."""
+    a = torch.randn(n, n, device=device, dtype=dtype or torch.float32)
+    b = torch.randn(n, n, device=device, dtype=dtype or torch.float32)
+    best = min(time_calls(lambda: torch.mm(a, b), repeat, 2, device))
+    return 2 * n**3 / best / 1e9
+
+
+def count_gflop(
+    model: nn.Module, fn: Callable[[], Any], device: torch.device, dtype: torch.dtype | None
+) -> float:
+    """GFLOP of one call of `fn` by PyTorch's flop counter (matmuls, convolutions, attention).
+
+    The counter's module hooks reject inference tensors and parameters that require grad under no_grad,
+    so it runs under no_grad with every parameter temporarily frozen.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        with torch.no_grad(), autocast(device, dtype), FlopCounterMode(display=False) as counter:
+            fn()
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+    return counter.get_total_flops() / 1e9
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: CUDA allocator statistics, or the kernel's resident high-water mark."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):
+        CLEAR_REFS.write_text("5")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated, or peak resident set size of this process, in MB since the last reset."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    with contextlib.suppress(OSError):
+        for line in STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def make_inputs(cfg: Config, size: int, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """A random normalised image batch and [CLS] w1..w10 [SEP] + padding token ids with their mask."""
+    g = torch.Generator().manual_seed(0)
+    t = cfg.model.max_tokens
+    valid = min(VALID_TOKENS, t)
+    ids = torch.zeros(batch, t, dtype=torch.long)
+    ids[:, 0], ids[:, valid - 1] = 101, 102
+    ids[:, 1 : valid - 1] = torch.randint(1000, 30000, (batch, valid - 2), generator=g)
+    mask = (ids != 0).long()
+    image = torch.randn(batch, 3, size, size, generator=g)
+    target = (torch.rand(batch, size, size, generator=g) > 0.7).float()
+    return {k: v.to(device) for k, v in dict(image=image, ids=ids, mask=mask, target=target).items()}
+
+
+def _parts(model: nn.Module, x: dict[str, torch.Tensor]) -> dict[str, Callable[[], Any]]:
+    """Closures running each box on the intermediates of one full forward."""
+    image, ids, mask = x["image"], x["ids"], x["mask"]
+    words = model.text_encoder(ids, mask)
+    feats, text_dec = model.image_encoder(image, words, mask)
+    mask_features, ms_feats = model.pixel_decoder(feats, text_dec, mask)
+    return {
+        "text_encoder": lambda: model.text_encoder(ids, mask),
+        "backbone": lambda: model.image_encoder(image, words, mask),
+        "pixel_decoder": lambda: model.pixel_decoder(feats, text_dec, mask),
+        "prototype_generator": lambda: model.head(
+            model.prototype_generator(text_dec, mask, ms_feats), mask_features
+        ),
+    }
+
+
+def _train_step(
+    model: nn.Module, cfg: Config, x: dict[str, torch.Tensor], dtype: torch.dtype | None, device: torch.device
+) -> Callable[[], None]:
+    """One optimiser step of the training recipe: forward at 1/4 scale, loss, backward, clip, AdamW."""
+    from lgformer.engine.train import freeze, param_groups, set_train_mode
+    from lgformer.model.loss import mask_loss
+
+    tc, m = cfg.train, cfg.model
+    freeze(model, tc)
+    set_train_mode(model, tc)
+    optimizer = torch.optim.AdamW(param_groups(model, tc), lr=tc.lr, weight_decay=tc.weight_decay)
+
+    def step() -> None:
+        with autocast(device, dtype):
+            logits = model(x["image"], x["mask"], ids=x["ids"], upsample=False)
+            loss = mask_loss(logits, x["target"], m.loss_pos_weight, m.loss_all_outputs, m.loss_resolution)
+        loss.backward()
+        if tc.clip_grad:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def run(
+    preset: str = "lite",
+    size: int | None = None,
+    batch: int = 1,
+    dtype: str = "fp32",
+    threads: int | None = None,
+    repeat: int = 10,
+    train: bool = False,
+    device: str = "auto",
+    parts: bool = True,
+) -> dict[str, Any]:
+    """Benchmark `preset` and return the report as a dict (see the module docstring)."""
+    from lgformer.model.build import build_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
+    )
+    amp = DTYPES[dtype]
+    cfg = config_mod.load(preset)
+    size = size or cfg.data.image_size
+    torch.manual_seed(0)
+    model = build_model(cfg.model, pretrained=False).to(dev).eval()
+    x = make_inputs(cfg, size, batch, dev)
+
+    def forward() -> torch.Tensor:
+        return model(x["image"], x["mask"], ids=x["ids"])
+
+    report: dict[str, Any] = {
+        "preset": cfg.preset or preset,
+        "size": size,
+        "batch": batch,
+        "dtype": dtype,
+        "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "repeat": repeat,
+    }
+    with torch.inference_mode(), autocast(dev, amp):
+        reset_peak_memory(dev)
+        full = time_calls(forward, repeat, 2, dev)
+        report["peak_memory_mb"] = round(peak_memory_mb(dev), 1)
+        report["memory_kind"] = "cuda_max_allocated" if dev.type == "cuda" else "peak_rss"
+        report["latency"] = summarise(full)
+        report["images_per_s"] = batch / report["latency"]["median_s"]
+        if parts:
+            report["parts"] = {
+                name: summarise(time_calls(fn, repeat, 1, dev)) for name, fn in _parts(model, x).items()
+            }
+    gflop = count_gflop(model, forward, dev, amp)
+    report["gflop"] = gflop / batch
+    report["gemm_gflops"] = gemm_gflops(amp, dev)
+    report["achieved_gflops"] = gflop / report["latency"]["median_s"]
+    report["efficiency"] = report["achieved_gflops"] / report["gemm_gflops"]
+    if train:
+        step = _train_step(model, cfg, x, amp, dev)
+        reset_peak_memory(dev)
+        times = time_calls(step, repeat, 2, dev)
+        report["train"] = {
+            **summarise(times),
+            "images_per_s": batch / statistics.median(times),
+            "peak_memory_mb": round(peak_memory_mb(dev), 1),
+        }
+    return report
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """Human-readable summary of a `run` report."""
+
+    def span(t: dict[str, float]) -> str:
+        return f"{t['median_s'] * 1e3:9.1f} ms  ({t['min_s'] * 1e3:.1f} - {t['max_s'] * 1e3:.1f})"
+
+    memory = "GPU max allocated" if r["memory_kind"] == "cuda_max_allocated" else "peak RSS"
+    lines = [
+        f"{r['preset']}  {r['size']}x{r['size']}  batch {r['batch']}  {r['dtype']}  {r['threads']} threads  "
+        f"{r['device']}  torch {r['torch']}  ({r['repeat']} runs, median (min - max))",
+        f"  full forward         {span(r['latency'])}   {r['images_per_s']:.2f} images/s",
+    ]
+    for name, t in r.get("parts", {}).items():
+        lines.append(f"    {name:<18} {span(t)}")
+    lines += [
+        f"  model                {r['gflop']:9.1f} GFLOP/image   {r['achieved_gflops']:.1f} GFLOP/s achieved",
+        f"  GEMM                 {r['gemm_gflops']:9.1f} GFLOP/s   efficiency {r['efficiency']:.2f}",
+        f"  {memory:<20} {r['peak_memory_mb']:9.1f} MB",
+    ]
+    if "train" in r:
+        t = r["train"]
+        lines.append(
+            f"  train step           {span(t)}   {t['images_per_s']:.2f} images/s   "
+            f"{memory} {t['peak_memory_mb']:.1f} MB"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,234 @@
+"""The Python API: `Segmenter.from_pretrained(...).predict(image, sentence)`.
+
+Preprocessing is exactly the training transform (spec §1.1, §13 item 6): PIL bilinear resize to S x S (S is
+the checkpoint's `data.image_size`), ImageNet mean/std; the 1/4-scale logits of the last output are upsampled
+bilinearly straight to the original image size (as the engine's `original` evaluation protocol does) and
+thresholded. Sentences are tokenised with the checkpoint's tokenizer and its 20-token slicing rule.
+
+Bad inputs raise `LGFormerError` (missing/corrupt/undersized images, empty expressions, expressions with no
+known word); inputs the model can still read but not fully (too many tokens, characters outside the
+vocabulary) emit an `InputWarning`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from lgformer import config as config_mod
+from lgformer.config import Config
+from lgformer.data.images import _to_rgb, image_tensor, load_image
+from lgformer.errors import LGFormerError
+from lgformer.model.text_encoder import Tokenizer
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEFAULT_MODEL = "lite"
+SHIPPED = {DEFAULT_MODEL: ASSETS / "lite-synth"}  # model names whose weights ship inside the package
+MIN_SIDE = 16  # smaller images hold nothing to segment (the network sees them blown up to S x S)
+DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}  # name -> autocast dtype
+
+ImageInput = str | Path | Image.Image | np.ndarray
+
+
+class InputWarning(UserWarning):
+    """The model reads an input only in part: a truncated expression or words outside its vocabulary."""
+
+
+@dataclass
+class Prediction:
+    """One expression's result at the original image size."""
+
+    sentence: str
+    mask: np.ndarray  # bool (H, W)
+    probability: np.ndarray  # float32 (H, W), sigmoid of the upsampled logits
+    score: float  # mean probability inside the mask (0 for an empty mask)
+    bbox: tuple[int, int, int, int] | None  # (x, y, width, height) of the mask in pixels, COCO style
+
+
+def missing_default_message(path: Path) -> str:
+    """What to do when the default model is not installed (used by every command that loads it)."""
+    return (
+        f"the default '{DEFAULT_MODEL}' model is not installed (expected a checkpoint folder at {path}); "
+        "retrain it with `lgformer demo --train`, or pass --checkpoint DIR (e.g. the authors' weights "
+        "converted with `lgformer convert official CKPT --out DIR`)"
+    )
+
+
+def resolve_checkpoint(source: str | Path) -> Path:
+    """A checkpoint folder, or the name of a model shipped in the package (`lite`)."""
+    if str(source) in SHIPPED:
+        path = SHIPPED[str(source)]
+        if not (path / "config.json").is_file():
+            raise LGFormerError(missing_default_message(path))
+        return path
+    if str(source) in config_mod.PRESETS:
+        raise LGFormerError(
+            f"preset {source!r} ships no weights; convert the authors' checkpoint with "
+            "`lgformer convert official CKPT --out DIR` and pass DIR"
+        )
+    path = Path(source)
+    if not path.is_dir():
+        raise LGFormerError(
+            f"checkpoint {source!r} is neither a folder nor a shipped model ({', '.join(SHIPPED)})"
+        )
+    return path
+
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """`--dtype` name -> autocast dtype (None: plain float32)."""
+    if name not in DTYPES:
+        raise LGFormerError(f"dtype {name!r}; valid: {', '.join(DTYPES)}")
+    if name == "float16" and device.type != "cuda":
+        raise LGFormerError("dtype float16 needs a GPU; on CPU use bfloat16 or float32")
+    return DTYPES[name]
+
+
+class Segmenter:
+    """A loaded model with its tokenizer and transform: `predict(image, sentence | [sentences])`."""
+
+    def __init__(
+        self, model: nn.Module, cfg: Config, device: torch.device, dtype: torch.dtype | None = None
+    ) -> None:
+        self.model = model.eval()
+        self.cfg = cfg
+        self.device = device
+        self.dtype = dtype
+        self.image_size = cfg.data.image_size
+        self.tokenizer = Tokenizer(cfg.model.text_encoder, cfg.model.max_tokens)
+        self._unk = self.tokenizer.encode(["[UNK]"])[0][1]  # special tokens are never split
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str | Path = DEFAULT_MODEL,
+        device: str = "auto",
+        dtype: str = "float32",
+        overrides: Sequence[str] = (),
+    ) -> Segmenter:
+        """Load a checkpoint folder or a shipped model name; `overrides` are config `key=value` items
+        (e.g. `data.image_size=384` to run at another resolution); `dtype` is the autocast precision."""
+        from lgformer.engine.checkpoint import load_model
+        from lgformer.engine.distributed import setup
+
+        _, dev = setup(device)
+        compute = autocast_dtype(dtype, dev)
+        model, cfg = load_model(resolve_checkpoint(source), dev, tuple(overrides))
+        return cls(model, cfg, dev, compute)
+
+    def load_image(self, image: ImageInput) -> Image.Image:
+        """A path (decoded with its EXIF orientation applied), PIL image or H x W x 3 uint8 array -> RGB."""
+        if isinstance(image, (str, Path)):
+            picture = load_image(image, exif_transpose=True)
+            where = str(image)
+        elif isinstance(image, Image.Image):
+            picture, where = _to_rgb(image, Path("<PIL image>")), "image"
+        elif isinstance(image, np.ndarray):
+            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+                raise LGFormerError(
+                    f"image array must be H x W x 3 uint8, got shape {image.shape} dtype {image.dtype}"
+                )
+            picture, where = Image.fromarray(image, "RGB"), "image"
+        else:
+            raise LGFormerError(f"image must be a path, PIL image or numpy array, not {type(image).__name__}")
+        if min(picture.size) < MIN_SIDE:
+            raise LGFormerError(
+                f"{where}: {picture.width}x{picture.height} image is too small to segment "
+                f"(at least {MIN_SIDE}x{MIN_SIDE} pixels)"
+            )
+        return picture
+
+    def encode(self, sentences: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask (B, max_tokens); rejects empty or unreadable expressions and warns
+        (`InputWarning`) when the model will read one only in part."""
+        if isinstance(sentences, str) or not sentences:
+            raise LGFormerError("give one or more expressions")
+        for sentence in sentences:
+            if not isinstance(sentence, str) or not sentence.strip():
+                raise LGFormerError("empty expression: describe the object, e.g. 'the red car on the left'")
+        limit = self.tokenizer.max_tokens
+        for sentence, ids in zip(sentences, self.tokenizer.encode(list(sentences))):
+            if all(i == self._unk for i in ids[1:-1]):
+                raise LGFormerError(
+                    f"expression {_quote(sentence)} has no word the model knows (its vocabulary is English "
+                    "wordpieces; emoji and most symbols are unknown)"
+                )
+            words = sentence.split()
+            pieces = self.tokenizer.encode(words)  # per word: [CLS] wordpieces [SEP]
+            unknown = [w for w, w_ids in zip(words, pieces) if self._unk in w_ids]
+            if unknown:
+                warnings.warn(
+                    f"expression {_quote(sentence)}: {', '.join(map(repr, unknown[:5]))} not in the model's "
+                    "vocabulary (read as [UNK])",
+                    InputWarning,
+                    stacklevel=3,
+                )
+            if len(ids) > limit:
+                kept = int((np.cumsum([len(p) - 2 for p in pieces]) <= limit - 1).sum())
+                warnings.warn(
+                    f"expression {_quote(sentence)} is {len(ids)} tokens long; the model reads only the "
+                    f"first {limit}, i.e. the first {kept} of {len(words)} words",
+                    InputWarning,
+                    stacklevel=3,
+                )
+        return self.tokenizer(list(sentences))
+
+    @torch.inference_mode()
+    def predict(
+        self,
+        image: ImageInput,
+        text: str | Sequence[str],
+        threshold: float = 0.5,
+        batch_size: int = 8,
+    ) -> Prediction | list[Prediction]:
+        """Segment what `text` names in `image`; a list of sentences gives a list of predictions (batched)."""
+        if not 0.0 < threshold < 1.0:
+            raise LGFormerError(f"threshold {threshold} must be strictly between 0 and 1")
+        sentences = [text] if isinstance(text, str) else list(text)
+        ids, text_mask = self.encode(sentences)
+        picture = self.load_image(image)
+        pixels = image_tensor(picture, self.image_size)[None].to(self.device)
+        cut = math.log(threshold / (1.0 - threshold))  # threshold on the logit: 0.5 -> logits > 0 exactly
+        results = []
+        for start in range(0, len(sentences), batch_size):
+            rows = slice(start, start + batch_size)
+            n = len(sentences[rows])
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+                logits = self.model(
+                    pixels.expand(n, -1, -1, -1),
+                    text_mask[rows].to(self.device),
+                    ids=ids[rows].to(self.device),
+                    upsample=False,
+                )
+            full = F.interpolate(
+                logits[:, -1:].float(),
+                size=(picture.height, picture.width),
+                mode="bilinear",
+                align_corners=False,
+            )[:, 0].cpu()
+            for sentence, row in zip(sentences[rows], full):
+                results.append(_prediction(sentence, row, cut))
+        return results[0] if isinstance(text, str) else results
+
+
+def _prediction(sentence: str, logits: torch.Tensor, cut: float) -> Prediction:
+    mask = (logits > cut).numpy()
+    probability = torch.sigmoid(logits).numpy()
+    bbox = None
+    if mask.any():
+        ys, xs = np.nonzero(mask)
+        bbox = (int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1))
+    score = float(probability[mask].mean()) if mask.any() else 0.0
+    return Prediction(sentence=sentence, mask=mask, probability=probability, score=score, bbox=bbox)
+
+
+def _quote(sentence: str, limit: int = 40) -> str:
+    return repr(sentence if len(sentence) <= limit else sentence[: limit - 3] + "...")
