@@ -105,6 +105,7 @@ def run_variant(name: str, args: argparse.Namespace, data: Path) -> dict:
         "data.split_by=synth",
         f"train.max_steps={args.steps}",
         f"train.val_every={args.val_every}",
+        "train.save_every=50",  # an interrupted session loses at most 50 steps
         f"train.seed={args.seed}",
         *args.overrides,
         *VARIANTS[name],

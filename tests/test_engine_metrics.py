@@ -51,7 +51,9 @@ def test_hand_computed_cases():
 
 def test_precision_thresholds_are_inclusive():
     s = summarize(np.array([5, 6, 7, 8, 9, 10]), np.array([10] * 6))
-    assert [s[f"P@{t}"] for t in (0.5, 0.6, 0.7, 0.8, 0.9)] == pytest.approx([100, 500 / 6, 400 / 6, 50, 200 / 6])
+    assert [s[f"P@{t}"] for t in (0.5, 0.6, 0.7, 0.8, 0.9)] == pytest.approx(
+        [100, 500 / 6, 400 / 6, 50, 200 / 6]
+    )
 
 
 def test_counts_sum_by_index_and_select():
@@ -65,7 +67,9 @@ def test_counts_sum_by_index_and_select():
 
 @pytest.fixture(scope="module")
 def mini_val():
-    return build_dataset(DataConfig(root=str(MINI), dataset="refcoco", split_by="unc", image_size=64), "val", False)
+    return build_dataset(
+        DataConfig(root=str(MINI), dataset="refcoco", split_by="unc", image_size=64), "val", False
+    )
 
 
 def _write_ground_truth(dataset, folder: Path, size: tuple[int, int] | None = None) -> None:

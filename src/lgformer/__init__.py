@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
-    """`lgformer.Segmenter` imports torch and the model only when first used, so `import lgformer` stays light."""
+    """`lgformer.Segmenter`, imported on first use so that `import lgformer` does not load torch."""
     if name == "Segmenter":
         from lgformer.predictor import Segmenter
 

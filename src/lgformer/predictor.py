@@ -25,14 +25,12 @@ from PIL import Image
 from torch import nn
 
 from lgformer import config as config_mod
+from lgformer.app.shipped import DEFAULT_MODEL, SHIPPED
 from lgformer.config import Config
 from lgformer.data.images import _to_rgb, image_tensor, load_image
 from lgformer.errors import LGFormerError
 from lgformer.model.text_encoder import Tokenizer
 
-ASSETS = Path(__file__).resolve().parent / "assets"
-DEFAULT_MODEL = "lite"
-SHIPPED = {DEFAULT_MODEL: ASSETS / "lite-synth"}  # model names whose weights ship inside the package
 MIN_SIDE = 16  # smaller images hold nothing to segment (the network sees them blown up to S x S)
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}  # name -> autocast dtype
 
@@ -92,6 +90,66 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     return DTYPES[name]
 
 
+def read_image(image: ImageInput) -> Image.Image:
+    """A path (decoded with `load_image`, EXIF orientation applied), PIL image or H x W x 3 uint8 array ->
+    RGB PIL image; refuses images too small to hold an object."""
+    if isinstance(image, (str, Path)):
+        picture, where = load_image(image, exif_transpose=True), str(image)
+    elif isinstance(image, Image.Image):
+        picture, where = _to_rgb(image, Path("<PIL image>")), "image"
+    elif isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise LGFormerError(
+                f"image array must be H x W x 3 uint8, got shape {image.shape} dtype {image.dtype}"
+            )
+        picture, where = Image.fromarray(image, "RGB"), "image"
+    else:
+        raise LGFormerError(f"image must be a path, PIL image or numpy array, not {type(image).__name__}")
+    if min(picture.size) < MIN_SIDE:
+        raise LGFormerError(
+            f"{where}: {picture.width}x{picture.height} image is too small to segment "
+            f"(at least {MIN_SIDE}x{MIN_SIDE} pixels)"
+        )
+    return picture
+
+
+def encode_sentences(tokenizer: Tokenizer, sentences: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask (B, max_tokens) by the training rule; rejects empty expressions and ones
+    with no known word, and warns (`InputWarning`) when the model will read one only in part."""
+    if isinstance(sentences, str) or not sentences:
+        raise LGFormerError("give one or more expressions")
+    for sentence in sentences:
+        if not isinstance(sentence, str) or not sentence.strip():
+            raise LGFormerError("empty expression: describe the object, e.g. 'the red car on the left'")
+    unk = tokenizer.encode(["[UNK]"])[0][1]  # special tokens are never split
+    limit = tokenizer.max_tokens
+    for sentence, ids in zip(sentences, tokenizer.encode(list(sentences))):
+        if all(i == unk for i in ids[1:-1]):
+            raise LGFormerError(
+                f"expression {_quote(sentence)} has no word the model knows (its vocabulary is English "
+                "wordpieces; emoji and most symbols are unknown)"
+            )
+        words = sentence.split()
+        pieces = tokenizer.encode(words)  # per word: [CLS] wordpieces [SEP]
+        unknown = [w for w, w_ids in zip(words, pieces) if unk in w_ids]
+        if unknown:
+            warnings.warn(
+                f"expression {_quote(sentence)}: {', '.join(map(repr, unknown[:5]))} not in the model's "
+                "vocabulary (read as [UNK])",
+                InputWarning,
+                stacklevel=3,
+            )
+        if len(ids) > limit:
+            kept = int((np.cumsum([len(p) - 2 for p in pieces]) <= limit - 1).sum())
+            warnings.warn(
+                f"expression {_quote(sentence)} is {len(ids)} tokens long; the model reads only the first "
+                f"{limit}, i.e. the first {kept} of {len(words)} words",
+                InputWarning,
+                stacklevel=3,
+            )
+    return tokenizer(list(sentences))
+
+
 class Segmenter:
     """A loaded model with its tokenizer and transform: `predict(image, sentence | [sentences])`."""
 
@@ -104,7 +162,6 @@ class Segmenter:
         self.dtype = dtype
         self.image_size = cfg.data.image_size
         self.tokenizer = Tokenizer(cfg.model.text_encoder, cfg.model.max_tokens)
-        self._unk = self.tokenizer.encode(["[UNK]"])[0][1]  # special tokens are never split
 
     @classmethod
     def from_pretrained(
@@ -124,64 +181,6 @@ class Segmenter:
         model, cfg = load_model(resolve_checkpoint(source), dev, tuple(overrides))
         return cls(model, cfg, dev, compute)
 
-    def load_image(self, image: ImageInput) -> Image.Image:
-        """A path (decoded with its EXIF orientation applied), PIL image or H x W x 3 uint8 array -> RGB."""
-        if isinstance(image, (str, Path)):
-            picture = load_image(image, exif_transpose=True)
-            where = str(image)
-        elif isinstance(image, Image.Image):
-            picture, where = _to_rgb(image, Path("<PIL image>")), "image"
-        elif isinstance(image, np.ndarray):
-            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-                raise LGFormerError(
-                    f"image array must be H x W x 3 uint8, got shape {image.shape} dtype {image.dtype}"
-                )
-            picture, where = Image.fromarray(image, "RGB"), "image"
-        else:
-            raise LGFormerError(f"image must be a path, PIL image or numpy array, not {type(image).__name__}")
-        if min(picture.size) < MIN_SIDE:
-            raise LGFormerError(
-                f"{where}: {picture.width}x{picture.height} image is too small to segment "
-                f"(at least {MIN_SIDE}x{MIN_SIDE} pixels)"
-            )
-        return picture
-
-    def encode(self, sentences: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids and attention mask (B, max_tokens); rejects empty or unreadable expressions and warns
-        (`InputWarning`) when the model will read one only in part."""
-        if isinstance(sentences, str) or not sentences:
-            raise LGFormerError("give one or more expressions")
-        for sentence in sentences:
-            if not isinstance(sentence, str) or not sentence.strip():
-                raise LGFormerError("empty expression: describe the object, e.g. 'the red car on the left'")
-        limit = self.tokenizer.max_tokens
-        for sentence, ids in zip(sentences, self.tokenizer.encode(list(sentences))):
-            if all(i == self._unk for i in ids[1:-1]):
-                raise LGFormerError(
-                    f"expression {_quote(sentence)} has no word the model knows (its vocabulary is English "
-                    "wordpieces; emoji and most symbols are unknown)"
-                )
-            words = sentence.split()
-            pieces = self.tokenizer.encode(words)  # per word: [CLS] wordpieces [SEP]
-            unknown = [w for w, w_ids in zip(words, pieces) if self._unk in w_ids]
-            if unknown:
-                warnings.warn(
-                    f"expression {_quote(sentence)}: {', '.join(map(repr, unknown[:5]))} not in the model's "
-                    "vocabulary (read as [UNK])",
-                    InputWarning,
-                    stacklevel=3,
-                )
-            if len(ids) > limit:
-                kept = int((np.cumsum([len(p) - 2 for p in pieces]) <= limit - 1).sum())
-                warnings.warn(
-                    f"expression {_quote(sentence)} is {len(ids)} tokens long; the model reads only the "
-                    f"first {limit}, i.e. the first {kept} of {len(words)} words",
-                    InputWarning,
-                    stacklevel=3,
-                )
-        return self.tokenizer(list(sentences))
-
-    @torch.inference_mode()
     def predict(
         self,
         image: ImageInput,
@@ -193,15 +192,16 @@ class Segmenter:
         if not 0.0 < threshold < 1.0:
             raise LGFormerError(f"threshold {threshold} must be strictly between 0 and 1")
         sentences = [text] if isinstance(text, str) else list(text)
-        ids, text_mask = self.encode(sentences)
-        picture = self.load_image(image)
+        ids, text_mask = encode_sentences(self.tokenizer, sentences)
+        picture = read_image(image)
         pixels = image_tensor(picture, self.image_size)[None].to(self.device)
         cut = math.log(threshold / (1.0 - threshold))  # threshold on the logit: 0.5 -> logits > 0 exactly
         results = []
         for start in range(0, len(sentences), batch_size):
             rows = slice(start, start + batch_size)
             n = len(sentences[rows])
-            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
+            with torch.inference_mode(), autocast:
                 logits = self.model(
                     pixels.expand(n, -1, -1, -1),
                     text_mask[rows].to(self.device),

@@ -1,9 +1,205 @@
-"""CLI sub-commands of this area."""
+"""`lgformer predict | serve | demo | export onnx`. Heavy imports stay inside the handlers."""
 
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
+
+from lgformer.app.shipped import DEFAULT_MODEL, SHIPPED
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this area's sub-commands to the `lgformer` parser."""
+    p = sub.add_parser(
+        "predict",
+        help="segment what each expression names in each image: mask PNG, overlay PNG, JSON summary",
+        description="Run every --text on every --image; write <image>_<k>_mask.png (0/255, original size), "
+        "<image>_<k>_overlay.png and predictions.json into --out.",
+    )
+    _model_arguments(p)
+    p.add_argument("--image", type=Path, action="append", required=True, help="image file (repeatable)")
+    p.add_argument("--text", action="append", required=True, help="referring expression (repeatable)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument(
+        "--threshold", type=float, default=0.5, help="probability above which a pixel is the object (0.5)"
+    )
+    p.set_defaults(handler=_predict)
+
+    p = sub.add_parser(
+        "serve",
+        help="web page (Gradio): upload an image, type an expression, see and download the mask",
+        description="Serve a page on http://HOST:PORT (loopback by default) until interrupted.",
+    )
+    _model_arguments(p)
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)"
+    )
+    p.add_argument("--port", type=int, default=7860, help="port (default %(default)s)")
+    p.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=20.0,
+        help="largest accepted upload in MB (default %(default)s)",
+    )
+    p.set_defaults(handler=_serve)
+
+    p = sub.add_parser(
+        "demo",
+        help="the default model at work on generated scenes: gallery and oIoU per level (no weights needed)",
+        description="Score the default lite model (or --checkpoint) on a held-out synthetic split, per "
+        "complexity level, and draw a gallery of its predictions. --train retrains the default model first.",
+    )
+    p.add_argument(
+        "--checkpoint", default=DEFAULT_MODEL, help="checkpoint folder or shipped model (default %(default)s)"
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("lgformer-demo"), help="output folder (default %(default)s)"
+    )
+    p.add_argument(
+        "--eval-refs", type=int, default=96, help="held-out objects to score (default %(default)s)"
+    )
+    p.add_argument(
+        "--scenes", type=int, default=8, help="scenes in the gallery, two per level (default %(default)s)"
+    )
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default %(default)s)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="scene generation processes")
+    train = p.add_argument_group("retraining (--train): the recipe of the shipped default model")
+    train.add_argument("--train", action="store_true", help="retrain the default model from scratch first")
+    train.add_argument("--steps", type=int, default=3000, help="optimizer steps (default %(default)s)")
+    train.add_argument(
+        "--train-refs", type=int, default=10000, help="synthetic training objects (default %(default)s)"
+    )
+    train.add_argument(
+        "--val-refs", type=int, default=400, help="synthetic validation objects (default %(default)s)"
+    )
+    train.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="training config override",
+    )
+    p.set_defaults(handler=_demo)
+
+    p = sub.add_parser("export", help="export a checkpoint to another runtime")
+    export_sub = p.add_subparsers(dest="format", metavar="FORMAT", required=True)
+    p = export_sub.add_parser(
+        "onnx",
+        help="ONNX graph (image, ids, attention_mask) -> logits, checked with ONNX Runtime",
+        description="Opset 18. Inputs: image float32 (batch, 3, S, S) normalised, ids and attention_mask "
+        "int64 (batch, tokens); output: logits float32 (batch, S, S), > 0 = mask. Dynamic axes: batch and "
+        "tokens (2..--max-tokens). The file is written only if ONNX Runtime matches PyTorch within 1e-3.",
+    )
+    p.add_argument(
+        "--checkpoint", default=DEFAULT_MODEL, help="checkpoint folder or shipped model (default %(default)s)"
+    )
+    p.add_argument("--out", type=Path, required=True, help="output .onnx file")
+    p.add_argument(
+        "--size", type=int, default=None, help="input size S (default: the checkpoint's image size)"
+    )
+    p.add_argument("--max-tokens", type=int, default=None, help="longest token axis (default: the model's)")
+    p.add_argument("--check-image", type=Path, help="photo for the parity check (default: a synthetic scene)")
+    p.add_argument("--check-text", help="sentence for the parity check (default: the scene's expression)")
+    p.set_defaults(handler=_export_onnx)
+
+
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--checkpoint",
+        default=DEFAULT_MODEL,
+        help="checkpoint folder (ours, or `lgformer convert official` output) or a shipped model "
+        "(default %(default)s)",
+    )
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default %(default)s)")
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute precision"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a value of the checkpoint's config, e.g. data.image_size=384 (repeatable)",
+    )
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from lgformer.app.predict import predict_files
+
+    summary = predict_files(
+        args.checkpoint,
+        args.image,
+        args.text,
+        args.out,
+        threshold=args.threshold,
+        device=args.device,
+        dtype=args.dtype,
+        overrides=args.overrides,
+    )
+    print(f"wrote {len(summary['predictions'])} masks and overlays, and predictions.json, to {args.out}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from lgformer.app.serve import serve
+    from lgformer.predictor import Segmenter
+
+    seg = Segmenter.from_pretrained(args.checkpoint, args.device, args.dtype, args.overrides)
+    serve(seg, args.host, args.port, args.max_upload_mb)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from lgformer.app import demo
+    from lgformer.predictor import Segmenter
+
+    checkpoint = args.checkpoint
+    if args.train:
+        checkpoint = demo.train_default(
+            args.out / "train",
+            steps=args.steps,
+            train_refs=args.train_refs,
+            val_refs=args.val_refs,
+            device=args.device,
+            workers=args.workers,
+            overrides=tuple(args.overrides),
+        )
+        print(f"retrained model: {checkpoint} (copy it to {SHIPPED[DEFAULT_MODEL]} to make it the default)")
+    seg = Segmenter.from_pretrained(checkpoint, args.device)
+    summary = demo.run_demo(
+        seg,
+        args.out,
+        eval_refs=args.eval_refs,
+        scenes=args.scenes,
+        workers=args.workers,
+    )
+    out = args.out.resolve()
+    print(f"\nmodel: {checkpoint}")
+    print(f"held-out synthetic split (test split of seed {demo.SYNTH_SEED}), oIoU / mIoU in %:")
+    print("\n".join("  " + line for line in demo.level_table(summary)))
+    print(f"\ngallery: {out / 'gallery.png'}\npage:    {out / 'index.html'}\noverlays: {out / 'overlays'}")
+    print(f"({summary['seconds']:.0f} s)")
+    return 0
+
+
+def _export_onnx(args: argparse.Namespace) -> int:
+    from lgformer.convert.onnx import OPSET, export_onnx, synthetic_check_input
+    from lgformer.predictor import Segmenter, encode_sentences, read_image
+
+    if args.check_image is not None:
+        image, sentence = read_image(args.check_image), args.check_text or "the object in the middle"
+    else:
+        image, sentence = synthetic_check_input()
+        sentence = args.check_text or sentence
+    seg = Segmenter.from_pretrained(args.checkpoint, device="cpu")
+    encode_sentences(seg.tokenizer, [sentence])
+    diff = export_onnx(seg.model, seg.cfg, args.out, image, sentence, args.size, args.max_tokens)
+    size = args.size or seg.image_size
+    print(
+        f"wrote {args.out} (opset {OPSET}, input {size}x{size}, dynamic batch and tokens); "
+        f"ONNX Runtime vs PyTorch max abs logit difference {diff:.2e}"
+    )
+    return 0

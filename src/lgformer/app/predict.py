@@ -10,27 +10,44 @@ from __future__ import annotations
 import json
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lgformer import config as config_mod
 from lgformer.app.render import mask_image, overlay, save_png
-from lgformer.engine.checkpoint import atomic_write
-from lgformer.predictor import InputWarning, Segmenter
+from lgformer.engine.checkpoint import atomic_write, read_config
+from lgformer.model.text_encoder import Tokenizer
+from lgformer.predictor import InputWarning, Segmenter, encode_sentences, read_image, resolve_checkpoint
 
 SUMMARY = "predictions.json"
 
 
 def predict_files(
-    seg: Segmenter, source: str, images: list[Path], texts: list[str], out: Path, threshold: float = 0.5
+    source: str,
+    images: list[Path],
+    texts: list[str],
+    out: Path,
+    *,
+    threshold: float = 0.5,
+    device: str = "auto",
+    dtype: str = "float32",
+    overrides: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Run every text on every image; write `<stem>_<k>_mask.png`, `<stem>_<k>_overlay.png` (k: the text's
-    1-based position) and `predictions.json` under `out`. Returns the summary."""
+    """Run every text on every image with the checkpoint `source`; write `<stem>_<k>_mask.png`,
+    `<stem>_<k>_overlay.png` (k: the text's 1-based position) and `predictions.json` under `out`. Inputs are
+    checked before the model is loaded. Returns the summary."""
+    directory = resolve_checkpoint(source)
+    cfg, _ = read_config(directory)
+    for item in overrides:
+        cfg = config_mod.apply_override(cfg, item)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", InputWarning)
-        seg.encode(texts)
+        encode_sentences(Tokenizer(cfg.model.text_encoder, cfg.model.max_tokens), texts)
     for warning in caught:
         print(f"lgformer predict: warning: {warning.message}", file=sys.stderr)
-    pictures = [seg.load_image(path) for path in images]
+    pictures = [read_image(path) for path in images]
+    seg = Segmenter.from_pretrained(directory, device, dtype, overrides)
     records = []
     for path, picture, stem in zip(images, pictures, _unique_stems(images)):
         with warnings.catch_warnings():
@@ -39,7 +56,8 @@ def predict_files(
         for k, pred in enumerate(predictions, start=1):
             mask_path = save_png(out / f"{stem}_{k}_mask.png", mask_image(pred.mask))
             note = f"score {pred.score:.2f}, {100 * pred.mask.mean():.1f}% of the image"
-            overlay_path = save_png(out / f"{stem}_{k}_overlay.png", overlay(picture, pred.mask, pred.sentence, note))
+            picture_path = out / f"{stem}_{k}_overlay.png"
+            overlay_path = save_png(picture_path, overlay(picture, pred.mask, pred.sentence, note))
             records.append(
                 {
                     "image": str(path),
@@ -54,7 +72,12 @@ def predict_files(
                 }
             )
             print(f"{path.name}: {pred.sentence!r} -> {overlay_path} ({note})")
-    summary = {"checkpoint": source, "threshold": threshold, "image_size": seg.image_size, "predictions": records}
+    summary = {
+        "checkpoint": str(source),
+        "threshold": threshold,
+        "image_size": seg.image_size,
+        "predictions": records,
+    }
     atomic_write(out / SUMMARY, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
     return summary
 

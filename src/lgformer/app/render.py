@@ -24,8 +24,8 @@ def overlay(
     note: str | None = None,
     truth: np.ndarray | None = None,
 ) -> Image.Image:
-    """`image` (RGB) with `mask` (bool, same size) tinted and outlined, an optional ground-truth outline, and a
-    caption banner holding the sentence and a `note` (score, IoU, ...)."""
+    """`image` (RGB) with `mask` (bool, same size) tinted and outlined, an optional ground-truth outline,
+    and a caption banner holding the sentence and a `note` (score, IoU, ...)."""
     pixels = np.asarray(image, dtype=np.float32).copy()
     pixels[mask] = (1 - ALPHA) * pixels[mask] + ALPHA * np.array(TINT, dtype=np.float32)
     width = max(2, round(min(image.size) / 160))
@@ -55,21 +55,22 @@ def _ring(mask: np.ndarray, width: int) -> np.ndarray:
 
 
 def _caption(image: Image.Image, sentence: str, note: str | None) -> None:
-    """A darkened banner across the top with the sentence wrapped to the width, then the note."""
+    """A darkened banner across the bottom (clear of viewers' toolbars and labels, which sit on top) with the
+    sentence wrapped to the width, then the note."""
     w, h = image.size
-    size = int(np.clip(round(w / 30), 11, 44))
+    size = int(np.clip(round(w / 30), 13, 44))
     font = ImageFont.load_default(size=size)
     draw = ImageDraw.Draw(image)
     pad = max(3, size // 3)
     lines = _wrap(draw, f"\u201c{sentence}\u201d", font, w - 2 * pad)
     if note:
         lines.append(note)
-    height = min(h, pad * 2 + len(lines) * (size + pad // 2))
-    band = image.crop((0, 0, w, height))
-    image.paste(Image.eval(band, lambda v: v * 3 // 10), (0, 0))
+    top = max(0, h - pad * 2 - len(lines) * (size + pad // 2))
+    band = image.crop((0, top, w, h))
+    image.paste(Image.eval(band, lambda v: v * 3 // 10), (0, top))
     for k, line in enumerate(lines):
         colour = (200, 200, 200) if note and k == len(lines) - 1 else (255, 255, 255)
-        draw.text((pad, pad + k * (size + pad // 2)), line, fill=colour, font=font)
+        draw.text((pad, top + pad + k * (size + pad // 2)), line, fill=colour, font=font)
 
 
 def _wrap(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.FreeTypeFont, width: int) -> list[str]:

@@ -149,7 +149,7 @@ def _parts(model: nn.Module, x: dict[str, torch.Tensor]) -> dict[str, Callable[[
     }
 
 
-def _train_step(
+def train_step(
     model: nn.Module, cfg: Config, x: dict[str, torch.Tensor], dtype: torch.dtype | None, device: torch.device
 ) -> Callable[[], None]:
     """One optimiser step of the training recipe: forward at 1/4 scale, loss, backward, clip, AdamW."""
@@ -230,7 +230,7 @@ def run(
     report["achieved_gflops"] = gflop / report["latency"]["median_s"]
     report["efficiency"] = report["achieved_gflops"] / report["gemm_gflops"]
     if train:
-        step = _train_step(model, cfg, x, amp, dev)
+        step = train_step(model, cfg, x, amp, dev)
         reset_peak_memory(dev)
         times = time_calls(step, repeat, 2, dev)
         report["train"] = {

@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="override a config value, e.g. train.batch_size=16 (repeatable)",
     )
-    p.add_argument("--out", type=Path, help="output folder of a new run")
+    p.add_argument("--out", type=Path, metavar="DIR", help="output folder of a new run")
     p.add_argument(
         "--resume", type=Path, metavar="DIR", help="continue the run in DIR from DIR/last, exactly"
     )
@@ -99,15 +99,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         if args.out is not None and args.out != args.resume:
             raise LGFormerError("--resume DIR continues the run in DIR; do not also pass a different --out")
-        cfg, _ = read_config(args.resume / "last")
-        if args.config is not None:
-            wanted = config_mod.load(args.config)
-            if wanted.model != cfg.model:
-                diff = [k for k, v in config_mod.to_dict(wanted.model).items() if getattr(cfg.model, k) != v]
-                raise LGFormerError(
-                    f"{args.resume / 'last'} is a {cfg.preset or cfg.model.backbone!r} checkpoint; --config "
-                    f"{args.config} describes another model (differs in model.{', model.'.join(diff[:5])})"
-                )
+        # The run's own config unless --config names one (it must describe the same model).
+        cfg = read_config(args.resume / "last")[0] if args.config is None else config_mod.load(args.config)
         for item in args.overrides:
             cfg = config_mod.apply_override(cfg, item)
         out = args.resume
@@ -168,15 +161,9 @@ def _eval(args: argparse.Namespace) -> int:
     for split in args.split:
         dataset = build_dataset(data, split, train=False, tokenizer=tokenizer)
         if model is not None:
-            writer = None
+            writer = None  # sentence ids are unique across splits: one folder serves them all
             if args.save_masks or args.save_overlays:
-                suffix = Path(split) if len(args.split) > 1 else Path()
-                writer = MaskWriter(
-                    dataset,
-                    args.save_masks and args.save_masks / suffix,
-                    args.save_overlays and args.save_overlays / suffix,
-                    args.overlays,
-                )
+                writer = MaskWriter(dataset, args.save_masks, args.save_overlays, args.overlays)
             counts = evaluate_model(
                 model,
                 dataset,

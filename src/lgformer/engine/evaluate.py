@@ -192,7 +192,7 @@ def markdown(reports: dict[str, dict[str, Any]], title: str) -> str:
         f"Protocol: `{first['protocol']}`; ground-truth rule: `{first['gt_rule']}`.",
         "",
     ]
-    lines += _table("split", {split: r for split, r in reports.items()})
+    lines += _table("split", reports)
     for split, r in reports.items():
         lines += ["", f"### {split}: by expression length (words)", ""] + _table("words", r["by_length"])
         if "by_level" in r:

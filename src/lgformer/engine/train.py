@@ -66,12 +66,12 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
 
 def batch_split(tc: TrainConfig, world_size: int) -> tuple[int, int]:
     """(per-device micro-batch, accumulation steps) so that micro x world x accumulation = global batch."""
-    micro = tc.device_batch or tc.batch_size // world_size
+    micro = tc.device_batch or max(tc.batch_size // world_size, 1)
     accum, rest = divmod(tc.batch_size, micro * world_size)
-    if rest or accum < 1 or (tc.device_batch is None and tc.batch_size % world_size):
+    if rest or accum < 1:
         raise LGFormerError(
-            f"train.batch_size={tc.batch_size} is not a multiple of train.device_batch={micro} x "
-            f"{world_size} processes"
+            f"global batch train.batch_size={tc.batch_size} is not a multiple of {micro} per device x "
+            f"{world_size} process(es); set train.device_batch to a divisor"
         )
     return micro, accum
 
@@ -100,11 +100,11 @@ def param_groups(model: nn.Module, tc: TrainConfig) -> list[dict[str, Any]]:
     """AdamW groups (spec §8): no weight decay on the trunk's normalisation layers and position tables
     and on the stage output norms (the authors' `backbone.norm{i}`); everything else decays. The
     pretrained trunk and text encoder use `lr_pretrained`, the new parts `lr`."""
-    no_decay: set[str] = {
-        f"image_encoder.trunk.{mod_name}.{p_name}".replace("..", ".")
-        for mod_name, module in model.image_encoder.trunk.named_modules()
+    trunk_norms = {
+        id(p)
+        for module in model.image_encoder.trunk.modules()
         if isinstance(module, NORMS)
-        for p_name, _ in module.named_parameters(recurse=False)
+        for p in module.parameters(recurse=False)
     }
     lr_pre = tc.lr if tc.lr_pretrained is None else tc.lr_pretrained
     groups: dict[tuple[str, bool], dict[str, Any]] = {}
@@ -114,7 +114,7 @@ def param_groups(model: nn.Module, tc: TrainConfig) -> list[dict[str, Any]]:
         trunk = name.startswith("image_encoder.trunk.")
         pretrained = trunk or name.startswith("text_encoder.")
         decay = not (
-            name in no_decay
+            id(p) in trunk_norms
             or (trunk and any(key in name for key in NO_DECAY_NAMES))
             or name.startswith("image_encoder.out_norms.")
         )
@@ -177,6 +177,15 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def _check_same_model(saved: Config, cfg: Config, where: Path) -> None:
+    if saved.model != cfg.model:
+        diff = [k for k, v in config_mod.to_dict(saved.model).items() if getattr(cfg.model, k) != v]
+        raise LGFormerError(
+            f"{where} is a {saved.preset or saved.model.backbone!r} checkpoint; the config describes another "
+            f"model (differs in model.{', model.'.join(diff[:5])})"
+        )
+
+
 @dataclass
 class TrainResult:
     step: int
@@ -210,14 +219,12 @@ class Log:
             self.plot()
 
     def plot(self) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
         steps = [r for r in self.records if "loss" in r]
         vals = [r for r in self.records if "val" in r]
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        fig = Figure(figsize=(15, 4), layout="tight")
+        axes = fig.subplots(1, 3)
         axes[0].plot([r["step"] for r in steps], [r["loss"] for r in steps])
         axes[0].set(title="training loss", xlabel="step", yscale="log")
         axes[1].plot([r["step"] for r in steps], [r["lr"] for r in steps])
@@ -228,9 +235,7 @@ class Log:
         axes[2].set(title="validation (%)", xlabel="step")
         if vals:
             axes[2].legend()
-        fig.tight_layout()
         atomic_write(self.plot_path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
-        plt.close(fig)
         self.last_plot = time.monotonic()
 
 
@@ -245,7 +250,9 @@ class Trainer:
 
         self.cfg, self.tc, self.out = cfg, cfg.train, Path(out)
         tc = self.tc
-        if not resume and (self.out / "last").exists():
+        if resume:
+            _check_same_model(read_config(self.out / "last")[0], cfg, self.out / "last")
+        elif (self.out / "last").exists():
             raise LGFormerError(f"{self.out} already holds a run; continue it with --resume {self.out}")
         self.world, self.device = D.setup(device)
         self.dtype = amp_dtype(tc.amp, self.device)
@@ -272,9 +279,9 @@ class Trainer:
         freeze(self.model, tc)
         # A frozen pretrained text encoder is not stored: checkpoints reload it from its source.
         self.exclude = ("text_encoder.",) if tc.pretrained and tc.freeze_text_encoder else ()
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, tc), lr=tc.lr, weight_decay=tc.weight_decay
-        )
+        # betas (0.9, 0.999), eps 1e-8 as the authors; the fused kernel (CPU and GPU) is the fastest update.
+        groups = param_groups(self.model, tc)
+        self.optimizer = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
         self.step, self.best, self.saved_step = 0, None, None
         self.seconds_before = 0.0  # time of the sessions before a resume
@@ -327,64 +334,72 @@ class Trainer:
         """Train to `total` steps; `stop_after` ends (and saves) earlier without touching the schedule."""
         from tqdm import tqdm
 
-        from lgformer.data.dataset import collate
-
-        tc = self.tc
-        self.clock = time.monotonic()
-        bar = tqdm(total=self.total, initial=self.step, disable=not self.world.main, dynamic_ncols=True)
-        window: list[float] = []
-        window_start = time.monotonic()
-        done = False
-        while not done and self.step < self.total:
-            epoch, start = divmod(self.step, self.per_epoch)
-            self.sampler.set_epoch(epoch, start)
-            self.train_set.set_epoch(epoch)
-            loader = DataLoader(
-                self.train_set,
-                batch_size=self.micro,
-                sampler=self.sampler,
-                num_workers=tc.workers,
-                collate_fn=collate,
-                generator=torch.Generator().manual_seed(tc.seed + epoch),
-                pin_memory=self.device.type == "cuda",
-            )
-            batches = iter(loader)
-            for _ in range(start, self.per_epoch):
-                lr = tc.lr * lr_factor(self.step, self.total, tc.warmup_steps, tc.poly_power)  # new parts
-                loss = self._optimizer_step(batches)
-                window.append(loss)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-                if self.log is not None and (self.step % tc.log_every == 0 or self.step == self.total):
-                    rate = len(window) / max(time.monotonic() - window_start, 1e-9)
-                    self.log.write(
-                        {
-                            "step": self.step,
-                            "epoch": round(self.step / self.per_epoch, 4),
-                            "loss": sum(window) / len(window),
-                            "lr": lr,
-                            "steps_per_s": rate,
-                            "train_s": round(self.seconds, 1),
-                        }
-                    )
-                    window, window_start = [], time.monotonic()
-                done = self.step == self.total or (stop_after is not None and self.step >= stop_after)
-                end_of_epoch = self.step % self.per_epoch == 0
-                due = self.step % tc.val_every == 0 if tc.val_every else end_of_epoch
-                if self.val_set is not None and (due or self.step == self.total):
-                    val = self.validate()
-                    bar.write(
-                        f"step {self.step}: {tc.val_split} oIoU {val['oIoU']:.2f}  mIoU {val['mIoU']:.2f}"
-                    )
-                    self.save(val)
-                elif done or end_of_epoch or (tc.save_every and self.step % tc.save_every == 0):
-                    self.save(None)
-                if done:
-                    break
-        bar.close()
+        self.clock = self.window_start = time.monotonic()
+        self.window: list[float] = []
+        stop = self.total if stop_after is None else min(stop_after, self.total)
+        with tqdm(
+            total=self.total, initial=self.step, disable=not self.world.main, dynamic_ncols=True
+        ) as bar:
+            while self.step < stop:
+                batches = self._epoch_batches()
+                for _ in range(self.step % self.per_epoch, self.per_epoch):
+                    loss = self._optimizer_step(batches)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr:.2e}")
+                    self._log(loss)
+                    self._validate_or_save(bar, last=self.step == stop)
+                    if self.step == stop:
+                        break
         if self.log is not None:
             self.log.plot()
         return TrainResult(self.step, self.step < self.total, self.best, self.out / "last", self.seconds)
+
+    def _epoch_batches(self) -> Any:
+        """Iterator over this rank's micro-batches from the current step to the end of its epoch."""
+        from lgformer.data.dataset import collate
+
+        epoch, start = divmod(self.step, self.per_epoch)
+        self.sampler.set_epoch(epoch, start)
+        self.train_set.set_epoch(epoch)
+        loader = DataLoader(
+            self.train_set,
+            batch_size=self.micro,
+            sampler=self.sampler,
+            num_workers=self.tc.workers,
+            collate_fn=collate,
+            generator=torch.Generator().manual_seed(self.tc.seed + epoch),
+            pin_memory=self.device.type == "cuda",
+        )
+        return iter(loader)
+
+    def _log(self, loss: float) -> None:
+        """Every `log_every` steps (and the last): the mean loss since the previous line, lr, speed, time."""
+        self.window.append(loss)
+        if self.log is None or (self.step % self.tc.log_every and self.step != self.total):
+            return
+        record = {
+            "step": self.step,
+            "epoch": round(self.step / self.per_epoch, 4),
+            "loss": sum(self.window) / len(self.window),
+            "lr": self.lr,
+            "steps_per_s": len(self.window) / max(time.monotonic() - self.window_start, 1e-9),
+            "train_s": round(self.seconds, 1),
+        }
+        self.log.write(record)
+        self.window, self.window_start = [], time.monotonic()
+
+    def _validate_or_save(self, bar: Any, last: bool) -> None:
+        """Validate (and save `last`, maybe `best`) when due; else save `last` at epoch ends, every
+        `save_every` steps and when the run stops."""
+        tc = self.tc
+        end_of_epoch = self.step % self.per_epoch == 0
+        due = self.step % tc.val_every == 0 if tc.val_every else end_of_epoch
+        if self.val_set is not None and (due or self.step == self.total):
+            val = self.validate()
+            bar.write(f"step {self.step}: {tc.val_split} oIoU {val['oIoU']:.2f}  mIoU {val['mIoU']:.2f}")
+            self.save(val)
+        elif last or end_of_epoch or (tc.save_every and self.step % tc.save_every == 0):
+            self.save(None)
 
     @property
     def seconds(self) -> float:
@@ -396,6 +411,7 @@ class Trainer:
 
         tc, m, dev = self.tc, self.cfg.model, self.device
         factor = lr_factor(self.step, self.total, tc.warmup_steps, tc.poly_power)
+        self.lr = tc.lr * factor  # the new parts' rate, for the log
         for g in self.optimizer.param_groups:
             g["lr"] = g["initial_lr"] * factor
         set_train_mode(self.model, tc)

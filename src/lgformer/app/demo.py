@@ -1,0 +1,225 @@
+"""`lgformer demo`: the system working end to end on a fresh machine, with no weights to supply.
+
+1. load the default `lite` model shipped in the package (or `--checkpoint DIR`);
+2. generate the held-out synthetic split with the data package's generator: the `test` split of the seed
+   the default model was trained with (scenes derive from (seed, split, index), so it is disjoint from the
+   training and validation scenes);
+3. measure oIoU per complexity level on it with the engine's evaluator (`resized` protocol);
+4. segment a handful of its scenes (two per level, every expression of each) through the public `Segmenter`
+   and write the overlays, a one-page gallery PNG and an HTML page.
+
+`--train` first retrains the default model from scratch with the recipe below (the engine's trainer, lite
+preset on synthetic data, with its progress bar), stores it like the shipped one (fp16 safetensors without
+the frozen MiniLM) and then runs the demo on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw, ImageFont
+
+from lgformer.app.render import overlay, save_png
+from lgformer.engine.checkpoint import atomic_write
+from lgformer.predictor import Segmenter, read_image
+
+SYNTH_SEED = 0  # the benchmark seed of the default model's training data; its `test` split is held out
+SYNTH_SIZE = 320
+LEVELS = {1: "shape", 2: "attributes", 3: "one relation", 4: "ordinal, negation or two relations"}
+TILE = 320
+
+# The recipe of the default model (`--train`, with the step and data counts of `lgformer demo --help`): the
+# lite preset on synthetic data.
+TRAIN_SETTINGS = ("train.val_every=500", "train.log_every=25")
+
+
+def run_demo(
+    seg: Segmenter,
+    out: Path,
+    *,
+    eval_refs: int,
+    scenes: int,
+    workers: int = 1,
+) -> dict[str, Any]:
+    """Score `seg` on `eval_refs` objects of the held-out synthetic split and draw the gallery of its first
+    `scenes` scenes (scene i is of level 1 + i % 4) under `out`; returns the summary."""
+    from lgformer.data.dataset import build_dataset
+    from lgformer.data.synth.generate import generate
+    from lgformer.engine.evaluate import evaluate_model, report
+
+    start = time.perf_counter()
+    data = out / "data"
+    generate(data, {"test": eval_refs}, SYNTH_SEED, SYNTH_SIZE, workers)
+    config = dataclasses.replace(
+        seg.cfg.data, root=str(data), dataset="synth", image_dir=None, max_tokens=seg.tokenizer.max_tokens
+    )
+    dataset = build_dataset(config, "test", train=False, tokenizer=seg.tokenizer)
+    counts = evaluate_model(seg.model, dataset, seg.device, dtype=seg.dtype, progress=True)
+    scores = report(counts, dataset, "resized")
+    tiles = _gallery_tiles(seg, dataset.referents, scenes, config.gt_rule, out / "overlays")
+    summary = {
+        "held_out": {"split": "test", "seed": SYNTH_SEED, "refs": eval_refs, "expressions": len(dataset)},
+        "oIoU": scores["oIoU"],
+        "mIoU": scores["mIoU"],
+        "by_level": scores.get("by_level", {}),
+        "gallery": [{k: v for k, v in t.items() if k != "image"} for t in tiles],
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    save_png(out / "gallery.png", _gallery_png(tiles, summary))
+    atomic_write(out / "index.html", lambda tmp: Path(tmp).write_text(_gallery_html(tiles, summary)))
+    atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+    return summary
+
+
+def _gallery_tiles(seg: Segmenter, referents: list, scenes: int, rule: str, folder: Path) -> list[dict]:
+    """Overlays (prediction tinted, ground truth outlined in green) of every ref of the first `scenes` images,
+    one expression per ref, predicted in one batch per image."""
+    from lgformer.data.sources import referent_mask
+
+    by_image: dict[Any, list] = defaultdict(list)
+    for ref in referents:
+        by_image[ref.image_id].append(ref)
+    tiles = []
+    for image_id in list(by_image)[:scenes]:
+        refs = by_image[image_id]
+        picture = read_image(refs[0].image)
+        predictions = seg.predict(picture, [ref.sentences[0].text for ref in refs])
+        for k, (ref, pred) in enumerate(zip(refs, predictions), start=1):
+            truth = referent_mask(ref, rule)
+            union = (pred.mask | truth).sum()
+            iou = float((pred.mask & truth).sum() / union) if union else 0.0
+            note = f"level {ref.level} ({LEVELS.get(ref.level, '?')})  IoU {iou:.2f}"
+            image = overlay(picture, pred.mask, pred.sentence, note, truth=truth)
+            path = save_png(folder / f"{refs[0].image.stem}_{k}.png", image)
+            tiles.append(
+                {
+                    "image": image,
+                    "file": f"overlays/{path.name}",
+                    "sentence": pred.sentence,
+                    "level": ref.level,
+                    "iou": round(iou, 4),
+                    "score": round(pred.score, 4),
+                }
+            )
+    return tiles
+
+
+def level_rows(summary: dict[str, Any]) -> list[tuple[str, int, float, float]]:
+    """(level, expressions, oIoU, mIoU) per level present, then `all`: what is printed and drawn."""
+    rows = [
+        (f"{level} ({LEVELS.get(int(level), '?')})", r["sentences"], r["oIoU"], r["mIoU"])
+        for level, r in summary["by_level"].items()
+        if r["sentences"]
+    ]
+    return [*rows, ("all", summary["held_out"]["expressions"], summary["oIoU"], summary["mIoU"])]
+
+
+def level_table(summary: dict[str, Any]) -> list[str]:
+    """`level_rows` as aligned text lines under a header."""
+    lines = [f"{'level':<40} {'expressions':>11} {'oIoU':>6} {'mIoU':>6}"]
+    return lines + [f"{n:<40} {k:>11} {o:>6.1f} {m:>6.1f}" for n, k, o, m in level_rows(summary)]
+
+
+def _gallery_png(tiles: list[dict], summary: dict[str, Any], columns: int = 6) -> Image.Image:
+    """One page: the per-level table, then the overlays in rows of `columns` (two scenes a row)."""
+    font = ImageFont.load_default(size=16)
+    title = (
+        f"LGFormer demo. Red: the model's mask; green outline: the ground truth. Held-out synthetic split: "
+        f"{summary['held_out']['expressions']} expressions (test split of seed {SYNTH_SEED}), in %:"
+    )
+    table = [("level", "expressions", "oIoU", "mIoU")]
+    table += [(n, str(k), f"{o:.1f}", f"{m:.1f}") for n, k, o, m in level_rows(summary)]
+    stops = (20, 360, 470, 550)  # column x positions (the default font is proportional)
+    top = 16 + 24 + 21 * len(table) + 10
+    rows = -(-len(tiles) // columns)
+    sheet = Image.new("RGB", (columns * (TILE + 6) + 6, top + rows * (TILE + 6)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    draw.text((10, 12), title, fill=(0, 0, 0), font=font)
+    for r, cells in enumerate(table):
+        for x, cell in zip(stops, cells):
+            colour = (0, 0, 0) if r == 0 or cells[0] == "all" else (50, 50, 50)
+            draw.text((x, 40 + 21 * r), cell, fill=colour, font=font)
+    for k, tile in enumerate(tiles):
+        x, y = 6 + (k % columns) * (TILE + 6), top + (k // columns) * (TILE + 6)
+        sheet.paste(tile["image"].resize((TILE, TILE), Image.BILINEAR), (x, y))
+    return sheet
+
+
+def _gallery_html(tiles: list[dict], summary: dict[str, Any]) -> str:
+    rows = "".join(
+        f"<tr><td>{html.escape(n)}</td><td>{k}</td><td>{o:.1f}</td><td>{m:.1f}</td></tr>"
+        for n, k, o, m in level_rows(summary)
+    )
+    figures = "".join(
+        f"<figure><img src='{t['file']}' alt='overlay'><figcaption>&ldquo;{html.escape(t['sentence'])}&rdquo;"
+        f"<br>level {t['level']}, IoU {t['iou']:.2f}, score {t['score']:.2f}</figcaption></figure>"
+        for t in tiles
+    )
+    held = summary["held_out"]
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>LGFormer demo</title><style>
+body {{ font-family: sans-serif; margin: 2em; }} table {{ border-collapse: collapse; }}
+td, th {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
+figure {{ display: inline-block; margin: 6px; width: {TILE}px; vertical-align: top; }}
+figure img {{ width: {TILE}px; }} figcaption {{ font-size: 13px; }}
+</style></head><body>
+<h1>LGFormer demo</h1>
+<p>Red: the model's mask; green outline: the ground truth. Held-out synthetic split:
+{held["expressions"]} expressions of {held["refs"]} objects (test split of seed {held["seed"]}),
+scored with the engine's evaluator (in %).</p>
+<table><tr><th>level</th><th>expressions</th><th>oIoU</th><th>mIoU</th></tr>{rows}</table>
+<p><a href="gallery.png">gallery.png</a> (this page as one picture)</p>
+{figures}
+</body></html>
+"""
+
+
+def train_default(
+    out: Path,
+    *,
+    steps: int,
+    train_refs: int,
+    val_refs: int,
+    device: str = "auto",
+    workers: int = 1,
+    overrides: tuple[str, ...] = (),
+) -> Path:
+    """Retrain the default model from scratch into `out/run` (continuing a run found there), then store its
+    best weights like the shipped model in `out/model`; returns that folder."""
+    import torch
+
+    from lgformer import config as config_mod
+    from lgformer.data.synth.generate import generate
+    from lgformer.engine.checkpoint import load_model, read_config, save_model
+    from lgformer.engine.train import train
+
+    data = out / "train-data"
+    generate(data, {"train": train_refs, "val": val_refs}, SYNTH_SEED, SYNTH_SIZE, workers)
+    settings = (
+        f"data.root={data.resolve()}",
+        "data.dataset=synth",
+        f"train.max_steps={steps}",
+        "train.val_split=val",
+        *TRAIN_SETTINGS,
+        *overrides,
+    )
+    cfg = config_mod.load("lite", settings)
+    run = out / "run"
+    resume = (run / "last").is_dir()
+    if resume:
+        print(f"continuing the training run in {run}")
+    result = train(cfg, run, resume=resume, device=device)
+    best = run / "best" if (run / "best").is_dir() else result.last
+    model, cfg = load_model(best)
+    _, meta = read_config(best)
+    exclude = tuple(meta.pop("weights_exclude"))  # what the trainer left out: the frozen MiniLM
+    meta.pop("format_version")
+    target = out / "model"
+    save_model(target, model, cfg, dtype=torch.float16, exclude=exclude, extra=meta)
+    return target

@@ -1,0 +1,9 @@
+"""Models whose weights ship inside the package. Light on purpose: the CLI parser reads it at start-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+DEFAULT_MODEL = "lite"
+SHIPPED = {DEFAULT_MODEL: ASSETS / "lite-synth"}  # name -> checkpoint folder

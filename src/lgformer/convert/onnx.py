@@ -1,0 +1,176 @@
+"""`lgformer export onnx`: the network as one ONNX file, checked against PyTorch with ONNX Runtime on export.
+
+The graph (opset 18, written by PyTorch's dynamo exporter; GridSample is standard since opset 16):
+  inputs   image           float32 (batch, 3, S, S), resized and normalised exactly as in training
+           ids             int64   (batch, tokens), wordpiece ids, right-padded with 0
+           attention_mask  int64   (batch, tokens), 1 on the ids, 0 on the padding
+  output   logits          float32 (batch, S, S), the last output map at S x S: `logits > 0` is the mask
+Dynamic axes: `batch` (any size) and `tokens` (2 up to the export's --max-tokens, itself at most the model's
+`max_tokens`: the decoder's key table has that many rows). S is fixed at export (--size, default the
+checkpoint's `data.image_size`). Upsampling to a photo's own size is left to the caller (bilinear).
+
+Deformable attention: the PyTorch model samples with one weighted `embedding_bag` over the four bilinear
+neighbours (fast on CPU, see `model/deformable_attention.py`); while exporting, that function is swapped for
+its `grid_sample` formulation (bilinear, zeros padding, align_corners=False at grid = 2 loc - 1: the same
+arithmetic, spec §4.4), which maps onto ONNX GridSample. The parity check compares ONNX Runtime with the
+unmodified PyTorch model, so it covers the swap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from lgformer.config import Config
+from lgformer.data.images import image_tensor
+from lgformer.engine.checkpoint import atomic_write
+from lgformer.errors import LGFormerError
+from lgformer.model import deformable_attention
+from lgformer.model.text_encoder import Tokenizer
+
+OPSET = 18
+TOLERANCE = 1e-3  # max abs logit difference, ONNX Runtime vs PyTorch
+INPUTS = ("image", "ids", "attention_mask")
+
+
+class _Graph(nn.Module):
+    """The exported signature: (image, ids, attention_mask) -> last logit map (batch, S, S)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: Tensor, ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.model(image, attention_mask, ids=ids)[:, -1]
+
+
+def grid_sample_attention(
+    value: Tensor, shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor
+) -> Tensor:
+    """`ms_deform_attn_sample` (same arguments and result) written with `grid_sample`, per level."""
+    B, _, heads, dh = value.shape
+    _, Lq, _, levels, points, _ = locations.shape
+    maps = value.split([h * w for h, w in shapes], dim=1)
+    grids = 2 * locations - 1
+    samples = []
+    for level, (h, w) in enumerate(shapes):
+        v = maps[level].permute(0, 2, 3, 1).reshape(B * heads, dh, h, w)
+        g = grids[:, :, :, level].transpose(1, 2).reshape(B * heads, Lq, points, 2)
+        samples.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
+    stacked = torch.cat(samples, dim=-1)  # (B*heads, dh, Lq, levels*points)
+    attention = weights.transpose(1, 2).reshape(B * heads, 1, Lq, levels * points)
+    return (stacked * attention).sum(-1).view(B, heads * dh, Lq).transpose(1, 2)
+
+
+@contextlib.contextmanager
+def _export_mode() -> Iterator[None]:
+    """Sample the deformable attention with `grid_sample`, quiet the exporter's chatter (torchvision not
+    installed, per-op constant folding, pytree deprecations), and afterwards drop the model's cached position
+    tables: tracing can leave fake tensors in those process-wide caches, which would poison later calls."""
+    from lgformer.model import layers, pixel_decoder
+
+    original = deformable_attention.ms_deform_attn_sample
+    deformable_attention.ms_deform_attn_sample = grid_sample_attention
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", (UserWarning, FutureWarning, DeprecationWarning))
+            yield
+    finally:
+        deformable_attention.ms_deform_attn_sample = original
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        layers._sine_position_embedding.cache_clear()
+        pixel_decoder._reference_points.cache_clear()
+
+
+def synthetic_check_input() -> tuple[Image.Image, str]:
+    """A generated scene and one of its expressions: the parity check's input when none is given."""
+    from lgformer.data.synth.generate import make_scene
+
+    scene = make_scene(0, "test", 3, 320, 1)
+    with Image.open(io.BytesIO(scene.jpeg)) as image:
+        return image.convert("RGB"), scene.refs[0][1][0]
+
+
+def export_onnx(
+    model: nn.Module,
+    cfg: Config,
+    out: str | Path,
+    image: Image.Image,
+    sentence: str,
+    size: int | None = None,
+    max_tokens: int | None = None,
+) -> float:
+    """Export `model` to `out` and check it with ONNX Runtime on `image` and `sentence` (batch 2 at full token
+    length, then batch 1 at the sentence's own length, exercising both dynamic axes). Returns the max abs
+    logit difference; above TOLERANCE the file is not written."""
+    try:
+        import onnxruntime
+        import onnxscript  # noqa: F401 - the dynamo exporter needs it
+    except ImportError:
+        raise LGFormerError(
+            "ONNX export needs onnx, onnxscript and onnxruntime: pip install 'lgformer[onnx]'"
+        ) from None
+
+    size = size or cfg.data.image_size
+    max_tokens = max_tokens or cfg.model.max_tokens
+    if max_tokens > cfg.model.max_tokens or max_tokens < 2:
+        raise LGFormerError(
+            f"--max-tokens {max_tokens}: must be between 2 and the model's {cfg.model.max_tokens}"
+        )
+    if size < 32:
+        raise LGFormerError(f"--size {size}: too small (at least 32)")
+    graph = _Graph(model.eval().float().cpu())
+    tokenizer = Tokenizer(cfg.model.text_encoder, max_tokens)
+    ids, mask = tokenizer([sentence, sentence.split()[0]])
+    pixels = image_tensor(image, size)[None].expand(2, -1, -1, -1).contiguous()
+    length = int(mask[0].sum())
+    cases = [(pixels, ids, mask), (pixels[:1], ids[:1, :length], mask[:1, :length])]
+    with torch.inference_mode():
+        expected = [graph(*case).numpy() for case in cases]
+    batch = torch.export.Dim("batch", min=1)
+    tokens = torch.export.Dim("tokens", min=2, max=max_tokens)
+    dynamic = {"image": {0: batch}, "ids": {0: batch, 1: tokens}, "attention_mask": {0: batch, 1: tokens}}
+    with _export_mode():
+        program = torch.onnx.export(
+            graph,
+            cases[0],
+            input_names=list(INPUTS),
+            output_names=["logits"],
+            opset_version=OPSET,
+            dynamo=True,
+            dynamic_shapes=dynamic,
+            verbose=False,
+        )
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    worst = 0.0
+
+    def write_checked(tmp: str) -> None:
+        nonlocal worst
+        program.save(tmp, external_data=False)
+        session = onnxruntime.InferenceSession(tmp, providers=["CPUExecutionProvider"])
+        for case, reference in zip(cases, expected):
+            got = session.run(None, {name: t.numpy() for name, t in zip(INPUTS, case)})[0]
+            worst = max(worst, float(np.abs(got - reference).max()))
+        if worst > TOLERANCE:
+            raise LGFormerError(
+                f"ONNX Runtime differs from PyTorch by {worst:.2e} (> {TOLERANCE:g}); {out} not written"
+            )
+
+    atomic_write(out, write_checked)
+    return worst

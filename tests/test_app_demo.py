@@ -1,0 +1,60 @@
+"""`lgformer demo`: gallery, page and per-level oIoU from a checkpoint (here a lite one with untrained heads),
+and a clear message when the default model is not installed."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from lgformer import config as config_mod
+from lgformer.app import shipped
+from lgformer.cli import main
+from lgformer.engine.checkpoint import save_model
+from lgformer.model.build import build_model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    cfg = config_mod.load("lite", ["data.image_size=96"])
+    folder = tmp_path_factory.mktemp("lite")
+    save_model(folder, build_model(cfg.model, pretrained=True), cfg, exclude=("text_encoder.",))
+    return folder
+
+
+def test_demo_scores_every_level_and_draws_the_gallery(checkpoint, tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", "--checkpoint", str(checkpoint), "--out", str(out), "--eval-refs", "12", "--scenes", "4"]
+    assert main([*argv, "--device", "cpu", "--workers", "1"]) == 0
+    printed = capsys.readouterr().out
+    for level in (
+        "1 (shape)",
+        "2 (attributes)",
+        "3 (one relation)",
+        "4 (ordinal, negation or two relations)",
+    ):
+        assert re.search(rf"{re.escape(level)}\s+\d+\s+\d+\.\d\s+\d+\.\d", printed), level
+    assert re.search(r"all\s+\d+\s+\d+\.\d", printed)
+    assert f"gallery: {(out / 'gallery.png').resolve()}" in printed and "index.html" in printed
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(summary["by_level"]) == ["1", "2", "3", "4"] and summary["held_out"]["refs"] == 12
+    assert {tile["level"] for tile in summary["gallery"]} == {1, 2, 3, 4}  # scene i is of level 1 + i % 4
+    assert len(summary["gallery"]) >= 8  # several expressions per scene
+    page = (out / "index.html").read_text()
+    for tile in summary["gallery"]:
+        assert (out / tile["file"]).is_file() and tile["file"] in page
+    gallery = Image.open(out / "gallery.png")
+    assert gallery.width > 1000 and gallery.height > 320
+
+
+def test_demo_without_the_default_model_says_how_to_get_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(shipped.SHIPPED, "lite", tmp_path / "not-installed")
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "default 'lite' model is not installed" in err and "lgformer demo --train" in err
+    assert not (tmp_path / "demo").exists()

@@ -1,0 +1,191 @@
+"""Training engine: loss goes down on real and synthetic data, exact resume, NaN stop, the recipe's parts."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lgformer import config as config_mod
+from lgformer.cli import main
+from lgformer.config import Config
+from lgformer.engine.checkpoint import read_config
+from lgformer.engine.train import batch_split, lr_factor, param_groups, train
+from lgformer.errors import LGFormerError
+from lgformer.model.build import build_model
+
+MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "refcoco-mini"
+MINI_DATA = (
+    f"data.root={MINI} data.dataset=refcoco data.split_by=unc train.train_split=val data.image_size=64"
+)
+SMALL = (
+    "train.workers=0 train.log_every=1 train.warmup_steps=0 model.decoder_layers=1 model.generator_layers=1"
+)
+
+
+def _lite(*overrides: str) -> Config:
+    """The lite preset with space-separated groups of overrides."""
+    return config_mod.load("lite", [item for group in overrides for item in group.split()])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is as fast as two, and does not collapse when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("synth")
+    assert main(f"data synth --out {out} --train 16 --val 4 --test 0 --size 96 --workers 1".split()) == 0
+    return f"data.root={out} data.dataset=synth data.split_by=synth data.image_size=64"
+
+
+@pytest.fixture
+def deterministic():
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def _losses(run: Path) -> list[float]:
+    return [r["loss"] for r in _records(run) if "loss" in r]
+
+
+def test_loss_goes_down_on_refcoco_mini(tmp_path):
+    cfg = _lite(MINI_DATA, SMALL, "train.batch_size=3 train.max_steps=6 train.val_split=null")
+    result = train(cfg, tmp_path / "run")
+    losses = _losses(tmp_path / "run")
+    assert result.step == 6 and len(losses) == 6
+    assert max(losses[-2:]) < 0.7 * losses[0], losses
+
+
+def test_loss_goes_down_on_synthetic_and_validates_per_level(tmp_path, synth, capsys):
+    result = train(
+        _lite(synth, SMALL, "train.batch_size=4 train.max_steps=8"), tmp_path / "run"
+    )  # 4 steps/epoch
+    losses = _losses(tmp_path / "run")
+    assert max(losses[-2:]) < 0.7 * losses[0], losses
+    assert [r["step"] for r in _records(tmp_path / "run") if "val" in r] == [4, 8]  # after every epoch
+    assert result.best_oiou is not None and (tmp_path / "run" / "best" / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "plots.png").stat().st_size > 0
+    capsys.readouterr()
+    assert main(f"eval --checkpoint {tmp_path / 'run' / 'last'} --split val --json --workers 0".split()) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["by_level"] and set(report["by_level"]) <= {"1", "2", "3", "4"}
+    assert sum(v["sentences"] for v in report["by_level"].values()) == report["sentences"]
+
+
+def test_resume_mid_epoch_gives_identical_weights(tmp_path, synth, deterministic):
+    # Text-encoder dropout on, so the RNG state must be restored too; 4 steps per epoch, stop inside epoch 1.
+    cfg = _lite(
+        synth,
+        SMALL,
+        "train.pretrained=false train.freeze_text_encoder=false train.deterministic=true",
+        "train.batch_size=4 train.max_steps=6 train.val_every=2",
+    )
+    train(cfg, tmp_path / "straight")
+    stopped = train(cfg, tmp_path / "resumed", stop_after=3)
+    assert stopped.stopped_early and read_config(tmp_path / "resumed" / "last")[1]["step"] == 3
+    resumed = train(cfg, tmp_path / "resumed", resume=True)
+    assert resumed.step == 6 and not resumed.stopped_early
+    a = load_file(tmp_path / "straight" / "last" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "last" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [r["step"] for r in _records(tmp_path / "resumed") if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the log continues without duplicates
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    cfg = _lite(
+        MINI_DATA,
+        SMALL,
+        "train.batch_size=2 train.max_steps=5 train.val_split=null train.save_every=1",
+        "train.lr=1e30 train.lr_pretrained=1e30 train.clip_grad=null",
+    )
+    with pytest.raises(LGFormerError, match=r"loss is (nan|inf).*Last good checkpoint: .*last \(step \d\)"):
+        train(cfg, tmp_path / "run")
+    step = read_config(tmp_path / "run" / "last")[1]["step"]
+    weights = load_file(tmp_path / "run" / "last" / "model.safetensors")
+    assert step >= 1 and all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
+
+
+def test_bf16_autocast_on_cpu(tmp_path):
+    cfg = _lite(
+        MINI_DATA,
+        SMALL,
+        "train.batch_size=2 train.max_steps=1 train.pretrained=false train.val_split=null train.amp=bf16",
+    )
+    train(cfg, tmp_path / "run")
+    weights = load_file(tmp_path / "run" / "last" / "model.safetensors")
+    assert all(v.dtype == torch.float32 for v in weights.values() if v.is_floating_point())
+    assert all(math.isfinite(x) for x in _losses(tmp_path / "run"))
+
+
+def _groups(preset: str, overrides=()) -> tuple[dict[str, dict], dict[int, str]]:
+    from lgformer.engine.train import freeze
+
+    cfg = config_mod.load(preset, list(overrides))
+    model = build_model(cfg.model, pretrained=False)
+    freeze(model, cfg.train)
+    groups = {g["name"]: g for g in param_groups(model, cfg.train)}
+    owner = {id(p): name for name, g in groups.items() for p in g["params"]}
+    return groups, {name: owner.get(id(p)) for name, p in model.named_parameters()}
+
+
+def test_param_groups_official_recipe():
+    groups, where = _groups("official-swin-t")
+    assert all(g["lr"] == 5e-5 for g in groups.values())
+    assert {n: g["weight_decay"] for n, g in groups.items()} == {
+        "pretrained": 0.01,
+        "pretrained-no-decay": 0.0,
+        "new": 0.01,
+        "new-no-decay": 0.0,
+    }
+    no_decay = {n for n, g in where.items() if g and g.endswith("no-decay")}
+    trunk = {n for n in where if n.startswith("image_encoder.trunk.")}
+    expected = {n for n in trunk if "norm" in n or "relative_position_bias_table" in n}
+    expected |= {n for n in where if n.startswith("image_encoder.out_norms.")}
+    assert no_decay == expected  # the authors' rule: name contains norm / relative_position_bias_table
+    assert all(where[n] is None for n in where if n.startswith("text_encoder.bert.embeddings."))  # frozen
+    assert where["text_encoder.bert.encoder.layer.0.attention.self.query.weight"] == "pretrained"
+    assert where["prototype_generator.layers.0.norm_ca.weight"] == "new"  # decoder norms decay (official)
+    assert (
+        where["pixel_decoder.level_embed"] == "new"
+        and where["image_encoder.fusions.0.attn.query.weight"] == "new"
+    )
+
+
+def test_param_groups_lite_recipe():
+    groups, where = _groups("lite")
+    assert groups["new"]["lr"] == 3e-4 and groups["pretrained"]["lr"] == 5e-5
+    assert all(g is None for n, g in where.items() if n.startswith("text_encoder."))  # MiniLM frozen entirely
+    bn = [n for n in where if n.startswith("image_encoder.trunk.") and ".bn" in n]
+    assert bn and all(where[n] == "pretrained-no-decay" for n in bn)
+
+
+def test_lr_schedule_is_poly_per_iteration_with_warmup():
+    assert lr_factor(0, 100, 0, 0.9) == 1.0
+    assert lr_factor(50, 100, 0, 0.9) == pytest.approx(0.5**0.9)
+    assert lr_factor(99, 100, 0, 0.9) == pytest.approx(0.01**0.9)
+    assert lr_factor(4, 100, 10, 0.9) == pytest.approx(0.5 * (1 - 0.04) ** 0.9)
+
+
+def test_global_batch_arithmetic():
+    tc = config_mod.preset("official-swin-b").train
+    assert batch_split(tc, 2) == (16, 1)  # the authors: 16 per GPU on 2 GPUs
+    tc.device_batch = 4
+    assert batch_split(tc, 2) == (4, 4)
+    tc.device_batch = 12
+    with pytest.raises(LGFormerError, match="not a multiple of 12 per device x 2"):
+        batch_split(tc, 2)
