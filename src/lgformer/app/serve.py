@@ -47,37 +47,42 @@ def build_app(seg: Segmenter, workdir: Path, max_upload_mb: float, title: str) -
 
     limit = int(max_upload_mb * 1024 * 1024)
 
+    def notice(message: str) -> Exception:
+        """A visible error notice; a user's bad input is no server fault, so no traceback in the log."""
+        return gr.Error(message, print_exception=False)
+
     def read(path: str | None) -> Any:
         if path is None:
             return None
         file = Path(path)
-        if file.stat().st_size > limit:
-            raise gr.Error(
-                f"{file.name}: {file.stat().st_size / 2**20:.1f} MB is over the {max_upload_mb:g} MB limit"
-            )
         try:
+            if file.stat().st_size > limit:
+                size = file.stat().st_size / 2**20
+                raise LGFormerError(f"{file.name}: {size:.1f} MB is over the {max_upload_mb:g} MB limit")
             return read_image(file)
         except LGFormerError as exc:
-            raise gr.Error(str(exc).replace(str(file), file.name)) from None
+            raise notice(str(exc).replace(str(file), file.name)) from None  # the user's name, not ours
 
     def segment(path: str | None, sentence: str, threshold: float) -> tuple[Any, Any, str, str]:
         if path is None:
-            raise gr.Error("upload an image first (or pick an example below)")
+            raise notice("upload an image first (or pick an example below)")
         picture = read(path)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", InputWarning)
             try:
                 pred = seg.predict(picture, sentence, threshold)
             except LGFormerError as exc:
-                raise gr.Error(str(exc)) from None
+                raise notice(str(exc)) from None
         notes = [str(w.message) for w in caught]
         for note in notes:
             gr.Warning(note)
-        share = 100 * pred.mask.mean()
-        summary = f"score {pred.score:.2f}, {share:.1f}% of the image"
-        mask_path = save_png(workdir / f"mask-{uuid.uuid4().hex[:8]}.png", mask_image(pred.mask))
+        summary = f"score {pred.score:.2f}, {100 * pred.mask.mean():.1f}% of the image"
+        mask = mask_image(pred.mask)
+        mask_path = save_png(
+            workdir / uuid.uuid4().hex / f"{Path(path).stem}_mask.png", mask
+        )  # one per request
         status = "\n".join([f"**{summary}**, box (x, y, w, h) {pred.bbox}", *(f"- {n}" for n in notes)])
-        return overlay(picture, pred.mask, sentence, summary), mask_image(pred.mask), str(mask_path), status
+        return overlay(picture, pred.mask, sentence, summary), mask, str(mask_path), status
 
     with gr.Blocks(title=title, analytics_enabled=False) as app:
         gr.Markdown(f"# {title}\nUpload an image, describe one object in it, press **Segment**.")

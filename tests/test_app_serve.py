@@ -1,0 +1,255 @@
+"""`lgformer serve` in a real headless browser: Debian's chromium driven by selenium through chromium-driver
+(never a downloaded browser). The server runs as its own process, as a user starts it; every bad upload or
+expression shows a visible message and the server keeps serving."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.request
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lgformer import config as config_mod
+from lgformer.engine.checkpoint import save_model
+from lgformer.model.build import build_model
+
+pytest.importorskip("gradio")
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.common.exceptions import TimeoutException  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+CHROMIUM, DRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM.exists() and DRIVER.exists()),
+    reason="needs Debian's browser: apt-get install chromium chromium-driver",
+)
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+PHOTO = (
+    SHARED
+    / "data"
+    / "refcoco-mini"
+    / "images"
+    / "mscoco"
+    / "images"
+    / "train2014"
+    / "COCO_train2014_000000460370.jpg"
+)
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1400,1800",
+)
+
+
+def _bomb_png_header(side: int = 30000) -> bytes:
+    """A valid PNG header declaring side x side pixels with almost no data: a decompression bomb's shape."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("uploads")
+    (folder / "notes.jpg").write_text("a text file with an image's name\n")
+    (folder / "cut.jpg").write_bytes(PHOTO.read_bytes()[:20000])
+    Image.new("RGB", (1, 1)).save(folder / "dot.png")
+    (folder / "bomb.png").write_bytes(_bomb_png_header())
+    noise = np.random.default_rng(0).integers(0, 256, (800, 800, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(folder / "large.png")  # about 1.9 MB, over the 1 MB limit below
+    return {p.name: p for p in folder.iterdir()}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`lgformer serve` on a free loopback port: lite checkpoint (untrained heads), 1 MB upload limit."""
+    cfg = config_mod.load("lite", ["data.image_size=128"])
+    checkpoint = tmp_path_factory.mktemp("lite")
+    save_model(checkpoint, build_model(cfg.model, pretrained=True), cfg, exclude=("text_encoder.",))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path_factory.mktemp("log") / "serve.log"
+    scratch = tmp_path_factory.mktemp("scratch")  # gradio uploads and the server's own temporary folder
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_TEMP_DIR": str(scratch), "TMPDIR": str(scratch)}
+    argv = [
+        sys.executable,
+        "-m",
+        "lgformer.cli",
+        "serve",
+        "--checkpoint",
+        str(checkpoint),
+        "--port",
+        str(port),
+    ]
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [*argv, "--max-upload-mb", "1", "--device", "cpu"], stdout=out, stderr=out, env=env
+        )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, f"server exited:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"server not up after 120 s:\n{log.read_text()[-3000:]}"
+            try:
+                if urllib.request.urlopen(url, timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in (*FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(str(DRIVER)), options=options)
+    yield driver
+    driver.quit()
+
+
+def _wait(driver, css: str, timeout: float = 60):
+    return WebDriverWait(driver, timeout).until(lambda d: d.find_elements(By.CSS_SELECTOR, css))
+
+
+def _open(driver, url: str, upload: Path | None = None) -> None:
+    driver.get(url)
+    field = _wait(driver, "#upload input[type=file]")[0]
+    if upload is not None:
+        field.send_keys(str(upload))
+
+
+def _segment(driver, sentence: str) -> None:
+    driver.find_element(By.CSS_SELECTOR, "#sentence textarea").send_keys(sentence)
+    driver.find_element(By.CSS_SELECTOR, "#segment").click()
+
+
+def _notices(driver, expected: str, timeout: float = 30) -> str:
+    """The text of the notices (toasts) on screen, once one holds `expected` (or at the timeout)."""
+
+    def text(d) -> str:
+        return " | ".join(
+            t.text.replace("\n", " ") for t in d.find_elements(By.CSS_SELECTOR, "[data-testid='toast-body']")
+        )
+
+    try:
+        WebDriverWait(driver, timeout).until(lambda d: expected in text(d))
+    except TimeoutException:
+        pass
+    return text(driver)
+
+
+def test_upload_a_photo_type_an_expression_see_the_overlay(server, browser):
+    url, _ = server
+    _open(browser, url, PHOTO)
+    _wait(browser, "#preview img")
+    _segment(browser, "the man texting on his phone")
+    overlay = _wait(browser, "#overlay img")[0]
+    assert overlay.get_attribute("src") and _wait(browser, "#mask img")
+    link = _wait(browser, "#download a[download]")[0].get_attribute("href")
+    with urllib.request.urlopen(link, timeout=10) as response:
+        mask = Image.open(response)
+        mask.load()
+    assert mask.size == (640, 427) and set(np.unique(np.asarray(mask))) <= {0, 255}
+    assert "score" in browser.find_element(By.CSS_SELECTOR, "#status").text
+
+
+def test_pick_an_example(server, browser):
+    url, _ = server
+    _open(browser, url)
+    WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.XPATH, "//td[contains(., 'level2.jpg')]"))
+    browser.find_element(By.XPATH, "//td[contains(., 'level2.jpg')]").click()
+    WebDriverWait(browser, 30).until(
+        lambda d: d.find_element(By.CSS_SELECTOR, "#sentence textarea").get_attribute("value")
+    )
+    browser.find_element(By.CSS_SELECTOR, "#segment").click()
+    assert _wait(browser, "#overlay img")
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("notes.jpg", "notes.jpg: cannot decode image"),
+        ("cut.jpg", "cut.jpg: cannot decode image"),
+        ("dot.png", "dot.png: 1x1 image is too small"),
+        ("bomb.png", "decompression bomb"),
+        ("large.png", "exceed the maximum allowed size of 1.0 Mb"),
+    ],
+)
+def test_bad_uploads_show_a_message(server, browser, files, name, message):
+    url, proc = server
+    _open(browser, url, files[name])
+    assert message in _notices(browser, message)
+    assert proc.poll() is None
+
+
+@pytest.mark.parametrize(
+    ("sentence", "message", "overlay"),
+    [
+        ("   ", "empty expression", False),
+        ("🙂🚗", "no word the model knows", False),
+        (" ".join(["word"] * 500), "reads only the first 20, i.e. the first 19 of 500 words", True),
+        ("le café à gauche 🚗", "'🚗' not in the model's vocabulary", True),
+    ],
+)
+def test_bad_expressions_show_a_message(server, browser, sentence, message, overlay):
+    url, _ = server
+    _open(browser, url, PHOTO)
+    _wait(browser, "#preview img")
+    _segment(browser, sentence)
+    assert message in _notices(browser, message)
+    if overlay:  # read in part: a warning, and the prediction still comes
+        assert _wait(browser, "#overlay img")
+
+
+def test_the_server_keeps_serving(server, browser):
+    url, proc = server
+    _open(browser, url, PHOTO)
+    _wait(browser, "#preview img")
+    _segment(browser, "the train")
+    assert _wait(browser, "#overlay img") and proc.poll() is None
+
+
+def test_binds_to_loopback_only(server):
+    url, _ = server
+    port = int(url.rstrip("/").rsplit(":", 1)[1])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("10.255.255.255", 1))  # no packet is sent: this only picks the outward interface
+        outward = probe.getsockname()[0]
+    if outward.startswith("127."):
+        pytest.skip("no non-loopback interface")
+    with pytest.raises(OSError), socket.create_connection((outward, port), timeout=2):
+        pass
