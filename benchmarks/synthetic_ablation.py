@@ -10,7 +10,7 @@ word-length bucket. Results go to OUT/results.json and OUT/results.md.
 Re-running the same command continues unfinished variants from their `last` checkpoint and skips finished
 ones, so a long benchmark survives an interrupted session.
 
-    python benchmarks/synthetic_ablation.py --out runs/ablation --steps 1500
+    python benchmarks/synthetic_ablation.py --out runs/ablation --steps 600
 """
 
 from __future__ import annotations
@@ -39,14 +39,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--data", type=Path, help="synthetic benchmark folder (default OUT/data, generated if absent)"
     )
     p.add_argument("--train", type=int, default=10000, help="training refs to generate (default %(default)s)")
-    p.add_argument("--val", type=int, default=500, help="validation refs to generate (default %(default)s)")
+    p.add_argument("--val", type=int, default=200, help="validation refs to generate (default %(default)s)")
     p.add_argument("--test", type=int, default=1000, help="test refs to generate (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="data and training seed (default %(default)s)")
     p.add_argument(
-        "--steps", type=int, default=1500, help="optimizer steps of every variant (default %(default)s)"
+        "--steps", type=int, default=600, help="optimizer steps of every variant (default %(default)s)"
     )
     p.add_argument(
-        "--val-every", type=int, default=250, help="validation interval in steps (default %(default)s)"
+        "--val-every", type=int, default=200, help="validation interval in steps (default %(default)s)"
     )
     p.add_argument("--eval-split", default="test", help="split of the reported numbers (default %(default)s)")
     p.add_argument(
@@ -67,23 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def ensure_data(args: argparse.Namespace) -> Path:
     data = args.data or args.out / "data"
     if not (data / "synth" / "refs(synth).p").is_file():
-        cmd = [
-            sys.executable,
-            "-m",
-            "lgformer.cli",
-            "data",
-            "synth",
-            "--out",
-            str(data),
-            "--train",
-            str(args.train),
-            "--val",
-            str(args.val),
-            "--test",
-            str(args.test),
-            "--seed",
-            str(args.seed),
-        ]
+        counts = f"--train {args.train} --val {args.val} --test {args.test} --seed {args.seed}".split()
+        cmd = [sys.executable, "-m", "lgformer.cli", "data", "synth", "--out", str(data), *counts]
         print("$", shlex.join(cmd), flush=True)
         subprocess.run(cmd, check=True)
     return data
@@ -119,7 +104,7 @@ def run_variant(name: str, args: argparse.Namespace, data: Path) -> dict:
             f"== {name}: {'continuing' if resume else 'training'} ({' '.join(VARIANTS[name]) or 'default'})"
         )
         train(cfg, run, resume=resume, device=args.device)
-    seconds = load_training_state(run / "last")["train_seconds"]
+    state = load_training_state(run / "last")
     _, device = distributed.setup(args.device)
     model, cfg = load_model(run / "last", device)
     tokenizer = Tokenizer(cfg.model.text_encoder, cfg.model.max_tokens)
@@ -127,21 +112,12 @@ def run_variant(name: str, args: argparse.Namespace, data: Path) -> dict:
     counts = evaluate_model(
         model, dataset, device, batch_size=cfg.train.batch_size, workers=cfg.train.workers, progress=True
     )
-    command = shlex.join(
-        [
-            "lgformer",
-            "train",
-            "--config",
-            "lite",
-            *(a for o in overrides for a in ("--set", o)),
-            "--out",
-            str(run),
-        ]
-    )
+    set_args = [arg for item in overrides for arg in ("--set", item)]
+    command = shlex.join(["lgformer", "train", "--config", "lite", *set_args, "--out", str(run)])
     return {
         "variant": name,
-        "steps": args.steps,
-        "train_seconds": round(seconds, 1),
+        "steps": state["step"],
+        "train_seconds": round(state["train_seconds"], 1),
         "command": command,
         "split": args.eval_split,
         **report(counts, dataset, "resized"),

@@ -56,8 +56,8 @@ def missing_default_message(path: Path) -> str:
     """What to do when the default model is not installed (used by every command that loads it)."""
     return (
         f"the default '{DEFAULT_MODEL}' model is not installed (expected a checkpoint folder at {path}); "
-        "retrain it with `lgformer demo --train`, or pass --checkpoint DIR (e.g. the authors' weights "
-        "converted with `lgformer convert official CKPT --out DIR`)"
+        "retrain it with `lgformer demo --train` (hours on a CPU), or pass --checkpoint DIR (e.g. the "
+        "authors' weights converted with `lgformer convert official CKPT --out DIR`)"
     )
 
 
@@ -188,7 +188,8 @@ class Segmenter:
         threshold: float = 0.5,
         batch_size: int = 8,
     ) -> Prediction | list[Prediction]:
-        """Segment what `text` names in `image`; a list of sentences gives a list of predictions (batched)."""
+        """Segment what `text` names in `image`; a list of sentences gives a list of predictions, run
+        `batch_size` at a time. A pixel belongs to the object where its probability exceeds `threshold`."""
         if not 0.0 < threshold < 1.0:
             raise LGFormerError(f"threshold {threshold} must be strictly between 0 and 1")
         sentences = [text] if isinstance(text, str) else list(text)

@@ -181,7 +181,7 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"held-out synthetic split (test split of seed {demo.SYNTH_SEED}), oIoU / mIoU in %:")
     print("\n".join("  " + line for line in demo.level_table(summary)))
     print(f"\ngallery: {out / 'gallery.png'}\npage:    {out / 'index.html'}\noverlays: {out / 'overlays'}")
-    print(f"({summary['seconds']:.0f} s)")
+    print(f"(data, scoring and gallery: {summary['seconds']:.0f} s)")
     return 0
 
 

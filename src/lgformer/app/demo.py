@@ -5,8 +5,8 @@
    the default model was trained with (scenes derive from (seed, split, index), so it is disjoint from the
    training and validation scenes);
 3. measure oIoU per complexity level on it with the engine's evaluator (`resized` protocol);
-4. segment a handful of its scenes (two per level, every expression of each) through the public `Segmenter`
-   and write the overlays, a one-page gallery PNG and an HTML page.
+4. segment a handful of its scenes (two per level by default, an expression for each of their referred
+   objects) through the public `Segmenter` and write the overlays, a one-page gallery PNG and an HTML page.
 
 `--train` first retrains the default model from scratch with the recipe below (the engine's trainer, lite
 preset on synthetic data, with its progress bar), stores it like the shipped one (fp16 safetensors without

@@ -20,6 +20,7 @@ from lgformer.app.render import mask_image, overlay, save_png
 from lgformer.errors import LGFormerError
 from lgformer.predictor import InputWarning, Segmenter, read_image
 
+TITLE = "LGFormer: referring image segmentation"
 EXAMPLE_SEED = 7
 EXAMPLE_SIZE = 320
 
@@ -38,7 +39,7 @@ def write_examples(folder: Path) -> list[list[str]]:
     return rows
 
 
-def build_app(seg: Segmenter, workdir: Path, max_upload_mb: float, title: str) -> Any:
+def build_app(seg: Segmenter, workdir: Path, max_upload_mb: float) -> Any:
     """The Gradio Blocks page around `seg`; examples and mask downloads are written under `workdir`."""
     try:
         import gradio as gr
@@ -84,8 +85,8 @@ def build_app(seg: Segmenter, workdir: Path, max_upload_mb: float, title: str) -
         status = "\n".join([f"**{summary}**, box (x, y, w, h) {pred.bbox}", *(f"- {n}" for n in notes)])
         return overlay(picture, pred.mask, sentence, summary), mask, str(mask_path), status
 
-    with gr.Blocks(title=title, analytics_enabled=False) as app:
-        gr.Markdown(f"# {title}\nUpload an image, describe one object in it, press **Segment**.")
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
+        gr.Markdown(f"# {TITLE}\nUpload an image, describe one object in it, press **Segment**.")
         with gr.Row():
             with gr.Column():
                 upload = gr.File(label="Image", file_types=["image"], type="filepath", elem_id="upload")
@@ -107,13 +108,11 @@ def build_app(seg: Segmenter, workdir: Path, max_upload_mb: float, title: str) -
     return app
 
 
-def serve(
-    seg: Segmenter, host: str = "127.0.0.1", port: int = 7860, max_upload_mb: float = 20.0, title: str = ""
-) -> None:
+def serve(seg: Segmenter, host: str = "127.0.0.1", port: int = 7860, max_upload_mb: float = 20.0) -> None:
     """Serve the page until interrupted."""
     with tempfile.TemporaryDirectory(prefix="lgformer-serve-") as tmp:
         workdir = Path(tmp)
-        app = build_app(seg, workdir, max_upload_mb, title or "LGFormer: referring image segmentation")
+        app = build_app(seg, workdir, max_upload_mb)
         app.queue().launch(
             server_name=host,
             server_port=port,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,13 +73,21 @@ def grid_sample_attention(
     return (stacked * attention).sum(-1).view(B, heads * dh, Lq).transpose(1, 2)
 
 
+def _clear_model_caches() -> None:
+    """Empty the model's process-wide `lru_cache`s (position tables, Swin window orders and masks). They keep
+    the tensors of their first call: one made under `inference_mode` cannot enter the traced graph, and
+    tracing leaves fake tensors behind that would poison every later forward pass."""
+    for name, module in list(sys.modules.items()):
+        if name.startswith("lgformer.model."):
+            for value in vars(module).values():
+                if callable(getattr(value, "cache_clear", None)):
+                    value.cache_clear()
+
+
 @contextlib.contextmanager
 def _export_mode() -> Iterator[None]:
-    """Sample the deformable attention with `grid_sample`, quiet the exporter's chatter (torchvision not
-    installed, per-op constant folding, pytree deprecations), and afterwards drop the model's cached position
-    tables: tracing can leave fake tensors in those process-wide caches, which would poison later calls."""
-    from lgformer.model import layers, pixel_decoder
-
+    """Sample the deformable attention with `grid_sample` and quiet the exporter's chatter (torchvision
+    not installed, per-op constant folding, pytree deprecations); empty the model's caches on the way out."""
     original = deformable_attention.ms_deform_attn_sample
     deformable_attention.ms_deform_attn_sample = grid_sample_attention
     loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
@@ -93,8 +102,7 @@ def _export_mode() -> Iterator[None]:
         deformable_attention.ms_deform_attn_sample = original
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
-        layers._sine_position_embedding.cache_clear()
-        pixel_decoder._reference_points.cache_clear()
+        _clear_model_caches()
 
 
 def synthetic_check_input() -> tuple[Image.Image, str]:
@@ -140,7 +148,8 @@ def export_onnx(
     pixels = image_tensor(image, size)[None].expand(2, -1, -1, -1).contiguous()
     length = int(mask[0].sum())
     cases = [(pixels, ids, mask), (pixels[:1], ids[:1, :length], mask[:1, :length])]
-    with torch.inference_mode():
+    _clear_model_caches()  # refilled just below with plain tensors (no_grad, not inference_mode)
+    with torch.no_grad():
         expected = [graph(*case).numpy() for case in cases]
     batch = torch.export.Dim("batch", min=1)
     tokens = torch.export.Dim("tokens", min=2, max=max_tokens)

@@ -396,7 +396,8 @@ class Trainer:
         due = self.step % tc.val_every == 0 if tc.val_every else end_of_epoch
         if self.val_set is not None and (due or self.step == self.total):
             val = self.validate()
-            bar.write(f"step {self.step}: {tc.val_split} oIoU {val['oIoU']:.2f}  mIoU {val['mIoU']:.2f}")
+            if self.world.main:
+                bar.write(f"step {self.step}: {tc.val_split} oIoU {val['oIoU']:.2f}  mIoU {val['mIoU']:.2f}")
             self.save(val)
         elif last or end_of_epoch or (tc.save_every and self.step % tc.save_every == 0):
             self.save(None)
@@ -440,9 +441,9 @@ class Trainer:
             raise LGFormerError(
                 f"step {self.step + 1}: loss is {value}; run stopped. Last good checkpoint: {where}"
             )
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
         if tc.clip_grad:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)  # clip the true gradients
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip_grad)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lgformer.model.layers import Linear
+
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
     """float32 for half/bfloat16/float32 inputs, float64 for float64."""
@@ -50,30 +52,36 @@ def _bag_sample(value: Tensor, shapes: list[tuple[int, int]], locations: Tensor,
     dtype = torch.promote_types(_compute_dtype(value), locations.dtype)
     device = value.device
 
-    # Zero-bordered maps, head-major: row ((b*heads + h)*Sp + start_l + (y+1)*(W_l+2) + (x+1)).
-    padded = [(h + 2) * (w + 2) for h, w in shapes]
+    # Zero-bordered maps, head-major: one zero row/column before each level map and two after it, so that
+    # with x̃ clamped to [−1, W] both neighbours floor(x̃) and floor(x̃) + 1 lie in the bordered map.
+    # Row of (y, x): (b*heads + h)*Sp + start_l + (y+1)*(W_l+3) + (x+1).
+    padded = [(h + 3) * (w + 3) for h, w in shapes]
     Sp = sum(padded)
     itype = torch.int32 if B * heads * Sp < 2**31 else torch.int64
     maps = value.to(dtype).permute(0, 2, 1, 3).split([h * w for h, w in shapes], dim=2)
     table = torch.cat(
-        [F.pad(m.unflatten(2, hw), (0, 0, 1, 1, 1, 1)).flatten(2, 3) for m, hw in zip(maps, shapes)], dim=2
+        [F.pad(m.unflatten(2, hw), (0, 0, 1, 2, 1, 2)).flatten(2, 3) for m, hw in zip(maps, shapes)], dim=2
     ).view(B * heads * Sp, dh)
 
-    wh = torch.tensor([[w for _, w in shapes], [h for h, _ in shapes]], dtype=itype, device=device)
-    size = wh.to(dtype)[:, :, None]  # (W, H) by level
-    # Pixel coordinates x̃ = x·W − 0.5, ỹ = y·H − 0.5, laid out (B, Lq, heads, xy, levels, points);
-    # clamping to [−2, size+1] only affects points whose neighbours are all off the map.
-    pix = (locations.to(dtype).movedim(-1, 3).contiguous() * size - 0.5).clamp(max=size + 1).clamp_(min=-2.0)
+    wh = [[w for _, w in shapes], [h for h, _ in shapes]]
+    size = torch.tensor(wh, dtype=dtype, device=device).view(2, levels, 1)  # (W, H) by level
+    # Pixel coordinates x̃ = x·W − 0.5, ỹ = y·H − 0.5, laid out (B, Lq, heads, xy, levels, points). Clamping
+    # to [−1, size] changes no sample: beyond it both neighbours are border zeros, and at the clamp the
+    # neighbour that is not a border zero gets weight 0.
+    pix = torch.minimum(locations.to(dtype).movedim(-1, 3).contiguous() * size - 0.5, size).clamp_(min=-1.0)
     low = pix.floor()
     frac = pix - low
-    # Neighbour coordinates in the bordered map, (B, Lq, heads, xy, corner, levels, points).
-    corner = low.to(itype)[:, :, :, :, None] + torch.tensor([0, 1], dtype=itype, device=device).view(2, 1, 1)
-    corner = torch.minimum(corner.clamp_(min=-1), wh.view(2, 1, levels, 1)) + 1
+    stride = torch.tensor([w + 3 for _, w in shapes], dtype=itype, device=device).view(levels, 1)
     start = torch.tensor([0, *padded[:-1]], dtype=itype, device=device).cumsum(0, dtype=itype)
-    batch_head = torch.arange(B * heads, dtype=itype, device=device).view(B, 1, heads, 1, 1, 1)
-    base = batch_head * Sp + start.view(levels, 1)
-    row = corner[:, :, :, 1] * (wh[0] + 2).view(levels, 1) + base  # (B, Lq, heads, y-corner, ...)
-    index = row[:, :, :, :, None] + corner[:, :, :, 0, None]  # (B, Lq, heads, y-corner, x-corner, ...)
+    batch_head = torch.arange(B * heads, dtype=itype, device=device).view(B, 1, heads, 1, 1)
+    base = batch_head * Sp + (start.view(levels, 1) + stride + 1)  # bordered (0, 0) of each level map
+    corner = low.to(itype)
+    top_left = corner[:, :, :, 1] * stride + corner[:, :, :, 0] + base  # (B, Lq, heads, levels, points)
+    # Neighbour rows, (B, Lq, heads, y-corner, x-corner, levels, points).
+    rows = torch.stack([torch.zeros_like(stride), stride])[:, None]  # (y-corner, 1, levels, 1)
+    index = top_left[:, :, :, None, None] + (
+        rows + torch.tensor([0, 1], dtype=itype, device=device).view(2, 1, 1)
+    )
 
     bilinear = torch.stack([1 - frac, frac], dim=4)  # (B, Lq, heads, xy, corner, levels, points)
     wy = bilinear[:, :, :, 1] * weights.to(dtype)[:, :, :, None]
@@ -144,10 +152,10 @@ class MSDeformAttn(nn.Module):
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         self.dim, self.levels, self.heads, self.points = dim, levels, heads, points
-        self.sampling_offsets = nn.Linear(dim, heads * levels * points * 2)
-        self.attention_weights = nn.Linear(dim, heads * levels * points)
-        self.value_proj = nn.Linear(dim, dim)
-        self.output_proj = nn.Linear(dim, dim)
+        self.sampling_offsets = Linear(dim, heads * levels * points * 2)
+        self.attention_weights = Linear(dim, heads * levels * points)
+        self.value_proj = Linear(dim, dim)
+        self.output_proj = Linear(dim, dim)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

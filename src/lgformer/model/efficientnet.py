@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lgformer.errors import LGFormerError
+from lgformer.model.layers import Conv1x1
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -61,6 +62,8 @@ def _bn(channels: int) -> nn.BatchNorm2d:
 
 def _conv(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
     """Bias-free conv with TensorFlow "SAME" padding (symmetric k // 2 when stride is 1)."""
+    if kernel == 1 and stride == 1 and groups == 1:
+        return Conv1x1(cin, cout, bias=False)
     if stride == 1:
         return nn.Conv2d(cin, cout, kernel, padding=kernel // 2, groups=groups, bias=False)
     return Conv2dSame(cin, cout, kernel, stride=stride, groups=groups, bias=False)

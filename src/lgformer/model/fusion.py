@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lgformer.model.layers import Linear
+
 IN_EPS = 1e-5
 
 
@@ -50,14 +52,12 @@ class PixelWordAttention(nn.Module):
             raise ValueError(f"fusion width {dim} is not divisible by {heads} heads")
         self.heads = heads
         self.scale = dim**-0.5
-        self.query = nn.Linear(dim, dim)
-        self.key = nn.Linear(text_dim, dim)
-        self.value = nn.Linear(text_dim, dim)
-        self.W = nn.Linear(dim, dim)
+        self.query = Linear(dim, dim)
+        self.key = Linear(text_dim, dim)
+        self.value = Linear(text_dim, dim)
+        self.W = Linear(dim, dim)
 
-    def forward(
-        self, x: torch.Tensor, l: torch.Tensor, m: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, l: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mm = m.unsqueeze(-1)
         q = _split_heads(instance_norm_tokens(self.query(x)), self.heads)
         k = _split_heads(self.key(l) * mm, self.heads)
@@ -75,17 +75,15 @@ class VLBA(nn.Module):
         if text_dim % heads:
             raise ValueError(f"text width {text_dim} is not divisible by {heads} fusion heads")
         self.heads = heads
-        self.vis_project = nn.Linear(dim, dim)
-        self.lang_project = nn.Linear(text_dim, text_dim)
+        self.vis_project = Linear(dim, dim)
+        self.lang_project = Linear(text_dim, text_dim)
         self.attn = PixelWordAttention(dim, text_dim, heads)
-        self.sym_value = nn.Linear(dim, text_dim)
-        self.sym_W = nn.Linear(text_dim, text_dim)
-        self.project_mm = nn.ModuleList([nn.Linear(2 * dim, dim), nn.Linear(dim, dim)])
-        self.sym_project_mm = nn.ModuleList([nn.Linear(2 * text_dim, text_dim), nn.Linear(text_dim, text_dim)])
+        self.sym_value = Linear(dim, text_dim)
+        self.sym_W = Linear(text_dim, text_dim)
+        self.project_mm = nn.ModuleList([Linear(2 * dim, dim), Linear(dim, dim)])
+        self.sym_project_mm = nn.ModuleList([Linear(2 * text_dim, text_dim), Linear(text_dim, text_dim)])
 
-    def forward(
-        self, x: torch.Tensor, l: torch.Tensor, m: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, l: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mm = m.unsqueeze(-1)
         vp = F.gelu(self.vis_project(x))
         lp = F.gelu(self.lang_project(l)) * mm
@@ -104,9 +102,9 @@ class PWAM(nn.Module):
 
     def __init__(self, dim: int, text_dim: int, heads: int = 1) -> None:
         super().__init__()
-        self.vis_project = nn.Linear(dim, dim)
+        self.vis_project = Linear(dim, dim)
         self.attn = PixelWordAttention(dim, text_dim, heads)
-        self.project_mm = nn.Linear(dim, dim)
+        self.project_mm = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, l: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, None]:
         response, _ = self.attn(x, l, m)
@@ -117,7 +115,7 @@ class Gate(nn.Sequential):
     """tanh(W2 ReLU(W1 x)), no biases: the per-token, per-channel residual gate (spec §3.5)."""
 
     def __init__(self, dim: int) -> None:
-        super().__init__(nn.Linear(dim, dim, bias=False), nn.ReLU(), nn.Linear(dim, dim, bias=False), nn.Tanh())
+        super().__init__(Linear(dim, dim, bias=False), nn.ReLU(), Linear(dim, dim, bias=False), nn.Tanh())
         # The authors' constructor zeroes these, but their backbone-wide re-init then draws every Linear
         # from trunc-normal(0.02): that is the effective init (spec §9); `gate_init: zeros` restores zeros.
         for layer in (self[0], self[2]):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lgformer.model.deformable_attention import MSDeformAttn
-from lgformer.model.layers import CrossAttentionLayer, masked_mean, sine_position_embedding
+from lgformer.model.layers import Conv1x1, CrossAttentionLayer, Linear, masked_mean, sine_position_embedding
 
 LEVELS = 3
 
@@ -28,8 +28,8 @@ class DeformableLayer(nn.Module):
         super().__init__()
         self.self_attn = MSDeformAttn(dim, LEVELS, heads, points)
         self.norm1 = nn.LayerNorm(dim)
-        self.linear1 = nn.Linear(dim, ffn)
-        self.linear2 = nn.Linear(ffn, dim)
+        self.linear1 = Linear(dim, ffn)
+        self.linear2 = Linear(ffn, dim)
         self.norm2 = nn.LayerNorm(dim)
 
     def forward(
@@ -80,18 +80,20 @@ class PixelDecoder(nn.Module):
         self.l2va_keys = l2va_keys
         # Level l reads F_{4-l}: coarse to fine (level 0 is 1/32).
         self.input_proj = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(in_channels[3 - lvl], dim, 1), _group_norm(dim)) for lvl in range(LEVELS)
+            nn.Sequential(Conv1x1(in_channels[3 - lvl], dim), _group_norm(dim)) for lvl in range(LEVELS)
         )
         self.level_embed = nn.Parameter(torch.randn(LEVELS, dim))
         # Deep copies of one layer, as the authors build them: the 1-D biases start identical.
         self.layers = _clones(DeformableLayer(dim, heads, points, ffn), layers)
-        self.cross_layers = _clones(CrossAttentionLayer(dim, text_dim, heads, l2va_ffn), layers) if l2va else None
+        self.cross_layers = (
+            _clones(CrossAttentionLayer(dim, text_dim, heads, l2va_ffn), layers) if l2va else None
+        )
         self.key_embed = nn.Embedding(max_tokens, text_dim) if l2va and l2va_keys == "word" else None
-        self.lateral = nn.Sequential(nn.Conv2d(in_channels[0], dim, 1, bias=False), _group_norm(dim))
+        self.lateral = nn.Sequential(Conv1x1(in_channels[0], dim, bias=False), _group_norm(dim))
         self.output_conv = nn.Sequential(
             nn.Conv2d(dim, dim, 3, padding=1, bias=False), _group_norm(dim), nn.ReLU()
         )
-        self.mask_features = nn.Conv2d(dim, dim, 1)
+        self.mask_features = Conv1x1(dim, dim)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -128,7 +130,10 @@ class PixelDecoder(nn.Module):
         shapes = [(m.shape[2], m.shape[3]) for m in maps]
         src = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], dim=1)  # (B, S, dim)
         pos = torch.cat(
-            [sine_position_embedding(h, w, self.dim, src.device) + self.level_embed[lvl] for lvl, (h, w) in enumerate(shapes)]
+            [
+                sine_position_embedding(h, w, self.dim, src.device) + self.level_embed[lvl]
+                for lvl, (h, w) in enumerate(shapes)
+            ]
         )[None]
         ref = _reference_points(tuple(shapes), src.device)
         if self.cross_layers is not None:
@@ -148,5 +153,7 @@ class PixelDecoder(nn.Module):
             for level, (h, w) in zip(src.split([h * w for h, w in shapes], dim=1), shapes)
         ]
         lateral = self.lateral(feats[0])
-        y = lateral + F.interpolate(ms_feats[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
+        y = lateral + F.interpolate(
+            ms_feats[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False
+        )
         return self.mask_features(self.output_conv(y)), ms_feats

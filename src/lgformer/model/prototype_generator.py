@@ -13,7 +13,7 @@ import copy
 import torch
 from torch import nn
 
-from lgformer.model.layers import CrossAttentionLayer, masked_mean, sine_position_embedding
+from lgformer.model.layers import CrossAttentionLayer, Linear, masked_mean, sine_position_embedding
 
 
 class PrototypeGenerator(nn.Module):
@@ -35,7 +35,7 @@ class PrototypeGenerator(nn.Module):
         self.levels = levels
         self.num_queries = num_queries if query == "learnable" else 1
         if query == "linguistic":
-            self.txt_proj = nn.Linear(text_dim, text_dim)
+            self.txt_proj = Linear(text_dim, text_dim)
         else:
             self.query_feat = nn.Embedding(self.num_queries, text_dim)
         if layers:
