@@ -60,10 +60,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--eval-refs", type=int, default=96, help="held-out objects to score (default %(default)s)"
     )
     p.add_argument(
-        "--scenes", type=int, default=8, help="scenes in the gallery, two per level (default %(default)s)"
+        "--scenes",
+        type=int,
+        default=8,
+        help="held-out scenes in the gallery, levels 1-4 in turn (default %(default)s)",
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default %(default)s)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="scene generation processes")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="scene generation processes (default: all cores)",
+    )
     train = p.add_argument_group("retraining (--train): the recipe of the shipped default model")
     train.add_argument("--train", action="store_true", help="retrain the default model from scratch first")
     train.add_argument("--steps", type=int, default=3000, help="optimizer steps (default %(default)s)")

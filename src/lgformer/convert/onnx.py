@@ -166,7 +166,6 @@ def export_onnx(
             verbose=False,
         )
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     worst = 0.0
 
     def write_checked(tmp: str) -> None:

@@ -2,14 +2,21 @@
 
 Random weights (timing does not depend on their values). The full forward includes the text encoder;
 the text encoder, backbone, pixel decoder and prototype generator (+ head) are also timed one by one
-on the intermediate tensors of a full forward. Efficiency is the achieved model GFLOP/s divided by the
-GEMM GFLOP/s measured in the same process, at the same dtype and thread count. On CPU memory is the
-peak resident set (VmHWM, reset before each phase); on GPU `torch.cuda.max_memory_allocated`.
+on the intermediate tensors of a full forward. Every timed call enters autocast itself, as an evaluation
+loop does (bf16 weight casts are part of the cost). GFLOP come from PyTorch's flop counter (deformable
+sampling not counted). Efficiency is the achieved GFLOP/s divided by the best n x n GEMM rate measured in
+the same process at the same dtype and thread count, over `torch.mm` and the network's own `linear`
+(oneDNN for fp32 on x86 CPUs, which there is ~2x `torch.mm`'s MKL sgemm); the ratio to `torch.mm` alone is
+reported too. On CPU memory is the peak resident set (VmHWM, reset before each phase); on GPU
+`torch.cuda.max_memory_allocated`. `--train` times one step of the preset's training recipe (forward at
+1/4 scale, loss, backward, gradient clipping if configured, AdamW).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 import platform
 import resource
 import statistics
@@ -29,11 +36,26 @@ GEMM_SIZE = 2048
 VALID_TOKENS = 12  # [CLS] + 10 wordpieces + [SEP], a typical RefCOCO expression
 CLEAR_REFS = Path("/proc/self/clear_refs")
 STATUS = Path("/proc/self/status")
+CPUINFO = Path("/proc/cpuinfo")
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """Autocast at `dtype` on `device`, or nothing for fp32."""
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def cpu_name() -> str:
+    """'AMD EPYC (family 26, model 2, 2 CPUs)' from /proc/cpuinfo, else the platform's processor string."""
+    fields: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in CPUINFO.read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or "cpu"
+    family = (
+        f"family {fields['cpu family']}, model {fields.get('model', '?')}, " if "cpu family" in fields else ""
+    )
+    return f"{name} ({family}{os.cpu_count()} CPUs)"
 
 
 def synchronize(device: torch.device) -> None:
@@ -69,17 +91,22 @@ def summarise(times: list[float]) -> dict[str, float]:
 
 def gemm_gflops(
     dtype: torch.dtype | None, device: torch.device, n: int = GEMM_SIZE, repeat: int = 5
-) -> float:
-    """Best GFLOP/s of an n x n x n matrix product at `dtype` (fp32 when None)."""
+) -> dict[str, float]:
+    """GFLOP/s of an n x n x n product at `dtype` (fp32 when None): `torch.mm`, the network's `linear`
+    (oneDNN for fp32 on x86 CPUs, see `lgformer.model.layers`) and the best of the two."""
+    from lgformer.model.layers import linear
+
     a = torch.randn(n, n, device=device, dtype=dtype or torch.float32)
     b = torch.randn(n, n, device=device, dtype=dtype or torch.float32)
-    best = min(time_calls(lambda: torch.mm(a, b), repeat, 2, device))
-    return 2 * n**3 / best / 1e9
+    with torch.inference_mode():
+        rates = {
+            name: 2 * n**3 / min(time_calls(fn, repeat, 2, device)) / 1e9
+            for name, fn in (("torch_mm", lambda: torch.mm(a, b)), ("linear", lambda: linear(a, b)))
+        }
+    return {**rates, "best": max(rates.values())}
 
 
-def count_gflop(
-    model: nn.Module, fn: Callable[[], Any], device: torch.device, dtype: torch.dtype | None
-) -> float:
+def count_gflop(model: nn.Module, fn: Callable[[], Any]) -> float:
     """GFLOP of one call of `fn` by PyTorch's flop counter (matmuls, convolutions, attention).
 
     The counter's module hooks reject inference tensors and parameters that require grad under no_grad,
@@ -87,11 +114,18 @@ def count_gflop(
     """
     from torch.utils.flop_counter import FlopCounterMode
 
+    from lgformer.model import layers
+
+    def onednn_linear_flop(x: Any, w: Any, *_: Any, out_shape: Any = None, **__: Any) -> int:
+        """2·M·K·N for `mkldnn._linear_pointwise`, which the counter does not know (lgformer.model.layers)."""
+        return 2 * math.prod(x[:-1]) * x[-1] * w[0]
+
+    mapping = {torch.ops.mkldnn._linear_pointwise: onednn_linear_flop} if layers.ONEDNN else {}
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:
         p.requires_grad_(False)
     try:
-        with torch.no_grad(), autocast(device, dtype), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
             fn()
     finally:
         for p in trainable:
@@ -133,13 +167,16 @@ def make_inputs(cfg: Config, size: int, batch: int, device: torch.device) -> dic
     return {k: v.to(device) for k, v in dict(image=image, ids=ids, mask=mask, target=target).items()}
 
 
-def _parts(model: nn.Module, x: dict[str, torch.Tensor]) -> dict[str, Callable[[], Any]]:
-    """Closures running each box on the intermediates of one full forward."""
+def _parts(
+    model: nn.Module, x: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype | None
+) -> dict[str, Callable[[], Any]]:
+    """Closures running each box (under its own autocast) on the intermediates of one full forward."""
     image, ids, mask = x["image"], x["ids"], x["mask"]
-    words = model.text_encoder(ids, mask)
-    feats, text_dec = model.image_encoder(image, words, mask)
-    mask_features, ms_feats = model.pixel_decoder(feats, text_dec, mask)
-    return {
+    with autocast(device, dtype):
+        words = model.text_encoder(ids, mask)
+        feats, text_dec = model.image_encoder(image, words, mask)
+        mask_features, ms_feats = model.pixel_decoder(feats, text_dec, mask)
+    boxes = {
         "text_encoder": lambda: model.text_encoder(ids, mask),
         "backbone": lambda: model.image_encoder(image, words, mask),
         "pixel_decoder": lambda: model.pixel_decoder(feats, text_dec, mask),
@@ -147,6 +184,15 @@ def _parts(model: nn.Module, x: dict[str, torch.Tensor]) -> dict[str, Callable[[
             model.prototype_generator(text_dec, mask, ms_feats), mask_features
         ),
     }
+
+    def under_autocast(fn: Callable[[], Any]) -> Callable[[], Any]:
+        def call() -> Any:
+            with autocast(device, dtype):
+                return fn()
+
+        return call
+
+    return {name: under_autocast(fn) for name, fn in boxes.items()}
 
 
 def train_step(
@@ -184,6 +230,7 @@ def run(
     train: bool = False,
     device: str = "auto",
     parts: bool = True,
+    decoder_autocast: bool = False,
 ) -> dict[str, Any]:
     """Benchmark `preset` and return the report as a dict (see the module docstring)."""
     from lgformer.model.build import build_model
@@ -198,10 +245,13 @@ def run(
     size = size or cfg.data.image_size
     torch.manual_seed(0)
     model = build_model(cfg.model, pretrained=False).to(dev).eval()
+    model.pixel_decoder.fp32 = not decoder_autocast
     x = make_inputs(cfg, size, batch, dev)
 
     def forward() -> torch.Tensor:
-        return model(x["image"], x["mask"], ids=x["ids"])
+        # autocast per call, as an evaluation loop does: weight casts are part of the cost
+        with autocast(dev, amp):
+            return model(x["image"], x["mask"], ids=x["ids"])
 
     report: dict[str, Any] = {
         "preset": cfg.preset or preset,
@@ -209,11 +259,12 @@ def run(
         "batch": batch,
         "dtype": dtype,
         "threads": torch.get_num_threads(),
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
         "torch": torch.__version__,
         "repeat": repeat,
+        "pixel_decoder_fp32": not decoder_autocast,
     }
-    with torch.inference_mode(), autocast(dev, amp):
+    with torch.inference_mode():
         reset_peak_memory(dev)
         full = time_calls(forward, repeat, 2, dev)
         report["peak_memory_mb"] = round(peak_memory_mb(dev), 1)
@@ -222,13 +273,17 @@ def run(
         report["images_per_s"] = batch / report["latency"]["median_s"]
         if parts:
             report["parts"] = {
-                name: summarise(time_calls(fn, repeat, 1, dev)) for name, fn in _parts(model, x).items()
+                name: summarise(time_calls(fn, repeat, 1, dev))
+                for name, fn in _parts(model, x, dev, amp).items()
             }
-    gflop = count_gflop(model, forward, dev, amp)
+    gflop = count_gflop(model, forward)
+    gemm = gemm_gflops(amp, dev)
     report["gflop"] = gflop / batch
-    report["gemm_gflops"] = gemm_gflops(amp, dev)
+    report["gemm_gflops"] = gemm["best"]
+    report["gemm_gflops_torch_mm"] = gemm["torch_mm"]
     report["achieved_gflops"] = gflop / report["latency"]["median_s"]
-    report["efficiency"] = report["achieved_gflops"] / report["gemm_gflops"]
+    report["efficiency"] = report["achieved_gflops"] / gemm["best"]
+    report["efficiency_vs_torch_mm"] = report["achieved_gflops"] / gemm["torch_mm"]
     if train:
         step = train_step(model, cfg, x, amp, dev)
         reset_peak_memory(dev)
@@ -257,7 +312,8 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"    {name:<18} {span(t)}")
     lines += [
         f"  model                {r['gflop']:9.1f} GFLOP/image   {r['achieved_gflops']:.1f} GFLOP/s achieved",
-        f"  GEMM                 {r['gemm_gflops']:9.1f} GFLOP/s   efficiency {r['efficiency']:.2f}",
+        f"  GEMM                 {r['gemm_gflops']:9.1f} GFLOP/s   efficiency {r['efficiency']:.2f}   "
+        f"(torch.mm {r['gemm_gflops_torch_mm']:.1f} GFLOP/s: {r['efficiency_vs_torch_mm']:.2f})",
         f"  {memory:<20} {r['peak_memory_mb']:9.1f} MB",
     ]
     if "train" in r:

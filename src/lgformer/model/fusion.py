@@ -9,10 +9,9 @@ Both take tokens `x` (B, N, C), words `l` (B, T, D) and a float mask `m` (B, T) 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from lgformer.model.layers import Linear
+from lgformer.model.layers import Linear, linear
 
 IN_EPS = 1e-5
 
@@ -25,6 +24,11 @@ def instance_norm_tokens(x: torch.Tensor) -> torch.Tensor:
     """
     centred = x - x.mean(dim=1, keepdim=True)
     return centred * torch.rsqrt(centred.pow(2).mean(dim=1, keepdim=True) + IN_EPS)
+
+
+def _linear(layer: nn.Linear, x: torch.Tensor, activation: str) -> torch.Tensor:
+    """activation(layer(x)), fused into the product where `linear` can."""
+    return linear(x, layer.weight, layer.bias, activation)
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -85,16 +89,18 @@ class VLBA(nn.Module):
 
     def forward(self, x: torch.Tensor, l: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mm = m.unsqueeze(-1)
-        vp = F.gelu(self.vis_project(x))
-        lp = F.gelu(self.lang_project(l)) * mm
+        vp = _linear(self.vis_project, x, "gelu")
+        lp = _linear(self.lang_project, l, "gelu") * mm
         vr, logits = self.attn(x, l, m)
         # Language branch: the same logits, softmax over pixels (padded rows are constant along N).
         vv = _split_heads(instance_norm_tokens(self.sym_value(x)), self.heads)
         lr = _merge_heads(torch.matmul(logits.transpose(-1, -2).softmax(dim=-1), vv)) * mm
         lr = self.sym_W(lr) * mm
-        v_m = F.gelu(self.project_mm[1](F.gelu(self.project_mm[0](torch.cat([vp, vr], dim=-1)))))
-        l_m = F.gelu(self.sym_project_mm[1](F.gelu(self.sym_project_mm[0](torch.cat([lp, lr], dim=-1)))))
-        return v_m, l_m * mm
+        v_m = _linear(
+            self.project_mm[1], _linear(self.project_mm[0], torch.cat([vp, vr], dim=-1), "gelu"), "gelu"
+        )
+        l_m = _linear(self.sym_project_mm[0], torch.cat([lp, lr], dim=-1), "gelu")
+        return v_m, _linear(self.sym_project_mm[1], l_m, "gelu") * mm
 
 
 class PWAM(nn.Module):
@@ -108,7 +114,7 @@ class PWAM(nn.Module):
 
     def forward(self, x: torch.Tensor, l: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, None]:
         response, _ = self.attn(x, l, m)
-        return F.gelu(self.project_mm(F.gelu(self.vis_project(x)) * response)), None
+        return _linear(self.project_mm, _linear(self.vis_project, x, "gelu") * response, "gelu"), None
 
 
 class Gate(nn.Sequential):
@@ -120,6 +126,9 @@ class Gate(nn.Sequential):
         # from trunc-normal(0.02): that is the effective init (spec §9); `gate_init: zeros` restores zeros.
         for layer in (self[0], self[2]):
             nn.init.trunc_normal_(layer.weight, std=0.02, a=-2.0, b=2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(linear(x, self[0].weight, None, "relu"), self[2].weight, None, "tanh")
 
 
 FUSIONS: dict[str, type[nn.Module]] = {"vlba": VLBA, "pwam": PWAM}

@@ -8,6 +8,7 @@ from torch import nn
 
 from lgformer.model.backbone import MultiModalBackbone
 from lgformer.model.head import MaskHead
+from lgformer.model.layers import tune_cpu_allocator, use_fast_linear
 from lgformer.model.pixel_decoder import PixelDecoder
 from lgformer.model.prototype_generator import PrototypeGenerator
 from lgformer.model.text_encoder import TextEncoder
@@ -32,7 +33,7 @@ class LGFormer(nn.Module):
     ) -> None:
         super().__init__()
         self.image_encoder = image_encoder
-        self.text_encoder = text_encoder
+        self.text_encoder = use_fast_linear(text_encoder)  # its fp32 products on oneDNN too (model.layers)
         self.pixel_decoder = pixel_decoder
         self.prototype_generator = prototype_generator
         self.head = head
@@ -45,6 +46,8 @@ class LGFormer(nn.Module):
         text_features: torch.Tensor | None = None,
         upsample: bool = True,
     ) -> torch.Tensor:
+        if image.device.type == "cpu":
+            tune_cpu_allocator()
         if text_features is None:
             if ids is None:
                 raise ValueError("pass token `ids` or precomputed `text_features`")

@@ -1,0 +1,132 @@
+"""Fast paths compute what the plain PyTorch formulation computes; bf16 autocast keeps the masks; bench runs.
+
+No timings are asserted here: speed is measured by `lgformer bench` (README, "Speed").
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lgformer.cli import main
+from lgformer.model.deformable_attention import _bag_sample, ms_deform_attn_sample
+from lgformer.model.layers import Conv1x1, Linear, linear, multi_head_attention
+
+GOLDEN = (
+    Path(__file__).resolve().parents[2]
+    / "shared"
+    / "reference"
+    / "official"
+    / "golden_tiny_w7_224.safetensors"
+)
+
+
+@pytest.mark.parametrize("decoder_fp32", [True, False])
+def test_bf16_masks_agree_with_fp32_golden(decoder_fp32: bool) -> None:
+    """Issue 6: under bf16 autocast the recipe model's masks (logit > 0) match the fp32 golden masks."""
+    from safetensors.torch import load_file
+
+    from lgformer.convert.verify import build_recipe_model
+
+    assert GOLDEN.is_file(), f"golden file not found at {GOLDEN}"
+    data = load_file(GOLDEN)
+    model = build_recipe_model("tiny-w7")
+    model.pixel_decoder.fp32 = decoder_fp32
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(data["image"], data["text_mask"], text_features=data["text_features"])
+    agree = ((logits[:, -1].float() > 0) == (data["logits_6"][:, 0] > 0)).float().mean().item()
+    assert agree >= 0.98
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "gelu", "tanh"])
+def test_linear_matches_f_linear_with_gradients(activation: str | None) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 40, 24).transpose(0, 1)  # non-contiguous input
+    w, b = torch.randn(16, 24) * 0.2, torch.randn(16)
+    ref_fn = {None: lambda t: t, "relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}[activation]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            linear(x, w, b, activation), ref_fn(F.linear(x, w, b)), rtol=1e-5, atol=1e-5
+        )
+    grads = []
+    for fn in (lambda *a: linear(*a, activation), lambda *a: ref_fn(F.linear(*a))):
+        inputs = [t.clone().requires_grad_() for t in (x, w, b)]
+        fn(*inputs).square().sum().backward()
+        grads.append([t.grad for t in inputs])
+    for got, expected in zip(*grads):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_linear_module_keeps_nn_linear_state_dict() -> None:
+    assert Linear(4, 3).state_dict().keys() == nn.Linear(4, 3).state_dict().keys()
+    assert isinstance(Linear(4, 3), nn.Linear)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv1x1_matches_conv2d(channels_last: bool) -> None:
+    torch.manual_seed(0)
+    conv = Conv1x1(8, 5)
+    x = torch.randn(2, 8, 7, 6)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_dim", [12, 16])
+def test_multi_head_attention_matches_module(kv_dim: int) -> None:
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, kdim=kv_dim, vdim=kv_dim, batch_first=True)
+    with torch.no_grad():
+        mha.in_proj_bias.normal_()
+    query, key, value = torch.randn(2, 9, 16), torch.randn(2, 5, kv_dim), torch.randn(2, 5, kv_dim)
+    padding = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    with torch.no_grad():
+        expected = mha(query, key, value, key_padding_mask=padding, need_weights=False)[0]
+        got = multi_head_attention(mha, query, key, value, padding)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_deformable_sampling_backward_matches_embedding_bag_autograd() -> None:
+    """The grid_sampler-based backward equals autograd through the embedding_bag forward (float64)."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3, 4), (5, 7), (9, 11)]
+    S = sum(h * w for h, w in shapes)
+    value = torch.randn(2, S, 3, 4, generator=g, dtype=torch.float64)
+    loc = torch.rand(2, 10, 3, 3, 2, 2, generator=g, dtype=torch.float64) * 1.6 - 0.3
+    weights = torch.rand(2, 10, 3, 3, 2, generator=g, dtype=torch.float64)
+    grad = torch.randn(2, 10, 12, generator=g, dtype=torch.float64)
+    results = []
+    for fn in (ms_deform_attn_sample, _bag_sample):
+        inputs = [t.clone().requires_grad_() for t in (value, loc, weights)]
+        out = fn(inputs[0], shapes, inputs[1], inputs[2])
+        results.append((out.detach(), *torch.autograd.grad(out, inputs, grad)))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+
+
+def test_bench_json_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "--preset", "lite", "--size", "64", "--repeat", "1", "--train", "--json"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    for field in (
+        "latency",
+        "images_per_s",
+        "parts",
+        "gflop",
+        "gemm_gflops",
+        "efficiency",
+        "peak_memory_mb",
+        "train",
+        "device",
+        "threads",
+    ):
+        assert field in report, field
+    assert set(report["parts"]) == {"text_encoder", "backbone", "pixel_decoder", "prototype_generator"}
+    assert report["gflop"] > 0 and report["gemm_gflops"] > 0 and report["train"]["median_s"] > 0
+    assert report["latency"]["min_s"] <= report["latency"]["median_s"] <= report["latency"]["max_s"]
