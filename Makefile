@@ -3,8 +3,9 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: setup test lint demo clean
+.PHONY: setup browser test lint demo demo-train clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -16,14 +17,22 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The web page is tested in Debian's headless chromium (never a downloaded browser).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
-test: lint
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/pytest
+test: lint browser
+	$(OFFLINE) $(BIN)/pytest
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/lgformer demo
+	$(OFFLINE) $(BIN)/lgformer demo
+
+demo-train: $(STAMP)
+	$(OFFLINE) $(BIN)/lgformer demo --train
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -27,7 +27,7 @@ from torch import nn
 from lgformer import config as config_mod
 from lgformer.app.shipped import DEFAULT_MODEL, SHIPPED
 from lgformer.config import Config
-from lgformer.data.images import _to_rgb, image_tensor, load_image
+from lgformer.data.images import to_rgb, image_tensor, load_image
 from lgformer.errors import LGFormerError
 from lgformer.model.text_encoder import Tokenizer
 
@@ -96,7 +96,7 @@ def read_image(image: ImageInput) -> Image.Image:
     if isinstance(image, (str, Path)):
         picture, where = load_image(image, exif_transpose=True), str(image)
     elif isinstance(image, Image.Image):
-        picture, where = _to_rgb(image, Path("<PIL image>")), "image"
+        picture, where = to_rgb(image, Path("<PIL image>")), "image"
     elif isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise LGFormerError(

@@ -48,7 +48,7 @@ def load_image(
                 im.load()
                 if exif_transpose:
                     im = ImageOps.exif_transpose(im)
-                return _to_rgb(im, path)
+                return to_rgb(im, path)
     except FileNotFoundError:
         raise LGFormerError(f"image not found: {path}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -57,7 +57,7 @@ def load_image(
         raise LGFormerError(f"{path}: cannot decode image ({_first_line(exc)})") from None
 
 
-def _to_rgb(im: Image.Image, path: Path) -> Image.Image:
+def to_rgb(im: Image.Image, path: Path) -> Image.Image:
     if im.mode in _SIXTEEN_BIT:
         values = np.asarray(im, dtype=np.float64)
         gray = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
