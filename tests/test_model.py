@@ -19,7 +19,11 @@ ABLATIONS = {
     "learnable-k10": ["model.query=learnable", "model.num_queries=10"],
     "no-head-bias": ["model.head_bias=false"],
     "fusion-heads": ["model.fusion_heads=[2,2,2,2]"],
-    "paper-loss": ["model.loss_resolution=quarter", "model.loss_all_outputs=false", "model.loss_pos_weight=1.0"],
+    "paper-loss": [
+        "model.loss_resolution=quarter",
+        "model.loss_all_outputs=false",
+        "model.loss_pos_weight=1.0",
+    ],
 }
 
 
@@ -169,3 +173,18 @@ def test_bad_config_values_are_named():
         config_mod.load("lite", ["model.fuson=pwam"])
     with pytest.raises(LGFormerError, match="expected an integer"):
         config_mod.load("lite", ["model.decoder_layers=three"])
+
+
+@pytest.mark.parametrize("preset", ["lite", "official-swin-t"])
+def test_training_after_inference_mode_evaluation(preset):
+    """Size-keyed caches (window orders, masks, position tables) first filled under inference_mode, as
+    validation does, must still serve a training step at the same size afterwards."""
+    model, _ = _model(preset, ["model.drop_path=0.0"])
+    image, ids, mask = _inputs(1, 64, [6])
+    model.eval()
+    with torch.inference_mode():
+        model(image, mask, ids=ids)
+    model.train()
+    logits = model(image, mask, ids=ids, upsample=False)
+    mask_loss(logits, (torch.rand(1, 64, 64) > 0.5).float()).backward()
+    assert model.head.mlp[0].weight.grad is not None

@@ -33,21 +33,28 @@ def _keys_tsv(name: str) -> dict[str, tuple[int, ...]]:
 
 
 def test_verify_official_golden_passes(capsys):
-    assert main([ "verify-official", str(GOLDEN), "--variant", "tiny-w7"]) == 0
+    assert main(["verify-official", str(GOLDEN), "--variant", "tiny-w7"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert [line.split()[0] for line in out[:-1]] == [f"logits_{i}" for i in range(7)]
     assert out[-1].startswith("max_abs_diff=") and float(out[-1].split("=")[1]) <= 1e-4
 
 
-@pytest.mark.parametrize(("preset", "window", "tsv"), [
-    ("official-swin-t", 7, "official_tiny_w7_keys.tsv"),
-    ("official-swin-b", 12, "official_base_w12_keys.tsv"),
-])
+@pytest.mark.parametrize(
+    ("preset", "window", "tsv"),
+    [
+        ("official-swin-t", 7, "official_tiny_w7_keys.tsv"),
+        ("official-swin-b", 12, "official_base_w12_keys.tsv"),
+    ],
+)
 def test_to_official_matches_the_authors_layout(preset, window, tsv):
     cfg = config_mod.preset(preset).model
     cfg.window = window
     model = build_model(cfg, pretrained=False)
-    ours = {k: tuple(v.shape) for k, v in to_official(model.state_dict()).items() if not k.startswith("text_encoder.")}
+    ours = {
+        k: tuple(v.shape)
+        for k, v in to_official(model.state_dict()).items()
+        if not k.startswith("text_encoder.")
+    }
     assert ours == _keys_tsv(tsv)
 
 
@@ -131,11 +138,26 @@ def test_verify_official_any_batch_size_and_partial_golden(tmp_path, capsys):
     with torch.no_grad():
         logits = model(image, mask, text_features=words)
     golden = tmp_path / "golden.safetensors"
-    save_file({"image": image, "text_features": words, "text_mask": mask,
-               "logits_3": logits[:, 3:4].contiguous(), "logits_6": logits[:, 6:7].contiguous()}, golden)
+    save_file(
+        {
+            "image": image,
+            "text_features": words,
+            "text_mask": mask,
+            "logits_3": logits[:, 3:4].contiguous(),
+            "logits_6": logits[:, 6:7].contiguous(),
+        },
+        golden,
+    )
     assert main(["verify-official", str(golden), "--variant", "tiny-w7"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines[:-1]] == ["logits_3", "logits_6"]
-    save_file({"image": image, "text_features": words, "text_mask": mask,
-               "logits_6": (logits[:, 6:7] + 1e-3).contiguous()}, golden)
+    save_file(
+        {
+            "image": image,
+            "text_features": words,
+            "text_mask": mask,
+            "logits_6": (logits[:, 6:7] + 1e-3).contiguous(),
+        },
+        golden,
+    )
     assert main(["verify-official", str(golden), "--variant", "tiny-w7"]) == 1

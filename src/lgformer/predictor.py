@@ -27,7 +27,7 @@ from torch import nn
 from lgformer import config as config_mod
 from lgformer.app.shipped import DEFAULT_MODEL, SHIPPED
 from lgformer.config import Config
-from lgformer.data.images import to_rgb, image_tensor, load_image
+from lgformer.data.images import image_tensor, load_image, to_rgb
 from lgformer.errors import LGFormerError
 from lgformer.model.text_encoder import Tokenizer
 

@@ -12,11 +12,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     off.add_argument("checkpoint", help="the authors' checkpoint file (torch.save dict with 'model')")
     off.add_argument("--out", required=True, help="output checkpoint folder")
     off.add_argument(
-        "--text-encoder", default="bert-base-uncased", help="tokenizer/architecture name of the BERT (default %(default)s)"
+        "--text-encoder",
+        default="bert-base-uncased",
+        help="tokenizer/architecture name of the BERT (default %(default)s)",
     )
     off.set_defaults(handler=_convert_official)
 
-    ver = sub.add_parser("verify-official", help="reproduce the authors' golden forward pass (exit 0 iff <= 1e-4)")
+    ver = sub.add_parser(
+        "verify-official", help="reproduce the authors' golden forward pass (exit 0 iff <= 1e-4)"
+    )
     ver.add_argument("golden", help="golden .safetensors (image, text_features, text_mask, logits_i)")
     ver.add_argument("--variant", required=True, choices=["tiny-w7", "small-w7", "base-w12", "large-w12"])
     ver.set_defaults(handler=_verify_official)

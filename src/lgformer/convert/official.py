@@ -41,9 +41,15 @@ _GEN = "classifier.dynamic_conv_gen_body."
 
 _RULES: list[tuple[str, str | Callable[[re.Match[str]], str]]] = [
     (r"^image_encoder\.trunk\.stages\.0\.downsample\.", "backbone.patch_embed."),
-    (r"^image_encoder\.trunk\.stages\.(\d)\.downsample\.", lambda m: f"backbone.layers.{int(m[1]) - 1}.downsample."),
+    (
+        r"^image_encoder\.trunk\.stages\.(\d)\.downsample\.",
+        lambda m: f"backbone.layers.{int(m[1]) - 1}.downsample.",
+    ),
     (r"^image_encoder\.trunk\.stages\.(\d)\.blocks\.", r"backbone.layers.\1.blocks."),
-    (rf"^image_encoder\.fusions\.(\d)\.({_FUSION_RE})\.", lambda m: f"backbone.layers.{m[1]}.fusion.{_FUSION[m[2]]}."),
+    (
+        rf"^image_encoder\.fusions\.(\d)\.({_FUSION_RE})\.",
+        lambda m: f"backbone.layers.{m[1]}.fusion.{_FUSION[m[2]]}.",
+    ),
     (r"^image_encoder\.vis_gates\.(\d)\.", r"backbone.layers.\1.res_gate."),
     (r"^image_encoder\.text_gates\.(\d)\.", r"backbone.layers.\1.sym_res_gate."),
     (r"^image_encoder\.out_norms\.(\d)\.", r"backbone.norm\1."),
@@ -73,7 +79,9 @@ def official_name(key: str) -> str:
         new, count = pattern.subn(repl, key)
         if count:
             return new
-    raise LGFormerError(f"tensor {key!r} has no counterpart in the authors' layout (only the VLBA Swin model does)")
+    raise LGFormerError(
+        f"tensor {key!r} has no counterpart in the authors' layout (only the VLBA Swin model does)"
+    )
 
 
 def _is_conv1d(official: str) -> bool:
@@ -113,8 +121,11 @@ def from_official(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str,
             mismatched.append(f"{official} {tuple(value.shape)} (expected {tuple(ours[key].shape)})")
         out[key] = value
     problems = []
-    for label, items in (("missing", [official_name(k) for k in missing]), ("unexpected", unexpected),
-                         ("wrong shape", mismatched)):
+    for label, items in (
+        ("missing", [official_name(k) for k in missing]),
+        ("unexpected", unexpected),
+        ("wrong shape", mismatched),
+    ):
         if items:
             shown = ", ".join(items[:6]) + (f", ... ({len(items)} in all)" if len(items) > 6 else "")
             problems.append(f"{label}: {shown}")
@@ -134,8 +145,13 @@ def load_official_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a refusal
         reason = str(exc).strip().splitlines()
-        detail = next((line for line in reason if "GLOBAL" in line or "Unsupported" in line), reason[0] if reason else "")
-        raise LGFormerError(f"{path}: refused to load (not a plain tensor checkpoint: {detail[:200]})") from None
+        detail = next(
+            (line for line in reason if "GLOBAL" in line or "Unsupported" in line),
+            reason[0] if reason else "",
+        )
+        raise LGFormerError(
+            f"{path}: refused to load (not a plain tensor checkpoint: {detail[:200]})"
+        ) from None
     state = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise LGFormerError(f"{path}: expected a dict of tensors (or one under 'model')")
@@ -153,5 +169,7 @@ def infer_preset(state: dict[str, torch.Tensor]) -> tuple[str, int]:
     depth3 = len({k.split(".")[4] for k in state if k.startswith("backbone.layers.2.blocks.")})
     variant = {96: "swin-t" if depth3 == 6 else "swin-s", 128: "swin-b", 192: "swin-l"}.get(embed)
     if variant is None:
-        raise LGFormerError(f"not an LGFormer checkpoint: patch-embedding width {embed} matches no Swin variant")
+        raise LGFormerError(
+            f"not an LGFormer checkpoint: patch-embedding width {embed} matches no Swin variant"
+        )
     return f"official-{variant}", (int(round(rows**0.5)) + 1) // 2

@@ -12,7 +12,8 @@ import ctypes
 import math
 import os
 import platform
-from functools import cache, lru_cache
+from collections.abc import Callable
+from functools import cache, lru_cache, wraps
 
 import torch
 import torch.nn.functional as F
@@ -138,7 +139,32 @@ class Conv1x1(nn.Conv2d):
         return linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)
 
 
-@lru_cache(maxsize=64)
+def size_cache(maxsize: int = 64) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+    """LRU cache for tensors that depend only on sizes (masks, orders, position tables).
+
+    The body always runs outside inference mode and without autograd, so a table first built during an
+    `inference_mode` validation can still be saved for backward by a later training step; while tracing
+    nothing is cached.
+    """
+
+    def decorate(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        @lru_cache(maxsize=maxsize)
+        def cached(*args):
+            with torch.inference_mode(False), torch.no_grad():
+                return fn(*args)
+
+        @wraps(fn)
+        def call(*args):
+            # While tracing (export, compile) build afresh: a traced tensor must not enter the cache.
+            return fn(*args) if torch.compiler.is_compiling() else cached(*args)
+
+        call.cache_clear = cached.cache_clear
+        return call
+
+    return decorate
+
+
+@size_cache()
 def _sine_position_embedding(h: int, w: int, dim: int, device: torch.device) -> torch.Tensor:
     half = dim // 2
     y = (torch.arange(1, h + 1, dtype=torch.float32, device=device) / (h + 1e-6) * 2 * math.pi)[:, None]

@@ -10,7 +10,6 @@ bf16 forward of either preset, at the cost of the authors' numerics).
 from __future__ import annotations
 
 import copy
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +23,7 @@ from lgformer.model.layers import (
     linear,
     masked_mean,
     sine_position_embedding,
+    size_cache,
 )
 
 LEVELS = 3
@@ -47,7 +47,7 @@ class DeformableLayer(nn.Module):
         return self.norm2(src + self.linear2(linear(src, self.linear1.weight, self.linear1.bias, "relu")))
 
 
-@lru_cache(maxsize=32)
+@size_cache(32)
 def _reference_points(shapes: tuple[tuple[int, int], ...], device: torch.device) -> torch.Tensor:
     points = []
     for h, w in shapes:

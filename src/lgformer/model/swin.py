@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import os
 import pickle
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lgformer.errors import LGFormerError
-from lgformer.model.layers import Linear, linear
+from lgformer.model.layers import Linear, linear, size_cache
 
 # name -> (embed dim e, depths, heads per stage)
 SWIN_VARIANTS: dict[str, tuple[int, list[int], list[int]]] = {
@@ -48,7 +47,7 @@ def relative_position_index(window: int) -> Tensor:
     return dy * (2 * window - 1) + dx
 
 
-@lru_cache(maxsize=64)
+@size_cache()
 def shift_mask(hp: int, wp: int, window: int, shift: int, device: torch.device) -> Tensor:
     """(nW, M, M) float32: 0 where two tokens of a window share a region label, else -100.
 
@@ -68,7 +67,7 @@ def shift_mask(hp: int, wp: int, window: int, shift: int, device: torch.device) 
     return torch.where(same, 0.0, SHIFT_MASK_VALUE).to(torch.float32)
 
 
-@lru_cache(maxsize=64)
+@size_cache()
 def window_order(h: int, w: int, window: int, shift: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """Token permutations for one block on an h x w map padded to Hp x Wp (int64, cached).
 
