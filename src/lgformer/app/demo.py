@@ -36,7 +36,7 @@ TILE = 320
 
 # The recipe of the default model (`--train`, with the step and data counts of `lgformer demo --help`): the
 # lite preset on synthetic data.
-TRAIN_SETTINGS = ("train.val_every=500", "train.log_every=25")
+TRAIN_SETTINGS = ("data.image_size=256", "train.val_every=500", "train.log_every=25")
 
 
 def run_demo(
