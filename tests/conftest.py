@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+PHOTOS = SHARED / "data" / "refcoco-mini" / "images" / "mscoco" / "images" / "train2014"  # real COCO photos
 
 
 @pytest.fixture(scope="session")

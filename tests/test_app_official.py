@@ -5,26 +5,16 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
+from conftest import PHOTOS
 from PIL import Image
 
 from lgformer.cli import main
 from lgformer.convert.official import to_official
 from lgformer.convert.verify import build_recipe_model
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-PHOTO = (
-    SHARED
-    / "data"
-    / "refcoco-mini"
-    / "images"
-    / "mscoco"
-    / "images"
-    / "train2014"
-    / "COCO_train2014_000000363252.jpg"
-)
+PHOTO = PHOTOS / "COCO_train2014_000000363252.jpg"
 
 
 def test_authors_checkpoint_converts_and_predicts_on_a_photo(tmp_path, capsys):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import PHOTOS
 from PIL import Image
 from selenium import webdriver
 from selenium.common.exceptions import TimeoutException
@@ -28,17 +29,7 @@ from lgformer.model.build import build_model
 
 # Debian's browser (`make test` installs chromium + chromium-driver); never a downloaded one.
 CHROMIUM, DRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-PHOTO = (
-    SHARED
-    / "data"
-    / "refcoco-mini"
-    / "images"
-    / "mscoco"
-    / "images"
-    / "train2014"
-    / "COCO_train2014_000000460370.jpg"
-)
+PHOTO = PHOTOS / "COCO_train2014_000000460370.jpg"
 FLAGS = (
     "--headless",
     "--no-sandbox",

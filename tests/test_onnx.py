@@ -7,8 +7,11 @@ import re
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime
 import pytest
 import torch
+from conftest import PHOTOS
 
 from lgformer import config as config_mod
 from lgformer.cli import main
@@ -20,20 +23,7 @@ from lgformer.model.build import build_model
 from lgformer.model.deformable_attention import ms_deform_attn_sample
 from lgformer.model.text_encoder import Tokenizer
 
-onnx = pytest.importorskip("onnx")
-onnxruntime = pytest.importorskip("onnxruntime")
-
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-PHOTO = (
-    SHARED
-    / "data"
-    / "refcoco-mini"
-    / "images"
-    / "mscoco"
-    / "images"
-    / "train2014"
-    / "COCO_train2014_000000157714.jpg"
-)
+PHOTO = PHOTOS / "COCO_train2014_000000157714.jpg"
 SENTENCE = "the white teddy bear sitting on the left"
 
 
