@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from lgformer.cli import add_device_argument, add_overrides_argument
+
 VARIANTS: dict[str, list[str]] = {
     "linguistic": [],
     "learnable-k1": ["model.query=learnable", "model.num_queries=1"],
@@ -52,15 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS)
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra config override for every variant (e.g. data.image_size=256)",
-    )
-    p.add_argument("--device", default="auto")
+    add_overrides_argument(p, "extra config override for every variant (e.g. data.image_size=256)")
+    add_device_argument(p)
     return p.parse_args(argv)
 
 

@@ -2,12 +2,48 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
+import torch
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-PHOTOS = SHARED / "data" / "refcoco-mini" / "images" / "mscoco" / "images" / "train2014"  # real COCO photos
+MINI = SHARED / "data" / "refcoco-mini"  # three real RefCOCO referents in the REFER layout
+PHOTOS = MINI / "images" / "mscoco" / "images" / "train2014"  # their real COCO photos
+
+
+def bomb_png_header(side: int = 30000) -> bytes:
+    """A valid PNG header declaring side x side pixels with almost no data: a decompression bomb's shape."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
+def save_lite_checkpoint(folder: Path, *overrides: str) -> Path:
+    """A lite checkpoint (pretrained encoders, untrained heads: fine for mechanics) stored like the shipped
+    one, MiniLM left out; `overrides` such as "data.image_size=128" keep it small."""
+    from lgformer import config as config_mod
+    from lgformer.engine.checkpoint import save_model
+    from lgformer.model.build import build_model
+
+    cfg = config_mod.load("lite", list(overrides))
+    save_model(folder, build_model(cfg.model, pretrained=True), cfg, exclude=("text_encoder.",))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one thread is as fast as two, and does not collapse when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -8,21 +8,16 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import save_lite_checkpoint
 from PIL import Image
 
-from lgformer import config as config_mod
 from lgformer.app import shipped
 from lgformer.cli import main
-from lgformer.engine.checkpoint import save_model
-from lgformer.model.build import build_model
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    cfg = config_mod.load("lite", ["data.image_size=96"])
-    folder = tmp_path_factory.mktemp("lite")
-    save_model(folder, build_model(cfg.model, pretrained=True), cfg, exclude=("text_encoder.",))
-    return folder
+    return save_lite_checkpoint(tmp_path_factory.mktemp("lite"), "data.image_size=96")
 
 
 def test_demo_scores_every_level_and_draws_the_gallery(checkpoint, tmp_path, capsys):

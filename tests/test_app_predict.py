@@ -3,32 +3,22 @@
 from __future__ import annotations
 
 import json
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import PHOTOS, bomb_png_header, save_lite_checkpoint
 from PIL import Image
 
-from lgformer import config as config_mod
 from lgformer.cli import main
-from lgformer.engine.checkpoint import save_model
-from lgformer.model.build import build_model
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-PHOTOS = SHARED / "data" / "refcoco-mini" / "images" / "mscoco" / "images" / "train2014"
 MAN = PHOTOS / "COCO_train2014_000000460370.jpg"  # 640 x 427
 BEAR = PHOTOS / "COCO_train2014_000000157714.jpg"  # 640 x 480
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    """A lite checkpoint (pretrained encoders, untrained heads) stored like the shipped one, run at 128 px."""
-    cfg = config_mod.load("lite", ["data.image_size=128"])
-    folder = tmp_path_factory.mktemp("lite")
-    save_model(folder, build_model(cfg.model, pretrained=True), cfg, exclude=("text_encoder.",))
-    return folder
+    return save_lite_checkpoint(tmp_path_factory.mktemp("lite"), "data.image_size=128")
 
 
 def test_predict_writes_masks_overlays_and_summary(checkpoint, tmp_path, capsys):
@@ -55,20 +45,6 @@ def test_predict_writes_masks_overlays_and_summary(checkpoint, tmp_path, capsys)
     assert "wrote 4 masks and overlays" in capsys.readouterr().out
 
 
-def _bomb_png_header(side: int = 30000) -> bytes:
-    """A valid PNG header declaring side x side pixels with almost no data: a decompression bomb's shape."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
-
 
 def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     text_jpg = tmp_path / "notes.jpg"
@@ -78,7 +54,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     tiny = tmp_path / "dot.png"
     Image.new("RGB", (1, 1)).save(tiny)
     bomb = tmp_path / "bomb.png"
-    bomb.write_bytes(_bomb_png_header())
+    bomb.write_bytes(bomb_png_header())
     return {
         "missing": (["--image", str(tmp_path / "nope.jpg"), "--text", "a man"], "image not found"),
         "text file": (["--image", str(text_jpg), "--text", "a man"], "notes.jpg: cannot decode image"),

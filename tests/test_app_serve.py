@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import os
 import socket
-import struct
 import subprocess
 import sys
 import time
 import urllib.request
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PHOTOS
+from conftest import PHOTOS, bomb_png_header
 from PIL import Image
 from selenium import webdriver
 from selenium.common.exceptions import TimeoutException
@@ -43,20 +41,6 @@ FLAGS = (
 )
 
 
-def _bomb_png_header(side: int = 30000) -> bytes:
-    """A valid PNG header declaring side x side pixels with almost no data: a decompression bomb's shape."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
-
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
@@ -64,7 +48,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     (folder / "notes.jpg").write_text("a text file with an image's name\n")
     (folder / "cut.jpg").write_bytes(PHOTO.read_bytes()[:20000])
     Image.new("RGB", (1, 1)).save(folder / "dot.png")
-    (folder / "bomb.png").write_bytes(_bomb_png_header())
+    (folder / "bomb.png").write_bytes(bomb_png_header())
     noise = np.random.default_rng(0).integers(0, 256, (800, 800, 3), dtype=np.uint8)
     Image.fromarray(noise).save(folder / "large.png")  # about 1.9 MB, over the 1 MB limit below
     return {p.name: p for p in folder.iterdir()}

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import PHOTOS
 
 from lgformer.errors import LGFormerError
 from lgformer.model.efficientnet import IMAGENET_MEAN, IMAGENET_STD, EfficientNetLite2
 
-PHOTOS = Path("/work/shared/data/refcoco-mini/images/mscoco/images/train2014")
 TEDDY_BEAR, STREET_SIGN = 850, 919  # ImageNet class indices
 
 

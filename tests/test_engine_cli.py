@@ -7,11 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import MINI
 
 from lgformer.cli import main
 
-MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "refcoco-mini"
 TINY = (
     f"--set data.root={MINI} --set data.dataset=refcoco --set data.split_by=unc --set train.train_split=val "
     "--set data.image_size=64 --set train.batch_size=2 --set train.max_steps=1 --set train.workers=0 "
@@ -21,13 +20,7 @@ TINY = (
 EVAL_DATA = ["--split", "val", "--workers", "0", "--json"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is as fast as two, and does not collapse when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

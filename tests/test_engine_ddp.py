@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import MINI
 from safetensors.torch import load_file
 
-MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "refcoco-mini"
 OVERRIDES = [
     f"data.root={MINI}", "data.dataset=refcoco", "data.split_by=unc", "train.train_split=val",
     "data.image_size=64", "train.batch_size=2", "train.max_steps=3", "train.warmup_steps=0",

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import MINI
 from PIL import Image
 
 from lgformer.cli import main
@@ -15,7 +16,6 @@ from lgformer.data.dataset import DataConfig, build_dataset
 from lgformer.engine.evaluate import markdown, report
 from lgformer.engine.metrics import METRICS, IoUCounts, intersection_union, summarize
 
-MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "refcoco-mini"
 DATA_FLAGS = ["--root", str(MINI), "--dataset", "refcoco", "--split-by", "unc", "--split", "val"]
 
 

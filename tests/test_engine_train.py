@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import MINI
 from safetensors.torch import load_file
 
 from lgformer import config as config_mod
@@ -18,7 +19,6 @@ from lgformer.engine.train import batch_split, lr_factor, param_groups, train
 from lgformer.errors import LGFormerError
 from lgformer.model.build import build_model
 
-MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "refcoco-mini"
 MINI_DATA = (
     f"data.root={MINI} data.dataset=refcoco data.split_by=unc train.train_split=val data.image_size=64"
 )
@@ -32,13 +32,7 @@ def _lite(*overrides: str) -> Config:
     return config_mod.load("lite", [item for group in overrides for item in group.split()])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is as fast as two, and does not collapse when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

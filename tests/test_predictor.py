@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import struct
 import subprocess
 import sys
 import warnings
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import PHOTOS, bomb_png_header
 from PIL import Image
 
 from lgformer import config as config_mod
@@ -21,8 +20,6 @@ from lgformer.errors import LGFormerError
 from lgformer.model.build import build_model
 from lgformer.predictor import InputWarning, Segmenter
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-PHOTOS = SHARED / "data" / "refcoco-mini" / "images" / "mscoco" / "images" / "train2014"
 PHOTO = PHOTOS / "COCO_train2014_000000460370.jpg"  # 640 x 427, "man texting"
 
 
@@ -45,19 +42,9 @@ def bad_files(tmp_path_factory) -> dict[str, Path]:
     data = PHOTO.read_bytes()
     (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
     Image.new("RGB", (1, 1), (255, 0, 0)).save(folder / "tiny.png")
-    (folder / "bomb.png").write_bytes(_bomb_png_header())
+    (folder / "bomb.png").write_bytes(bomb_png_header())
     return {p.stem: p for p in folder.iterdir()}
 
-
-def _bomb_png_header(side: int = 30000) -> bytes:
-    """A valid PNG header declaring side x side pixels with almost no data: a decompression bomb's shape."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-    return b"\x89PNG\r\n\x1a\n" + body
 
 
 def test_predict_real_photo_gives_mask_at_original_size(seg):

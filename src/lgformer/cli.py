@@ -11,6 +11,16 @@ from lgformer.errors import LGFormerError
 Handler = Callable[[argparse.Namespace], int | None]
 
 
+def add_device_argument(p: argparse._ActionsContainer) -> None:
+    """`--device`, spelled and defaulted the same in every command."""
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default %(default)s)")
+
+
+def add_overrides_argument(p: argparse._ActionsContainer, help: str) -> None:
+    """Repeatable `--set KEY=VALUE` dotted config overrides, collected in `args.overrides`."""
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
 def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
     from lgformer.app import commands as app_commands
     from lgformer.convert import commands as convert_commands

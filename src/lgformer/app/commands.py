@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from lgformer.app.shipped import DEFAULT_MODEL, SHIPPED
+from lgformer.cli import add_device_argument, add_overrides_argument
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -65,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=8,
         help="held-out scenes in the gallery, levels 1-4 in turn (default %(default)s)",
     )
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default %(default)s)")
+    add_device_argument(p)
     p.add_argument(
         "--workers",
         type=int,
@@ -81,14 +82,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--val-refs", type=int, default=400, help="synthetic validation objects (default %(default)s)"
     )
-    train.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="training config override",
-    )
+    add_overrides_argument(train, "training config override")
     p.set_defaults(handler=_demo)
 
     p = sub.add_parser("export", help="export a checkpoint to another runtime")
@@ -120,17 +114,12 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
         help="checkpoint folder (ours, or `lgformer convert official` output) or a shipped model "
         "(default %(default)s)",
     )
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default %(default)s)")
+    add_device_argument(p)
     p.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute precision"
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a value of the checkpoint's config, e.g. data.image_size=384 (repeatable)",
+    add_overrides_argument(
+        p, "override a value of the checkpoint's config, e.g. data.image_size=384 (repeatable)"
     )
 
 

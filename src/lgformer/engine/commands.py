@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from lgformer.cli import add_device_argument, add_overrides_argument
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this area's sub-commands to the `lgformer` parser."""
@@ -15,14 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Train into --out (last/, best/, log.jsonl, plots.png), or continue a run with --resume.",
     )
     p.add_argument("--config", help="preset name or YAML file (required unless --resume)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. train.batch_size=16 (repeatable)",
-    )
+    add_overrides_argument(p, "override a config value, e.g. train.batch_size=16 (repeatable)")
     p.add_argument("--out", type=Path, metavar="DIR", help="output folder of a new run")
     p.add_argument(
         "--resume", type=Path, metavar="DIR", help="continue the run in DIR from DIR/last, exactly"
@@ -33,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="STEPS",
         help="stop (and save) after this many optimizer steps; the schedule is unchanged",
     )
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default %(default)s)")
+    add_device_argument(p)
     p.set_defaults(handler=_train)
 
     p = sub.add_parser(
@@ -67,14 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="resized: GT resized to S x S (authors' code, default); original: prediction upsampled "
         "to the image size (paper text)",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a value of the checkpoint's config (repeatable)",
-    )
+    add_overrides_argument(p, "override a value of the checkpoint's config (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of tables")
     p.add_argument("--out", type=Path, metavar="DIR", help="write report.json and report.md here")
     p.add_argument("--save-masks", type=Path, metavar="DIR", help="write <sent_id>.png predicted masks")
@@ -85,7 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"], help="autocast (default: fp32)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default %(default)s)")
+    add_device_argument(p)
     p.set_defaults(handler=_eval)
 
 

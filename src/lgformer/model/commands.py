@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from lgformer.cli import add_device_argument, add_overrides_argument
 from lgformer.errors import LGFormerError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("summary", help="print a preset's network: boxes, parameter counts, output shapes")
     p.add_argument("--config", default="lite", help="preset name or YAML file (default %(default)s)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_overrides_argument(p, "override a config value, e.g. model.decoder_layers=3 (repeatable)")
     p.add_argument("--size", type=int, default=None, help="input size for the shape trace (default: config)")
     p.set_defaults(handler=_summary)
 
@@ -26,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="fp32 or autocast dtype")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     p.add_argument("--repeat", type=int, default=10, help="timed runs per measurement (default %(default)s)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default %(default)s)")
+    add_device_argument(p)
     p.add_argument("--train", action="store_true", help="also time one optimiser step (fwd + bwd + AdamW)")
     p.add_argument(
         "--decoder-autocast",

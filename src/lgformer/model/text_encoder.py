@@ -8,7 +8,9 @@ there is no pooler.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
@@ -89,6 +91,22 @@ class Tokenizer:
         return ids, mask
 
 
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' logging at error level and its progress bars off, restored on exit."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 class TextEncoder(nn.Module):
     """BERT without pooler. forward(ids (B,T), mask (B,T)) -> last hidden state (B, T, D)."""
 
@@ -106,7 +124,8 @@ class TextEncoder(nn.Module):
         source = resolve(name)
         if pretrained:
             try:
-                return cls(BertModel.from_pretrained(source, add_pooling_layer=False))
+                with _quiet_transformers():  # the dropped pooler is by design: no load report, no bar
+                    return cls(BertModel.from_pretrained(source, add_pooling_layer=False))
             except (OSError, ValueError) as exc:
                 raise LGFormerError(_missing_message(name, exc)) from None
         try:
