@@ -19,6 +19,7 @@ from torch import nn
 
 from lgformer.errors import LGFormerError
 from lgformer.model.swin import relative_position_index
+from lgformer.safe_load import load_torch_file
 
 # The VLBA's 1x1 Conv1d projections: ours are Linear, theirs carry a trailing kernel dimension.
 _FUSION = {
@@ -140,18 +141,7 @@ def load_official_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise LGFormerError(f"checkpoint {path} not found (the authors' LGFormer .pth release file)")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a refusal
-        reason = str(exc).strip().splitlines()
-        detail = next(
-            (line for line in reason if "GLOBAL" in line or "Unsupported" in line),
-            reason[0] if reason else "",
-        )
-        raise LGFormerError(
-            f"{path}: refused to load (not a plain tensor checkpoint: {detail[:200]})"
-        ) from None
+    obj = load_torch_file(path, "the authors' checkpoint", allowed_globals=[argparse.Namespace])
     state = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise LGFormerError(f"{path}: expected a dict of tensors (or one under 'model')")

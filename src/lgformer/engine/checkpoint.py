@@ -21,6 +21,7 @@ from torch import nn
 from lgformer import config as config_mod
 from lgformer.config import Config
 from lgformer.errors import LGFormerError
+from lgformer.safe_load import load_torch_file
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -131,7 +132,4 @@ def load_training_state(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / TRAINER_STATE
     if not path.is_file():
         raise LGFormerError(f"{directory}: no {TRAINER_STATE} (not a training checkpoint, cannot resume)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise LGFormerError(f"{path}: cannot read training state ({str(exc).splitlines()[0]})") from None
+    return load_torch_file(path, "the training state")

