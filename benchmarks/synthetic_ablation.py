@@ -8,7 +8,8 @@ overall, per level (1 category, 2 attributes, 3 relations, 4 ordinals/negation/t
 word-length bucket. Results go to OUT/results.json and OUT/results.md.
 
 Re-running the same command continues unfinished variants from their `last` checkpoint and skips finished
-ones, so a long benchmark survives an interrupted session.
+ones (and their evaluation, kept as RUN/eval-SPLIT.json), so a long benchmark survives an interrupted
+session.
 
     python benchmarks/synthetic_ablation.py --out runs/ablation --steps 600
 """
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 
 from lgformer.cli import add_device_argument, add_overrides_argument
+from lgformer.engine.checkpoint import atomic_write
 
 VARIANTS: dict[str, list[str]] = {
     "linguistic": [],
@@ -100,6 +102,9 @@ def run_variant(name: str, args: argparse.Namespace, data: Path) -> dict:
         )
         train(cfg, run, resume=resume, device=args.device)
     state = load_training_state(run / "last")
+    cached = run / f"eval-{args.eval_split}.json"  # the evaluation of this `last`, reused on re-runs
+    if cached.is_file() and json.loads(cached.read_text())["steps"] == state["step"]:
+        return json.loads(cached.read_text())
     _, device = distributed.setup(args.device)
     model, cfg = load_model(run / "last", device)
     tokenizer = Tokenizer(cfg.model.text_encoder, cfg.model.max_tokens)
@@ -109,7 +114,7 @@ def run_variant(name: str, args: argparse.Namespace, data: Path) -> dict:
     )
     set_args = [arg for item in overrides for arg in ("--set", item)]
     command = shlex.join(["lgformer", "train", "--config", "lite", *set_args, "--out", str(run)])
-    return {
+    result = {
         "variant": name,
         "steps": state["step"],
         "train_seconds": round(state["train_seconds"], 1),
@@ -117,6 +122,8 @@ def run_variant(name: str, args: argparse.Namespace, data: Path) -> dict:
         "split": args.eval_split,
         **report(counts, dataset, "resized"),
     }
+    atomic_write(cached, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
+    return result
 
 
 def markdown(results: list[dict]) -> str:
@@ -157,9 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     data = ensure_data(args)
     results = [run_variant(name, args, data) for name in names]
-    (args.out / "results.json").write_text(json.dumps(results, indent=2))
     table = markdown(results)
-    (args.out / "results.md").write_text(table)
+    atomic_write(args.out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
+    atomic_write(args.out / "results.md", lambda tmp: Path(tmp).write_text(table))
     print(table)
     print(f"benchmark wall time this session: {(time.monotonic() - start) / 60:.1f} min")
     return 0

@@ -37,6 +37,15 @@ def save_lite_checkpoint(folder: Path, *overrides: str) -> Path:
     return folder
 
 
+def synth_benchmark(out: Path, train: int, val: int, test: int) -> Path:
+    """A toy synthetic benchmark (96 px scenes) written to `out` by `lgformer data synth`."""
+    from lgformer.cli import main
+
+    argv = f"data synth --out {out} --train {train} --val {val} --test {test} --size 96 --workers 1"
+    assert main(argv.split()) == 0
+    return out
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny tensors: one thread is as fast as two, and does not collapse when the cores are shared."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MINI
+from conftest import MINI, synth_benchmark
 from safetensors.torch import load_file
 
 from lgformer import config as config_mod
@@ -37,8 +37,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("synth")
-    assert main(f"data synth --out {out} --train 16 --val 4 --test 0 --size 96 --workers 1".split()) == 0
+    out = synth_benchmark(tmp_path_factory.mktemp("synth"), train=16, val=4, test=0)
     return f"data.root={out} data.dataset=synth data.split_by=synth data.image_size=64"
 
 
