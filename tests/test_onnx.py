@@ -94,3 +94,14 @@ def test_export_refuses_token_axes_beyond_the_models(lite, tmp_path):
     with pytest.raises(LGFormerError, match="--max-tokens 40: must be between 2 and the model's 20"):
         export_onnx(model, cfg, tmp_path / "x.onnx", load_image(PHOTO), SENTENCE, max_tokens=40)
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_swin_model_exports_too(tmp_path):
+    """The paper's backbone (shifted windows, padding to whole windows, per-window masks) exports as well:
+    Swin-T with random weights at 96 px, the same parity bound."""
+    overrides = ["data.image_size=96", "model.text_encoder=minilm", "model.decoder_layers=1"]
+    cfg = config_mod.load("official-swin-t", [*overrides, "model.generator_layers=1"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, pretrained=False).eval()
+    diff = export_onnx(model, cfg, tmp_path / "swin.onnx", load_image(PHOTO), SENTENCE)
+    assert diff <= 1e-3 and (tmp_path / "swin.onnx").is_file()

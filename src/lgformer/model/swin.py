@@ -149,16 +149,18 @@ class WindowAttention(nn.Module):
     def attn_mask(self, hp: int, wp: int, shift: int, dtype: torch.dtype) -> Tensor:
         """Bias (+ shift mask): (1, heads, M, M) when shift == 0, else (nW, heads, M, M).
 
-        Cached while the bias table cannot receive gradients; the key holds the table's storage and
-        version counter, so in-place updates (load_state_dict, optimiser steps) invalidate it.
+        Cached while the bias table cannot receive gradients (and not while tracing: a traced table has
+        no storage); the key holds the table's storage and version counter, so in-place updates
+        (load_state_dict, optimiser steps) invalidate it.
         """
         table = self.relative_position_bias_table
-        frozen = not (torch.is_grad_enabled() and table.requires_grad)
-        grid = (hp, wp, shift) if shift else ()
-        weights = (table.device, table.data_ptr(), table._version)
-        key = (*grid, dtype, *weights, torch.is_inference_mode_enabled())
-        if frozen and self._mask_cache is not None and self._mask_cache[0] == key:
-            return self._mask_cache[1]
+        frozen = not (torch.is_grad_enabled() and table.requires_grad or torch.compiler.is_compiling())
+        if frozen:
+            grid = (hp, wp, shift) if shift else ()
+            weights = (table.device, table.data_ptr(), table._version)
+            key = (*grid, dtype, *weights, torch.is_inference_mode_enabled())
+            if self._mask_cache is not None and self._mask_cache[0] == key:
+                return self._mask_cache[1]
         m = self.window**2
         bias = table[self.relative_position_index.view(-1)].view(m, m, self.heads)
         mask = bias.permute(2, 0, 1).contiguous().unsqueeze(0)
@@ -181,7 +183,12 @@ class WindowAttention(nn.Module):
             mask = mask.view(1, nw * h, m, m)
         else:
             q, k, v = qkv.reshape(3, b * nw, h, m, c // h).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if torch.compiler.is_exporting():
+            # the exporter's decomposition of SDPA lays its output out differently from the fused kernel's
+            # and then fails on the reshape below (torch 2.13); the math form is exact and exports cleanly
+            out = (q @ k.transpose(-2, -1) * (c // h) ** -0.5 + mask).softmax(-1) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(out.reshape(b, nw, h, m, c // h).transpose(2, 3).reshape(b, nw, m, c))
 
 
