@@ -40,7 +40,9 @@ def test_two_variants_train_evaluate_and_resume(tmp_path, capsys):
         assert 0.0 <= r["oIoU"] <= 100.0 and "train.max_steps=2" in r["command"]
         assert (tmp_path / "bench" / r["variant"] / "eval-test.json").is_file()
     table = (tmp_path / "bench" / "results.md").read_text().splitlines()
-    assert table[0].startswith("| variant | oIoU |") and table[2].startswith("| linguistic |")
+    assert table[0].startswith("| variant | oIoU | mIoU | P@0.5 | P@0.7 | P@0.9 | L1 oIoU") and table[
+        2
+    ].startswith("| linguistic |")
     capsys.readouterr()
     assert ablation.main(argv) == 0  # finished: no training, no evaluation, the same numbers
     out = capsys.readouterr().out
