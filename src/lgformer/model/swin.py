@@ -154,7 +154,7 @@ class WindowAttention(nn.Module):
         (load_state_dict, optimiser steps) invalidate it.
         """
         table = self.relative_position_bias_table
-        frozen = not (torch.is_grad_enabled() and table.requires_grad or torch.compiler.is_compiling())
+        frozen = not ((torch.is_grad_enabled() and table.requires_grad) or torch.compiler.is_compiling())
         if frozen:
             grid = (hp, wp, shift) if shift else ()
             weights = (table.device, table.data_ptr(), table._version)
