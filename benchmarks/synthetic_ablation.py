@@ -103,8 +103,10 @@ def run_variant(name: str, args: argparse.Namespace, data: Path) -> dict:
         train(cfg, run, resume=resume, device=args.device)
     state = load_training_state(run / "last")
     cached = run / f"eval-{args.eval_split}.json"  # the evaluation of this `last`, reused on re-runs
-    if cached.is_file() and json.loads(cached.read_text())["steps"] == state["step"]:
-        return json.loads(cached.read_text())
+    if cached.is_file():
+        kept = json.loads(cached.read_text())
+        if kept["steps"] == state["step"]:
+            return kept
     _, device = distributed.setup(args.device)
     model, cfg = load_model(run / "last", device)
     tokenizer = Tokenizer(cfg.model.text_encoder, cfg.model.max_tokens)
