@@ -10,6 +10,7 @@ import pytest
 import torch
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+OFFICIAL = SHARED / "reference" / "official"  # the authors' tensor layout and the golden forward pass
 MINI = SHARED / "data" / "refcoco-mini"  # three real RefCOCO referents in the REFER layout
 PHOTOS = MINI / "images" / "mscoco" / "images" / "train2014"  # their real COCO photos
 

@@ -45,7 +45,6 @@ def test_predict_writes_masks_overlays_and_summary(checkpoint, tmp_path, capsys)
     assert "wrote 4 masks and overlays" in capsys.readouterr().out
 
 
-
 def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     text_jpg = tmp_path / "notes.jpg"
     text_jpg.write_text("this is a text file with a .jpg name\n")

@@ -41,7 +41,6 @@ FLAGS = (
 )
 
 
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("uploads")

@@ -173,6 +173,8 @@ def test_bad_config_values_are_named():
         config_mod.load("lite", ["model.fuson=pwam"])
     with pytest.raises(LGFormerError, match="expected an integer"):
         config_mod.load("lite", ["model.decoder_layers=three"])
+    with pytest.raises(LGFormerError, match="encoder_fp32_stages=5; valid: 0 to 4"):
+        build_model(config_mod.load("lite", ["model.encoder_fp32_stages=5"]).model, pretrained=False)
 
 
 @pytest.mark.parametrize("preset", ["lite", "official-swin-t"])

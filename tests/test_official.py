@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import OFFICIAL
 
 from lgformer import config as config_mod
 from lgformer.cli import main
@@ -18,7 +18,6 @@ from lgformer.engine.checkpoint import load_model
 from lgformer.errors import LGFormerError
 from lgformer.model.build import build_model
 
-OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official"
 GOLDEN = OFFICIAL / "golden_tiny_w7_224.safetensors"
 
 

@@ -46,7 +46,6 @@ def bad_files(tmp_path_factory) -> dict[str, Path]:
     return {p.stem: p for p in folder.iterdir()}
 
 
-
 def test_predict_real_photo_gives_mask_at_original_size(seg):
     result = seg.predict(PHOTO, "the man on the left texting on his phone")
     assert result.mask.shape == (427, 640) and result.mask.dtype == bool

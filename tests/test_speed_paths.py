@@ -6,24 +6,18 @@ No timings are asserted here: speed is measured by `lgformer bench` (README, "Sp
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import OFFICIAL
 from torch import nn
 
 from lgformer.cli import main
 from lgformer.model.deformable_attention import _bag_sample, ms_deform_attn_sample
 from lgformer.model.layers import Conv1x1, Linear, linear, multi_head_attention
 
-GOLDEN = (
-    Path(__file__).resolve().parents[2]
-    / "shared"
-    / "reference"
-    / "official"
-    / "golden_tiny_w7_224.safetensors"
-)
+GOLDEN = OFFICIAL / "golden_tiny_w7_224.safetensors"
 
 
 @pytest.mark.parametrize("decoder_fp32", [True, False])
@@ -41,6 +35,31 @@ def test_bf16_masks_agree_with_fp32_golden(decoder_fp32: bool) -> None:
         logits = model(data["image"], data["text_mask"], text_features=data["text_features"])
     agree = ((logits[:, -1].float() > 0) == (data["logits_6"][:, 0] > 0)).float().mean().item()
     assert agree >= 0.98
+
+
+@pytest.mark.parametrize("preset", ["lite", "official-swin-t"])
+def test_fp32_encoder_stages_under_autocast_are_the_fp32_computation(preset: str) -> None:
+    """`model.encoder_fp32_stages=k`: under bf16 autocast the first k responses F_i are bit for bit the plain
+    fp32 ones, the later ones are bf16 computations; `model.decoder_fp32` sets the pixel decoder's mode."""
+    from lgformer import config as config_mod
+    from lgformer.model.build import build_model
+
+    torch.manual_seed(0)
+    cfg = config_mod.load(preset, ["model.encoder_fp32_stages=2", "model.decoder_fp32=false"])
+    model = build_model(cfg.model, pretrained=False).eval()
+    assert model.pixel_decoder.fp32 is False and model.image_encoder.fp32_stages == 2
+    image = torch.randn(1, 3, 64, 64)
+    words = torch.randn(1, 6, model.text_encoder.dim)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
+    with torch.inference_mode():
+        fp32, _ = model.image_encoder(image, words, mask)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed, _ = model.image_encoder(image, words, mask)
+    for i in (0, 1):
+        assert mixed[i].dtype == torch.float32 and torch.equal(mixed[i], fp32[i]), i
+    for i in (2, 3):
+        assert not torch.equal(mixed[i].float(), fp32[i]), i
+        torch.testing.assert_close(mixed[i].float(), fp32[i], rtol=0.1, atol=0.1)
 
 
 @pytest.mark.parametrize("activation", [None, "relu", "gelu", "tanh"])
@@ -112,8 +131,9 @@ def test_deformable_sampling_backward_matches_embedding_bag_autograd() -> None:
 
 def test_bench_json_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["bench", "--preset", "lite", "--size", "64", "--repeat", "1", "--train", "--json"]
-    assert main(argv) == 0
+    assert main([*argv, "--set", "model.decoder_fp32=false"]) == 0
     report = json.loads(capsys.readouterr().out)
+    assert report["decoder_fp32"] is False and report["encoder_fp32_stages"] == 0
     for field in (
         "latency",
         "images_per_s",

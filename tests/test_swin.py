@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import OFFICIAL
 
 from lgformer.errors import LGFormerError
 from lgformer.model.swin import SWIN_VARIANTS, PatchMerging, SwinStage, SwinTrunk, load_swin_pretrained
 
-OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official"
 SMALL = (16, [2, 2, 2, 2], [1, 2, 2, 4])  # embed dim, depths, heads: tiny but with every code path
 
 

@@ -53,6 +53,9 @@ class ModelConfig:
     loss_pos_weight: float = 1.1
     loss_all_outputs: bool = True  # deep supervision over every generator output
     loss_resolution: str = "input"  # input (official: upsampled logits) | quarter (paper Eq. 12-13)
+    # What stays fp32 under bf16/fp16 autocast (plain fp32 runs are unaffected):
+    decoder_fp32: bool = True  # the whole pixel decoder, as the authors; False: it follows autocast
+    encoder_fp32_stages: int = 0  # leading image-encoder stages (trunk stage + fusion + gates + norm), 0-4
 
 
 @dataclass

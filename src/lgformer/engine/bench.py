@@ -230,9 +230,10 @@ def run(
     train: bool = False,
     device: str = "auto",
     parts: bool = True,
-    decoder_autocast: bool = False,
+    overrides: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Benchmark `preset` and return the report as a dict (see the module docstring)."""
+    """Benchmark `preset` (with config `overrides`, e.g. model.decoder_fp32=false) and return the report as a
+    dict (see the module docstring)."""
     from lgformer.model.build import build_model
 
     if threads:
@@ -241,11 +242,10 @@ def run(
         "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
     )
     amp = DTYPES[dtype]
-    cfg = config_mod.load(preset)
+    cfg = config_mod.load(preset, list(overrides))
     size = size or cfg.data.image_size
     torch.manual_seed(0)
     model = build_model(cfg.model, pretrained=False).to(dev).eval()
-    model.pixel_decoder.fp32 = not decoder_autocast
     x = make_inputs(cfg, size, batch, dev)
 
     def forward() -> torch.Tensor:
@@ -262,7 +262,8 @@ def run(
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
         "torch": torch.__version__,
         "repeat": repeat,
-        "pixel_decoder_fp32": not decoder_autocast,
+        "decoder_fp32": cfg.model.decoder_fp32,
+        "encoder_fp32_stages": cfg.model.encoder_fp32_stages,
     }
     with torch.inference_mode():
         reset_peak_memory(dev)

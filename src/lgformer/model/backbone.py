@@ -4,6 +4,10 @@ The trunk (Swin or EfficientNet-Lite2) exposes `stages` (each (B,C,H,W) -> (B,C'
 `channels`. After stage i the fusion gives (V_m, L_m); the gated sums update both streams
 (spec §3.2):  X' = X + g(V_m) * V_m,  L' = (L + h(L_m) * L_m) * m.  The decoder receives LN(V_m) (the
 fusion *response*) and the last stage's L_m; the next stage consumes X'.
+
+Under autocast, the first `fp32_stages` stages (trunk stage, fusion, gates, output norm) can run in fp32:
+the 1/4-scale response F_1 reaches the mask features through the decoder's lateral connection, so its bf16
+rounding moves mask boundaries directly (README, "Speed": bf16 agreement).
 """
 
 from __future__ import annotations
@@ -18,9 +22,15 @@ class MultiModalBackbone(nn.Module):
     """forward(image (B,3,H,W), words (B,T,D), mask (B,T)) -> ([F_1..F_4] (B,C_i,H_i,W_i), T_dec (B,T,D))."""
 
     def __init__(
-        self, trunk: nn.Module, text_dim: int, fusion: str = "vlba", fusion_heads: list[int] | None = None
+        self,
+        trunk: nn.Module,
+        text_dim: int,
+        fusion: str = "vlba",
+        fusion_heads: list[int] | None = None,
+        fp32_stages: int = 0,
     ) -> None:
         super().__init__()
+        self.fp32_stages = fp32_stages
         channels: list[int] = list(trunk.channels)
         heads = fusion_heads or [1] * len(channels)
         self.trunk = trunk
@@ -44,19 +54,30 @@ class MultiModalBackbone(nn.Module):
         text_dec = lang
         x = image
         feats = []
-        last = len(self.trunk.stages) - 1
-        for i, stage in enumerate(self.trunk.stages):
-            x = stage(x)
-            b, c, h, w = x.shape
-            tokens = x.flatten(2).transpose(1, 2)  # (B, N, C); a view when x is channels-last
-            v_m, l_m = self.fusions[i](tokens, lang, m)
-            feats.append(self.out_norms[i](v_m).transpose(1, 2).view(b, c, h, w))
+        device = image.device.type
+        for i in range(len(self.trunk.stages)):
+            if i < self.fp32_stages and torch.is_autocast_enabled(device):
+                with torch.autocast(device, enabled=False):
+                    x, lang, feat, l_m = self._stage(i, x.float(), lang.float(), m.float())
+            else:
+                x, lang, feat, l_m = self._stage(i, x, lang, m)
+            feats.append(feat)
             if l_m is not None:
                 text_dec = l_m
-            if i == last:
-                break
-            tokens = tokens + self.vis_gates[i](v_m) * v_m
-            if l_m is not None:
-                lang = (lang + self.text_gates[i](l_m) * l_m) * m.unsqueeze(-1)
-            x = tokens.transpose(1, 2).view(b, c, h, w)
         return feats, text_dec
+
+    def _stage(
+        self, i: int, x: torch.Tensor, lang: torch.Tensor, m: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Stage i and its fusion: (X, L) -> (X', L', F_i, L_m); the last stage returns X and L unchanged."""
+        x = self.trunk.stages[i](x)
+        b, c, h, w = x.shape
+        tokens = x.flatten(2).transpose(1, 2)  # (B, N, C); a view when x is channels-last
+        v_m, l_m = self.fusions[i](tokens, lang, m)
+        feat = self.out_norms[i](v_m).transpose(1, 2).view(b, c, h, w)
+        if i == len(self.trunk.stages) - 1:
+            return x, lang, feat, l_m
+        tokens = tokens + self.vis_gates[i](v_m) * v_m
+        if l_m is not None:
+            lang = (lang + self.text_gates[i](l_m) * l_m) * m.unsqueeze(-1)
+        return tokens.transpose(1, 2).view(b, c, h, w), lang, feat, l_m

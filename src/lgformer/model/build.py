@@ -33,6 +33,8 @@ def validate(cfg: ModelConfig) -> None:
             raise LGFormerError(f"model.{name}={getattr(cfg, name)!r}; valid: {', '.join(valid)}")
     if len(cfg.fusion_heads) != 4:
         raise LGFormerError(f"model.fusion_heads needs 4 entries (one per stage), got {cfg.fusion_heads}")
+    if not 0 <= cfg.encoder_fp32_stages <= 4:
+        raise LGFormerError(f"model.encoder_fp32_stages={cfg.encoder_fp32_stages}; valid: 0 to 4")
     if cfg.query == "learnable" and cfg.num_queries < 1:
         raise LGFormerError("model.num_queries must be >= 1 for learnable queries")
 
@@ -59,7 +61,9 @@ def build_model(cfg: ModelConfig, pretrained: bool = True) -> LGFormer:
     trunk = build_trunk(cfg, pretrained)
     text_encoder = TextEncoder.build(cfg.text_encoder, pretrained=pretrained)
     text_dim = text_encoder.dim
-    image_encoder = MultiModalBackbone(trunk, text_dim, cfg.fusion, cfg.fusion_heads)
+    image_encoder = MultiModalBackbone(
+        trunk, text_dim, cfg.fusion, cfg.fusion_heads, fp32_stages=cfg.encoder_fp32_stages
+    )
     if cfg.gate_init == "zeros":
         for gate in [*image_encoder.vis_gates, *(image_encoder.text_gates or [])]:
             for p in gate.parameters():
@@ -76,6 +80,7 @@ def build_model(cfg: ModelConfig, pretrained: bool = True) -> LGFormer:
         l2va_keys=cfg.l2va_keys,
         l2va_ffn=cfg.l2va_ffn,
         max_tokens=cfg.max_tokens,
+        fp32=cfg.decoder_fp32,
     )
     generator = PrototypeGenerator(
         text_dim,

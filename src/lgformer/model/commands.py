@@ -29,10 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeat", type=int, default=10, help="timed runs per measurement (default %(default)s)")
     add_device_argument(p)
     p.add_argument("--train", action="store_true", help="also time one optimiser step (fwd + bwd + AdamW)")
-    p.add_argument(
-        "--decoder-autocast",
-        action="store_true",
-        help="let the pixel decoder follow --dtype (default: fp32 under autocast, as the authors)",
+    add_overrides_argument(
+        p, "override a config value, e.g. model.decoder_fp32=false (the decoder follows --dtype) (repeatable)"
     )
     p.add_argument("--no-parts", dest="parts", action="store_false", help="skip the per-box timings")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -87,7 +85,7 @@ def _bench(args: argparse.Namespace) -> int:
         train=args.train,
         device=args.device,
         parts=args.parts,
-        decoder_autocast=args.decoder_autocast,
+        overrides=tuple(args.overrides),
     )
     print(json.dumps(report, indent=2) if args.json else bench.format_report(report))
     return 0

@@ -1,0 +1,97 @@
+"""Do bf16 masks match fp32 masks? IoU between the two for a trained checkpoint (issue 6 target: >= 0.98).
+
+    python benchmarks/bf16_agreement.py --checkpoint lite --synth-refs 400
+
+Every sentence of the real `refcoco-mini` photos (REFER layout, ../shared) and of `--synth-refs` objects of
+the synthetic `val` split of the default model's seed (scenes it did not train on) is segmented twice
+through `Segmenter.predict`: plain fp32, and under bf16 autocast (pixel decoder in fp32, as the authors).
+Reported per source: overall IoU (summed intersections over summed unions), mean and worst per-sentence
+IoU (two empty masks count as 1), pixel agreement, and how often the masks are identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lgformer.app.demo import SYNTH_SEED, SYNTH_SIZE
+from lgformer.data.sources import Referent, load_refer
+from lgformer.data.synth.generate import generate
+from lgformer.predictor import Segmenter, read_image
+
+MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "refcoco-mini"
+
+
+def agreement(fp32: Segmenter, bf16: Segmenter, referents: list[Referent]) -> dict[str, float | int]:
+    """Segment every sentence of `referents` with both segmenters; IoU statistics of the two masks."""
+    inter = union = agree = pixels = same = 0
+    ious = []
+    for ref in referents:
+        picture = read_image(ref.image)
+        sentences = [s.text for s in ref.sentences]
+        for a, b in zip(fp32.predict(picture, sentences), bf16.predict(picture, sentences)):
+            i, u = int((a.mask & b.mask).sum()), int((a.mask | b.mask).sum())
+            inter, union = inter + i, union + u
+            ious.append(i / u if u else 1.0)
+            agree += int((a.mask == b.mask).sum())
+            pixels += a.mask.size
+            same += int(i == u)
+    return {
+        "sentences": len(ious),
+        "IoU": inter / union if union else 1.0,
+        "mean_IoU": float(np.mean(ious)),
+        "min_IoU": float(np.min(ious)),
+        "pixel_agreement": agree / pixels,
+        "identical": same / len(ious),
+    }
+
+
+def mini_referents() -> list[Referent]:
+    """The three real RefCOCO referents of refcoco-mini with their photos."""
+    return load_refer(MINI, "refcoco", "unc")
+
+
+def synth_referents(out: Path, refs: int) -> list[Referent]:
+    """`refs` objects of the synthetic `val` split of the default model's seed, written to `out`."""
+    generate(out, {"val": refs}, SYNTH_SEED, SYNTH_SIZE)
+    return load_refer(out, "synth", "synth")
+
+
+def measure(checkpoint: str, synth_refs: int, device: str = "cpu") -> dict[str, dict]:
+    """`agreement` on refcoco-mini and on `synth_refs` synthetic objects."""
+    fp32 = Segmenter.from_pretrained(checkpoint, device=device)
+    bf16 = Segmenter.from_pretrained(checkpoint, device=device, dtype="bfloat16")
+    with tempfile.TemporaryDirectory() as tmp:
+        sources = {"refcoco-mini": mini_referents(), "synthetic val": synth_referents(Path(tmp), synth_refs)}
+        return {name: agreement(fp32, bf16, refs) for name, refs in sources.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default="lite", help="checkpoint folder or shipped model (default: lite)")
+    p.add_argument("--synth-refs", type=int, default=400, help="synthetic val objects (default 400)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = measure(args.checkpoint, args.synth_refs)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    header = ("sentences", "IoU", "mean", "worst", "pixels", "identical")
+    print(f"{'source':<16} " + " ".join(f"{h:>{max(7, len(h))}}" for h in header))
+    for name, r in results.items():
+        print(
+            f"{name:<16} {r['sentences']:>9} {r['IoU']:>7.4f} {r['mean_IoU']:>7.4f} {r['min_IoU']:>7.4f} "
+            f"{r['pixel_agreement']:>7.5f} {r['identical']:>9.1%}"
+        )
+
+
+if __name__ == "__main__":
+    main()
