@@ -59,7 +59,7 @@ def test_fp32_encoder_stages_under_autocast_are_the_fp32_computation(preset: str
         assert mixed[i].dtype == torch.float32 and torch.equal(mixed[i], fp32[i]), i
     for i in (2, 3):
         assert not torch.equal(mixed[i].float(), fp32[i]), i
-        torch.testing.assert_close(mixed[i].float(), fp32[i], rtol=0.1, atol=0.1)
+        assert ((mixed[i].float() - fp32[i]).norm() / fp32[i].norm()).item() < 0.05, i  # bf16 rounding
 
 
 @pytest.mark.parametrize("activation", [None, "relu", "gelu", "tanh"])
