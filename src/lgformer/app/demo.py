@@ -56,9 +56,7 @@ def run_demo(
     start = time.perf_counter()
     data = out / "data"
     generate(data, {"test": eval_refs}, SYNTH_SEED, SYNTH_SIZE, workers)
-    config = dataclasses.replace(
-        seg.cfg.data, root=str(data), dataset="synth", image_dir=None, max_tokens=seg.tokenizer.max_tokens
-    )
+    config = dataclasses.replace(seg.cfg.data, root=str(data), dataset="synth", image_dir=None)
     dataset = build_dataset(config, "test", train=False, tokenizer=seg.tokenizer)
     counts = evaluate_model(seg.model, dataset, seg.device, dtype=seg.dtype, progress=True)
     scores = report(counts, dataset, "resized")

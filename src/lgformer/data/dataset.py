@@ -46,15 +46,14 @@ class DataConfig:
     gt_rule: str = "exactly_one"  # polygons: exactly_one (authors' sum == 1 quirk) | union
     all_sentences: bool = False  # training: every sentence per epoch instead of one random per ref
     image_size: int = 480
-    max_tokens: int = 20
 
 
 def check_config(cfg: DataConfig) -> None:
     if cfg.dataset not in DATASETS:
         raise LGFormerError(f"unknown dataset {cfg.dataset!r}; valid datasets: {', '.join(DATASETS)}")
     check_rule(cfg.gt_rule)
-    if cfg.image_size < 1 or cfg.max_tokens < 2:
-        raise LGFormerError("data.image_size must be >= 1 and data.max_tokens >= 2")
+    if cfg.image_size < 1:
+        raise LGFormerError(f"data.image_size={cfg.image_size}; it must be >= 1")
 
 
 def load_referents(cfg: DataConfig) -> list[Referent]:
@@ -160,10 +159,6 @@ def build_dataset(
     cfg: DataConfig, split: str, train: bool, tokenizer: Tokenizer | None = None, seed: int = 0
 ) -> ReferDataset:
     """The dataset of `split` of the configured source (see the module docstring for the item protocol)."""
-    if tokenizer is not None and tokenizer.max_tokens != cfg.max_tokens:
-        raise LGFormerError(
-            f"data.max_tokens={cfg.max_tokens} but the tokenizer keeps {tokenizer.max_tokens} tokens"
-        )
     referents = select_split(load_referents(cfg), split, cfg.root)
     return ReferDataset(
         referents,

@@ -111,7 +111,6 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import dataclasses
 
     from lgformer import config as config_mod
     from lgformer.data.dataset import DataConfig, build_dataset
@@ -144,7 +143,6 @@ def _eval(args: argparse.Namespace) -> int:
         from lgformer.model.text_encoder import Tokenizer
 
         tokenizer = Tokenizer(cfg.model.text_encoder, cfg.model.max_tokens)
-        data = dataclasses.replace(data, max_tokens=cfg.model.max_tokens)
     reports = {}
     for split in args.split:
         dataset = build_dataset(data, split, train=False, tokenizer=tokenizer)
