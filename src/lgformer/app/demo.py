@@ -190,11 +190,8 @@ def train_default(
 ) -> Path:
     """Retrain the default model from scratch into `out/run` (continuing a run found there), then store its
     best weights like the shipped model in `out/model`; returns that folder."""
-    import torch
-
     from lgformer import config as config_mod
     from lgformer.data.synth.generate import generate
-    from lgformer.engine.checkpoint import load_model, read_config, save_model
     from lgformer.engine.train import train
 
     data = out / "train-data"
@@ -214,10 +211,23 @@ def train_default(
         print(f"continuing the training run in {run}")
     result = train(cfg, run, resume=resume, device=device)
     best = run / "best" if (run / "best").is_dir() else result.last
-    model, cfg = load_model(best)
-    _, meta = read_config(best)
-    exclude = tuple(meta.pop("weights_exclude"))  # what the trainer left out: the frozen MiniLM
+    return store_like_shipped(best, out / "model")
+
+
+def store_like_shipped(
+    checkpoint: Path, target: Path, source: str | None = None, overrides: tuple[str, ...] = ()
+) -> Path:
+    """Write a training checkpoint as the shipped model is stored: fp16 safetensors without what the trainer
+    left out (the frozen MiniLM), config.json with the run's metadata (and `source`, the recipe, if given)
+    and its config with `overrides` (fields that do not change the weights, e.g. the precision policy)."""
+    import torch
+
+    from lgformer.engine.checkpoint import load_model, read_config, save_model
+
+    model, cfg = load_model(checkpoint, overrides=overrides)
+    _, meta = read_config(checkpoint)
+    exclude = tuple(meta.pop("weights_exclude"))
     meta.pop("format_version")
-    target = out / "model"
-    save_model(target, model, cfg, dtype=torch.float16, exclude=exclude, extra=meta)
-    return target
+    if source is not None:
+        meta["source"] = source
+    return save_model(target, model, cfg, dtype=torch.float16, exclude=exclude, extra=meta)
