@@ -1,6 +1,7 @@
 """Do bf16 masks match fp32 masks? IoU between the two for a trained checkpoint (issue 6 target: >= 0.98).
 
     python benchmarks/bf16_agreement.py --checkpoint lite --synth-refs 400
+    python benchmarks/bf16_agreement.py --set model.encoder_fp32_stages=0   # another precision policy
 
 Every sentence of the real `refcoco-mini` photos (REFER layout, ../shared) and of `--synth-refs` objects of
 the synthetic `val` split of the default model's seed (scenes it did not train on) is segmented twice
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from lgformer.app.demo import SYNTH_SEED, SYNTH_SIZE
+from lgformer.cli import add_overrides_argument
 from lgformer.data.sources import Referent, load_refer
 from lgformer.data.synth.generate import generate
 from lgformer.predictor import Segmenter, read_image
@@ -62,10 +64,12 @@ def synth_referents(out: Path, refs: int) -> list[Referent]:
     return load_refer(out, "synth", "synth")
 
 
-def measure(checkpoint: str, synth_refs: int, device: str = "cpu") -> dict[str, dict]:
-    """`agreement` on refcoco-mini and on `synth_refs` synthetic objects."""
-    fp32 = Segmenter.from_pretrained(checkpoint, device=device)
-    bf16 = Segmenter.from_pretrained(checkpoint, device=device, dtype="bfloat16")
+def measure(
+    checkpoint: str, synth_refs: int, device: str = "cpu", overrides: tuple[str, ...] = ()
+) -> dict[str, dict]:
+    """`agreement` on refcoco-mini and on `synth_refs` synthetic objects; `overrides` are config items."""
+    fp32 = Segmenter.from_pretrained(checkpoint, device=device, overrides=overrides)
+    bf16 = Segmenter.from_pretrained(checkpoint, device=device, dtype="bfloat16", overrides=overrides)
     with tempfile.TemporaryDirectory() as tmp:
         sources = {"refcoco-mini": mini_referents(), "synthetic val": synth_referents(Path(tmp), synth_refs)}
         return {name: agreement(fp32, bf16, refs) for name, refs in sources.items()}
@@ -76,11 +80,12 @@ def main() -> None:
     p.add_argument("--checkpoint", default="lite", help="checkpoint folder or shipped model (default: lite)")
     p.add_argument("--synth-refs", type=int, default=400, help="synthetic val objects (default 400)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    add_overrides_argument(p, "config override, e.g. model.encoder_fp32_stages=0 (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = measure(args.checkpoint, args.synth_refs)
+    results = measure(args.checkpoint, args.synth_refs, overrides=tuple(args.overrides))
     if args.json:
         print(json.dumps(results, indent=2))
         return
