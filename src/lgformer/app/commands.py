@@ -75,7 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     train = p.add_argument_group("retraining (--train): the recipe of the shipped default model")
     train.add_argument("--train", action="store_true", help="retrain the default model from scratch first")
-    train.add_argument("--steps", type=int, default=1450, help="optimizer steps (default %(default)s)")
+    train.add_argument("--steps", type=int, default=6000, help="optimizer steps (default %(default)s)")
     train.add_argument(
         "--train-refs", type=int, default=12000, help="synthetic training objects (default %(default)s)"
     )

@@ -37,7 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Evaluate every sentence of the split(s); report overall, per word-length bucket and per "
         "synthetic level. Data flags default to the checkpoint's data config.",
     )
-    p.add_argument("--checkpoint", type=Path, help="checkpoint folder (model.safetensors + config.json)")
+    p.add_argument(
+        "--checkpoint", help="checkpoint folder (model.safetensors + config.json) or shipped model (lite)"
+    )
     p.add_argument(
         "--predictions",
         type=Path,
@@ -124,7 +126,9 @@ def _eval(args: argparse.Namespace) -> int:
         raise LGFormerError("give exactly one of --checkpoint DIR or --predictions DIR")
     w, dev = distributed.setup(args.device)
     if args.checkpoint is not None:
-        model, cfg = load_model(args.checkpoint, dev, tuple(args.overrides))
+        from lgformer.predictor import resolve_checkpoint
+
+        model, cfg = load_model(resolve_checkpoint(args.checkpoint), dev, tuple(args.overrides))
         data = cfg.data
     else:
         if args.root is None or args.dataset is None:
