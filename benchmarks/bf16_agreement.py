@@ -23,6 +23,7 @@ import torch
 from lgformer.app.demo import SYNTH_SEED, SYNTH_SIZE
 from lgformer.cli import add_overrides_argument
 from lgformer.data.sources import Referent, load_refer
+from lgformer.errors import LGFormerError
 from lgformer.data.synth.generate import generate
 from lgformer.predictor import Segmenter, read_image
 
@@ -85,7 +86,10 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = measure(args.checkpoint, args.synth_refs, overrides=tuple(args.overrides))
+    try:
+        results = measure(args.checkpoint, args.synth_refs, overrides=tuple(args.overrides))
+    except LGFormerError as exc:
+        p.exit(2, f"bf16_agreement: error: {exc}\n")
     if args.json:
         print(json.dumps(results, indent=2))
         return
