@@ -23,8 +23,8 @@ import torch
 from lgformer.app.demo import SYNTH_SEED, SYNTH_SIZE
 from lgformer.cli import add_overrides_argument
 from lgformer.data.sources import Referent, load_refer
-from lgformer.errors import LGFormerError
 from lgformer.data.synth.generate import generate
+from lgformer.errors import LGFormerError
 from lgformer.predictor import Segmenter, read_image
 
 MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "refcoco-mini"
