@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import struct
 import zlib
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,16 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 OFFICIAL = SHARED / "reference" / "official"  # the authors' tensor layout and the golden forward pass
 MINI = SHARED / "data" / "refcoco-mini"  # three real RefCOCO referents in the REFER layout
 PHOTOS = MINI / "images" / "mscoco" / "images" / "train2014"  # their real COCO photos
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@cache
+def load_benchmark(name: str):
+    """The script `benchmarks/<name>.py` as a module (the scripts are not part of the package)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def bomb_png_header(side: int = 30000) -> bytes:

@@ -3,29 +3,16 @@ evaluated per level, lands in the results table, and a re-run reuses finished ru
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-from conftest import synth_benchmark
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_benchmark, synth_benchmark
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location(
-        "synthetic_ablation", ROOT / "benchmarks" / "synthetic_ablation.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_two_variants_train_evaluate_and_resume(tmp_path, capsys):
-    ablation = _script()
+    ablation = load_benchmark("synthetic_ablation")
     data = synth_benchmark(tmp_path / "data", train=8, val=4, test=4)
     tiny = ["data.image_size=64", "train.batch_size=2", "train.workers=0", "train.warmup_steps=0",
             "train.val_split=null", "model.decoder_layers=1", "model.generator_layers=1"]  # fmt: skip
@@ -53,7 +40,10 @@ def test_two_variants_train_evaluate_and_resume(tmp_path, capsys):
 
 
 def test_unknown_variant_lists_the_valid_ones(tmp_path, capsys):
-    assert _script().main(["--out", str(tmp_path), "--variants", "linguistic,k3"]) == 2
+    assert (
+        load_benchmark("synthetic_ablation").main(["--out", str(tmp_path), "--variants", "linguistic,k3"])
+        == 2
+    )
     assert (
         "unknown variant(s) k3; valid: linguistic, learnable-k1, learnable-k10, pwam"
         in capsys.readouterr().err

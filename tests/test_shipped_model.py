@@ -4,25 +4,15 @@ photos and on held-out synthetic scenes, as `benchmarks/bf16_agreement.py` measu
 
 from __future__ import annotations
 
-import importlib.util
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 from lgformer.data.sources import referent_mask
 from lgformer.predictor import Segmenter
 
-ROOT = Path(__file__).resolve().parents[1]
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _agreement_script():
-    spec = importlib.util.spec_from_file_location("bf16_agreement", ROOT / "benchmarks" / "bf16_agreement.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +23,7 @@ def fp32() -> Segmenter:
 @pytest.fixture(scope="module")
 def held_out(tmp_path_factory) -> list:
     """32 objects of the synthetic val split of the model's seed: scenes it was not trained on."""
-    return _agreement_script().synth_referents(tmp_path_factory.mktemp("synth"), 32)
+    return load_benchmark("bf16_agreement").synth_referents(tmp_path_factory.mktemp("synth"), 32)
 
 
 def test_default_model_segments_held_out_shapes_and_attributes(fp32, held_out):
@@ -48,7 +38,7 @@ def test_default_model_segments_held_out_shapes_and_attributes(fp32, held_out):
 
 
 def test_bf16_masks_agree_with_fp32_masks(fp32, held_out):
-    script = _agreement_script()
+    script = load_benchmark("bf16_agreement")
     bf16 = Segmenter.from_pretrained("lite", device="cpu", dtype="bfloat16")
     for name, refs in (("refcoco-mini", script.mini_referents()), ("synthetic val", held_out)):
         result = script.agreement(fp32, bf16, refs)
