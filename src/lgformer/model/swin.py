@@ -71,16 +71,19 @@ def shift_mask(hp: int, wp: int, window: int, shift: int, device: torch.device) 
 def window_order(h: int, w: int, window: int, shift: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """Token permutations for one block on an h x w map padded to Hp x Wp (int64, cached).
 
-    gather (Hp·Wp,): window-order token t -> flat position in the padded grid; it combines the roll by
-    -shift and the window partition (windows row-major, tokens row-major inside a window).
-    scatter (h·w,): unpadded position y·w + x -> window-order token; it undoes both and crops.
+    gather (Hp·Wp,): window-order token t -> its row in the h·w real tokens followed by one row standing
+    for every padded token (index h·w); it combines the padding, the roll by -shift and the window
+    partition (windows row-major, tokens row-major inside a window).
+    scatter (h·w,): unpadded position y·w + x -> window-order token; it undoes all three.
     """
     hp, wp = h + -h % window, w + -w % window
+    real = torch.full((hp, wp), h * w, device=device)
+    real[:h, :w] = torch.arange(h * w, device=device).view(h, w)
     pos = torch.roll(torch.arange(hp * wp, device=device).view(hp, wp), (-shift, -shift), (0, 1))
-    gather = pos.view(hp // window, window, wp // window, window).transpose(1, 2).reshape(-1)
-    inverse = torch.empty_like(gather)
-    inverse[gather] = torch.arange(hp * wp, device=device)
-    return gather, inverse.view(hp, wp)[:h, :w].reshape(-1)
+    order = pos.view(hp // window, window, wp // window, window).transpose(1, 2).reshape(-1)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(hp * wp, device=device)
+    return real.view(-1)[order], inverse.view(hp, wp)[:h, :w].reshape(-1)
 
 
 class DropPath(nn.Module):
@@ -171,11 +174,23 @@ class WindowAttention(nn.Module):
             self._mask_cache = (key, mask)
         return mask
 
-    def forward(self, x: Tensor, hp: int, wp: int, shift: int) -> Tensor:
-        """x: (B, nW, M, C) window tokens of an Hp x Wp padded grid -> (B, nW, M, C)."""
-        b, nw, m, c = x.shape
-        h = self.heads
-        qkv = self.qkv(x).view(b, nw, m, 3, h, c // h).permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, heads, M, d)
+    def forward(self, x: Tensor, shift: int) -> Tensor:
+        """x: (B, H, W, C) normalised tokens -> (B, H, W, C), attention inside the w x w windows of the grid
+        zero-padded to Hp x Wp and rolled by -shift.
+
+        The projections run on the H·W real tokens only: a padded token is zero after LN1, so its q, k, v
+        are the qkv bias (one extra row the window gather reads), and its output is dropped before `proj`.
+        """
+        b, hh, ww, c = x.shape
+        h, win = self.heads, self.window
+        hp, wp = hh + -hh % win, ww + -ww % win
+        m = win * win
+        nw = hp * wp // m
+        gather, scatter = window_order(hh, ww, win, shift, x.device)
+        qkv = self.qkv(x).reshape(b, hh * ww, 3 * c)
+        if hp * wp > hh * ww:
+            qkv = torch.cat([qkv, self.qkv.bias.to(qkv.dtype).expand(b, 1, 3 * c)], dim=1)
+        qkv = qkv.index_select(1, gather).view(b, nw, m, 3, h, c // h).permute(3, 0, 1, 4, 2, 5)
         mask = self.attn_mask(hp, wp, shift, qkv.dtype)
         if b > 1 and mask.shape[0] > 1:
             # a per-window mask cannot broadcast over a (B·nW) axis: fold the windows into the head axis
@@ -189,7 +204,8 @@ class WindowAttention(nn.Module):
             out = (q @ k.transpose(-2, -1) * (c // h) ** -0.5 + mask).softmax(-1) @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(out.reshape(b, nw, h, m, c // h).transpose(2, 3).reshape(b, nw, m, c))
+        out = out.reshape(b, nw, h, m, c // h).transpose(2, 3).reshape(b, nw * m, c).index_select(1, scatter)
+        return self.proj(out).view(b, hh, ww, c)
 
 
 class Mlp(nn.Module):
@@ -207,12 +223,12 @@ class Mlp(nn.Module):
 class SwinBlock(nn.Module):
     """(B, H, W, C) -> (B, H, W, C): LN1, pad, [roll -s], windows, attention, [roll +s], crop; MLP.
 
-    The roll and the window partition are one `index_select` (and likewise their inverse with the crop).
+    The padding, roll and window partition are one `index_select` (and likewise their inverse with the
+    crop), inside `WindowAttention`.
     """
 
     def __init__(self, dim: int, heads: int, window: int, shift: int, drop_path: float = 0.0) -> None:
         super().__init__()
-        self.window = window
         self.shift = shift
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, heads, window)
@@ -221,17 +237,7 @@ class SwinBlock(nn.Module):
         self.mlp = Mlp(dim, MLP_RATIO * dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        b, h, w, c = x.shape
-        win, s = self.window, self.shift
-        z = self.norm1(x)
-        ph, pw = -h % win, -w % win
-        if ph or pw:
-            z = F.pad(z, (0, 0, 0, pw, 0, ph))  # after LN1: padded tokens are exact zeros
-        hp, wp = h + ph, w + pw
-        gather, scatter = window_order(h, w, win, s, x.device)
-        z = z.reshape(b, hp * wp, c).index_select(1, gather).view(b, -1, win * win, c)
-        z = self.attn(z, hp, wp, s).view(b, hp * wp, c).index_select(1, scatter).view(b, h, w, c)
-        x = x + self.drop_path(z)
+        x = x + self.drop_path(self.attn(self.norm1(x), self.shift))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
