@@ -2,6 +2,7 @@
 
     python benchmarks/profile_model.py --preset official-swin-b --size 480 --dtype bf16 --threads 2
     python benchmarks/profile_model.py --preset lite --size 320 --batch 8 --train
+    python benchmarks/profile_model.py --preset official-swin-b --dtype bf16 --set model.decoder_fp32=false
 
 Prints the operators sorted by self CPU time (CUDA time on GPU), optionally grouped by input shape,
 and writes a Chrome trace with --trace FILE.
@@ -31,11 +32,19 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=40)
     p.add_argument("--shapes", action="store_true", help="group rows by input shapes")
     p.add_argument("--trace", default=None, help="write a Chrome trace here")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, e.g. model.decoder_fp32=false (repeatable)",
+    )
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = config_mod.load(args.preset)
+    cfg = config_mod.load(args.preset, args.overrides)
     size = args.size or cfg.data.image_size
     torch.manual_seed(0)
     model = build_model(cfg.model, pretrained=False).to(device).eval()

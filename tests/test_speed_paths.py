@@ -81,6 +81,26 @@ def test_linear_matches_f_linear_with_gradients(activation: str | None) -> None:
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("activation", [None, "relu", "gelu", "tanh"])
+def test_linear_under_bf16_autocast_is_autocasts_product(activation: str | None) -> None:
+    """Inference under CPU bf16 autocast: bf16 out, within bf16 rounding of autocast's F.linear + activation
+    (the fused activation is applied before the one rounding); with gradients it is autocast's own path."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 40, 24).transpose(0, 1)
+    w, b = torch.randn(16, 24) * 0.2, torch.randn(16)
+    ref_fn = {None: lambda t: t, "relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}[activation]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            got, expected = linear(x, w, b, activation), ref_fn(F.linear(x, w, b))
+        assert got.dtype == expected.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), expected.float(), rtol=1e-2, atol=1e-2)
+        w.requires_grad_()
+        y = linear(x, w, b, activation)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert w.grad is not None and w.grad.shape == w.shape
+
+
 def test_linear_module_keeps_nn_linear_state_dict() -> None:
     assert Linear(4, 3).state_dict().keys() == nn.Linear(4, 3).state_dict().keys()
     assert isinstance(Linear(4, 3), nn.Linear)
