@@ -197,8 +197,12 @@ class MSDeformAttn(nn.Module):
         S = value.shape[1]
         heads, levels, points = self.heads, self.levels, self.points
         v = self.value_proj(value).view(B, S, heads, self.dim // heads)
-        offsets = self.sampling_offsets(query).view(B, Lq, heads, levels * points * 2)
-        logits = self.attention_weights(query).view(B, Lq, heads, levels * points)
+        # Sampling offsets and attention logits stay in the weights' precision under autocast: they place the
+        # samples (offsets of several pixels, where bf16 keeps only ~3 significant digits).
+        with torch.autocast(query.device.type, enabled=False):
+            q = query.to(self.sampling_offsets.weight.dtype)
+            offsets = self.sampling_offsets(q).view(B, Lq, heads, levels * points * 2)
+            logits = self.attention_weights(q).view(B, Lq, heads, levels * points)
         dtype = _compute_dtype(offsets)
         weights = _softmax_last(logits.to(dtype)).view(B, Lq, heads, levels, points)
         # (W, H) of each offset's level, and the reference point, repeated along the flat (level, point, xy)

@@ -68,8 +68,8 @@ def _onednn_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
     ):
         return None
     if torch.is_autocast_enabled("cpu"):
-        bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16)
-        return torch.bfloat16 if bf16 else None
+        floating = x.dtype in (torch.float32, torch.bfloat16)
+        return torch.bfloat16 if floating and torch.get_autocast_dtype("cpu") == torch.bfloat16 else None
     return torch.float32 if x.dtype == weight.dtype == torch.float32 else None
 
 
