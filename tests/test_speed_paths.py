@@ -159,7 +159,10 @@ def test_bench_json_smoke(capsys: pytest.CaptureFixture[str]) -> None:
         "images_per_s",
         "parts",
         "gflop",
+        "gflop_by_dtype",
         "gemm_gflops",
+        "gemm_gflops_by_dtype",
+        "roofline_s",
         "efficiency",
         "peak_memory_mb",
         "train",
@@ -170,3 +173,27 @@ def test_bench_json_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     assert set(report["parts"]) == {"text_encoder", "backbone", "pixel_decoder", "prototype_generator"}
     assert report["gflop"] > 0 and report["gemm_gflops"] > 0 and report["train"]["median_s"] > 0
     assert report["latency"]["min_s"] <= report["latency"]["median_s"] <= report["latency"]["max_s"]
+    assert report["gflop"] == pytest.approx(sum(report["gflop_by_dtype"].values()))
+    assert set(report["gflop_by_dtype"]) <= set(report["gemm_gflops_by_dtype"])
+    roofline = sum(g / report["gemm_gflops_by_dtype"][d] for d, g in report["gflop_by_dtype"].items())
+    assert report["roofline_s"] == pytest.approx(roofline)
+    assert report["efficiency"] == pytest.approx(roofline / report["latency"]["median_s"])
+
+
+def test_flop_count_by_dtype_covers_onednn_linear_and_cpu_attention() -> None:
+    """The counter sees the products PyTorch's own counter misses on CPU, and files them by compute dtype."""
+    from lgformer.engine.bench import count_gflop
+
+    x, w = torch.randn(3, 5, 8), torch.randn(4, 8)
+    q, k = torch.randn(1, 2, 6, 4), torch.randn(1, 2, 7, 4)
+    attention = 4 * 2 * 6 * 7 * 4 / 1e9
+
+    def work() -> None:
+        linear(x, w, None, "relu")
+        F.scaled_dot_product_attention(q, k, k)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            linear(x, w)
+
+    counts = count_gflop(work)
+    assert counts[torch.float32] == pytest.approx(2 * 15 * 8 * 4 / 1e9 + attention)
+    assert counts[torch.bfloat16] == pytest.approx(2 * 15 * 8 * 4 / 1e9)

@@ -3,10 +3,12 @@
 Random weights (timing does not depend on their values). The full forward includes the text encoder;
 the text encoder, backbone, pixel decoder and prototype generator (+ head) are also timed one by one
 on the intermediate tensors of a full forward. Every timed call enters autocast itself, as an evaluation
-loop does (bf16 weight casts are part of the cost). GFLOP come from PyTorch's flop counter (deformable
-sampling not counted). Efficiency is the achieved GFLOP/s divided by the best n x n GEMM rate measured in
-the same process at the same dtype and thread count, over `torch.mm` and the network's own `linear`
-(oneDNN for fp32 on x86 CPUs, which there is ~2x `torch.mm`'s MKL sgemm); the ratio to `torch.mm` alone is
+loop does (bf16 weight casts are part of the cost). GFLOP are counted per compute dtype with PyTorch's flop
+formulas (matmuls, convolutions, attention; deformable sampling and elementwise work not counted). The
+roofline is the time those flops take at the best n x n GEMM rate measured in the same process at each
+dtype and thread count, over `torch.mm` and the network's own `linear` (oneDNN on x86 CPUs, 1.2-2x
+`torch.mm`'s MKL sgemm on AMD); efficiency is roofline / median latency, so a mixed policy (bf16 autocast
+with the authors' fp32 pixel decoder) is held to each part's own rate. The ratio against `torch.mm` alone is
 reported too. On CPU memory is the peak resident set (VmHWM, reset before each phase); on GPU
 `torch.cuda.max_memory_allocated`. `--train` times one step of the preset's training recipe (forward at
 1/4 scale, loss, backward, gradient clipping if configured, AdamW).
@@ -14,6 +16,7 @@ reported too. On CPU memory is the peak resident set (VmHWM, reset before each p
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import os
@@ -27,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lgformer import config as config_mod
 from lgformer.config import Config
@@ -89,15 +93,20 @@ def summarise(times: list[float]) -> dict[str, float]:
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """'float32' for torch.float32."""
+    return str(dtype).removeprefix("torch.")
+
+
 def gemm_gflops(
-    dtype: torch.dtype | None, device: torch.device, n: int = GEMM_SIZE, repeat: int = 5
+    dtype: torch.dtype, device: torch.device, n: int = GEMM_SIZE, repeat: int = 5
 ) -> dict[str, float]:
-    """GFLOP/s of an n x n x n product at `dtype` (fp32 when None): `torch.mm`, the network's `linear`
-    (oneDNN for fp32 on x86 CPUs, see `lgformer.model.layers`) and the best of the two."""
+    """GFLOP/s of an n x n x n product at `dtype`: `torch.mm`, the network's `linear` (oneDNN for fp32 on x86
+    CPUs, see `lgformer.model.layers`) and the best of the two."""
     from lgformer.model.layers import linear
 
-    a = torch.randn(n, n, device=device, dtype=dtype or torch.float32)
-    b = torch.randn(n, n, device=device, dtype=dtype or torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     with torch.inference_mode():
         rates = {
             name: 2 * n**3 / min(time_calls(fn, repeat, 2, device)) / 1e9
@@ -106,31 +115,49 @@ def gemm_gflops(
     return {**rates, "best": max(rates.values())}
 
 
-def count_gflop(model: nn.Module, fn: Callable[[], Any]) -> float:
-    """GFLOP of one call of `fn` by PyTorch's flop counter (matmuls, convolutions, attention).
+class FlopsByDtype(TorchDispatchMode):
+    """Counts the flops of matmuls, convolutions and attention by compute dtype (the output's), with
+    PyTorch's flop formulas plus the two CPU kernels its counter does not know: oneDNN's linear
+    (`lgformer.model.layers`) and the CPU flash attention that SDPA runs (window and word attention)."""
 
-    The counter's module hooks reject inference tensors and parameters that require grad under no_grad,
-    so it runs under no_grad with every parameter temporarily frozen.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
+    def __init__(self) -> None:
+        super().__init__()
+        self.flops: dict[torch.dtype, int] = collections.defaultdict(int)
 
-    from lgformer.model import layers
+    @staticmethod
+    def _formulas() -> dict[Any, Callable[..., int]]:
+        from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 
-    def onednn_linear_flop(x: Any, w: Any, *_: Any, out_shape: Any = None, **__: Any) -> int:
-        """2·M·K·N for `mkldnn._linear_pointwise`, which the counter does not know (lgformer.model.layers)."""
-        return 2 * math.prod(x[:-1]) * x[-1] * w[0]
+        def linear_flop(x: torch.Tensor, w: torch.Tensor, *_: Any, **__: Any) -> int:
+            return 2 * math.prod(x.shape[:-1]) * x.shape[-1] * w.shape[0]
 
-    mapping = {torch.ops.mkldnn._linear_pointwise: onednn_linear_flop} if layers.ONEDNN else {}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    for p in trainable:
-        p.requires_grad_(False)
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-            fn()
-    finally:
-        for p in trainable:
-            p.requires_grad_(True)
-    return counter.get_total_flops() / 1e9
+        def cpu_flash_flop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *_: Any, **__: Any) -> int:
+            return sdpa_flop_count(q.shape, k.shape, v.shape)
+
+        extra = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_flash_flop}
+        if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+            extra[torch.ops.mkldnn._linear_pointwise] = linear_flop
+        return {**flop_registry, **extra}
+
+    def __enter__(self) -> FlopsByDtype:
+        self.formulas = self._formulas()
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = self.formulas.get(func._overloadpacket)
+        if formula is not None:
+            first = out[0] if isinstance(out, (tuple, list)) else out
+            self.flops[first.dtype] += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+def count_gflop(fn: Callable[[], Any]) -> dict[torch.dtype, float]:
+    """GFLOP of one call of `fn` (without autograd) by compute dtype (see `FlopsByDtype`)."""
+    with torch.no_grad(), FlopsByDtype() as counter:
+        fn()
+    return {dtype: flops / 1e9 for dtype, flops in counter.flops.items()}
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -277,14 +304,22 @@ def run(
                 name: summarise(time_calls(fn, repeat, 1, dev))
                 for name, fn in _parts(model, x, dev, amp).items()
             }
-    gflop = count_gflop(model, forward)
-    gemm = gemm_gflops(amp, dev)
-    report["gflop"] = gflop / batch
-    report["gemm_gflops"] = gemm["best"]
-    report["gemm_gflops_torch_mm"] = gemm["torch_mm"]
-    report["achieved_gflops"] = gflop / report["latency"]["median_s"]
-    report["efficiency"] = report["achieved_gflops"] / gemm["best"]
-    report["efficiency_vs_torch_mm"] = report["achieved_gflops"] / gemm["torch_mm"]
+    # Efficiency against the roofline of the precision policy: each dtype's flops at that dtype's GEMM rate
+    # (an fp32 pixel decoder under bf16 autocast is held to the fp32 rate).
+    gflop = count_gflop(forward)
+    own = amp or torch.float32
+    gemm = {dtype: gemm_gflops(dtype, dev) for dtype in {own, *gflop}}
+    median = report["latency"]["median_s"]
+    roofline = {key: sum(g / gemm[d][key] for d, g in gflop.items()) for key in ("best", "torch_mm")}
+    report["gflop"] = sum(gflop.values()) / batch
+    report["gflop_by_dtype"] = {dtype_name(d): g / batch for d, g in gflop.items()}
+    report["gemm_gflops"] = gemm[own]["best"]
+    report["gemm_gflops_by_dtype"] = {dtype_name(d): r["best"] for d, r in gemm.items()}
+    report["gemm_gflops_torch_mm"] = {dtype_name(d): r["torch_mm"] for d, r in gemm.items()}
+    report["achieved_gflops"] = sum(gflop.values()) / median
+    report["roofline_s"] = roofline["best"] / batch
+    report["efficiency"] = roofline["best"] / median
+    report["efficiency_vs_torch_mm"] = roofline["torch_mm"] / median
     if train:
         step = train_step(model, cfg, x, amp, dev)
         reset_peak_memory(dev)
@@ -311,10 +346,17 @@ def format_report(r: dict[str, Any]) -> str:
     ]
     for name, t in r.get("parts", {}).items():
         lines.append(f"    {name:<18} {span(t)}")
+    by_dtype = ", ".join(f"{d} {g:.1f}" for d, g in r["gflop_by_dtype"].items())
+    rates = ", ".join(
+        f"{d} {g:.1f} (torch.mm {r['gemm_gflops_torch_mm'][d]:.1f})"
+        for d, g in r["gemm_gflops_by_dtype"].items()
+    )
     lines += [
-        f"  model                {r['gflop']:9.1f} GFLOP/image   {r['achieved_gflops']:.1f} GFLOP/s achieved",
-        f"  GEMM                 {r['gemm_gflops']:9.1f} GFLOP/s   efficiency {r['efficiency']:.2f}   "
-        f"(torch.mm {r['gemm_gflops_torch_mm']:.1f} GFLOP/s: {r['efficiency_vs_torch_mm']:.2f})",
+        f"  model                {r['gflop']:9.1f} GFLOP/image ({by_dtype})   "
+        f"{r['achieved_gflops']:.1f} GFLOP/s achieved",
+        f"  GEMM GFLOP/s         {rates}",
+        f"  roofline             {r['roofline_s'] * 1e3:9.1f} ms/image   efficiency {r['efficiency']:.2f}   "
+        f"(vs torch.mm: {r['efficiency_vs_torch_mm']:.2f})",
         f"  {memory:<20} {r['peak_memory_mb']:9.1f} MB",
     ]
     if "train" in r:

@@ -19,7 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "bench",
         help="time a preset's network: latency, images/s, GFLOP, efficiency vs GEMM, peak memory",
         description="Random weights. Times the full forward (text encoder included) and each box separately; "
-        "efficiency = achieved GFLOP/s / GEMM GFLOP/s measured in the same process at the same dtype.",
+        "efficiency = roofline / latency, the roofline being each compute dtype's GFLOP at the GEMM rate "
+        "measured in the same process at that dtype.",
     )
     p.add_argument("--preset", default="lite", help="preset name or YAML file (default %(default)s)")
     p.add_argument("--size", type=int, default=None, help="square input size (default: the config's)")
