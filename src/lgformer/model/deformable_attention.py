@@ -57,34 +57,35 @@ def _bag_sample(value: Tensor, shapes: list[tuple[int, int]], locations: Tensor,
     # with x̃ clamped to [−1, W] both neighbours floor(x̃) and floor(x̃) + 1 lie in the bordered map.
     # Row of (y, x): (b*heads + h)*Sp + start_l + (y+1)*(W_l+3) + (x+1).
     padded = [(h + 3) * (w + 3) for h, w in shapes]
+    starts = [0, *itertools.accumulate(padded[:-1])]
     Sp = sum(padded)
     itype = torch.int32 if B * heads * Sp < 2**31 else torch.int64
-    maps = value.to(dtype).permute(0, 2, 1, 3).split([h * w for h, w in shapes], dim=2)
-    table = torch.cat(
-        [F.pad(m.unflatten(2, hw), (0, 0, 1, 2, 1, 2)).flatten(2, 3) for m, hw in zip(maps, shapes)], dim=2
-    ).view(B * heads * Sp, dh)
+    table = value.new_zeros(B, heads, Sp, dh, dtype=dtype)
+    maps = value.permute(0, 2, 1, 3).split([h * w for h, w in shapes], dim=2)
+    for m, (h, w), start in zip(maps, shapes, starts):
+        bordered = table[:, :, start : start + (h + 3) * (w + 3)].unflatten(2, (h + 3, w + 3))
+        bordered[:, :, 1 : h + 1, 1 : w + 1].copy_(m.unflatten(2, (h, w)))
+    table = table.view(B * heads * Sp, dh)
 
     # Per-point constants are expanded over the K = levels·points axis: every broadcast below then runs along
     # a contiguous axis of K (broadcasting size-1 inner axes is several times slower on CPU).
     K = levels * points
     per_point = torch.tensor(
-        [[w, h, w + 3, start] for (h, w), start in zip(shapes, [0, *itertools.accumulate(padded[:-1])])],
-        dtype=itype,
-        device=device,
+        [[w, h, w + 3, start] for (h, w), start in zip(shapes, starts)], dtype=itype, device=device
     ).repeat_interleave(points, dim=0)  # (K, 4)
     size = per_point[:, :2].t().to(dtype)  # (xy, K): W and H of each point's level
     stride = per_point[:, 2]
     # Pixel coordinates x̃ = x·W − 0.5, ỹ = y·H − 0.5, laid out (B, Lq, heads, xy, K). Clamping to
     # [−1, size] changes no sample: beyond it both neighbours are border zeros, and at the clamp the
     # neighbour that is not a border zero gets weight 0.
-    pix = locations.to(dtype).view(B, Lq, heads, K, 2).transpose(3, 4).contiguous()
-    pix = torch.minimum(pix * size - 0.5, size).clamp_(min=-1.0)
+    pix = torch.mul(locations.to(dtype).view(B, Lq, heads, K, 2).transpose(3, 4), size).sub_(0.5)
+    pix = torch.clamp(pix, min=torch.tensor(-1.0, dtype=dtype, device=device), max=size)
     low = pix.floor()
-    frac = pix - low
+    frac = pix.sub_(low)
     batch_head = torch.arange(B * heads, dtype=itype, device=device).view(B, 1, heads, 1)
     base = batch_head * Sp + (per_point[:, 3] + stride + 1)  # bordered (0, 0) of each point's level map
     corner = low.to(itype)
-    top_left = corner[:, :, :, 1] * stride + corner[:, :, :, 0] + base  # (B, Lq, heads, K)
+    top_left = (corner[:, :, :, 1] * stride).add_(corner[:, :, :, 0]).add_(base)  # (B, Lq, heads, K)
     # Neighbour rows, (B, Lq, heads, y-corner, x-corner, K).
     rows = torch.stack([torch.zeros_like(stride), stride])[:, None]  # (y-corner, 1, K)
     index = top_left[:, :, :, None, None] + (rows + torch.tensor([[0], [1]], dtype=itype, device=device))
