@@ -7,6 +7,7 @@ Every variant runs in its own process (fresh allocator state), with one fast pat
   all            nothing switched off
   malloc         glibc keeps its default mmap/trim thresholds (LGFORMER_MALLOC_TUNING=0)
   onednn         fp32 products through F.linear / conv2d (MKL sgemm) instead of oneDNN
+  bf16-onednn    bf16 autocast products through autocast's F.linear (activations unfused)
   fused-act      oneDNN products without the fused ReLU/GELU/tanh (applied separately)
   bert-onednn    the text encoder keeps plain nn.Linear
   channels-last  the EfficientNet-Lite2 trunk runs NCHW
@@ -23,7 +24,16 @@ import statistics
 import subprocess
 import sys
 
-VARIANTS = ["all", "malloc", "onednn", "fused-act", "bert-onednn", "channels-last", "msda-backward"]
+VARIANTS = [
+    "all",
+    "malloc",
+    "onednn",
+    "bf16-onednn",
+    "fused-act",
+    "bert-onednn",
+    "channels-last",
+    "msda-backward",
+]
 
 
 def switch_off(variant: str) -> None:
@@ -43,6 +53,13 @@ def switch_off(variant: str) -> None:
             return y if activation == "none" else layers.ACTIVATIONS[activation](y)
 
         layers._onednn_linear = unfused
+    elif variant == "bf16-onednn":
+        onednn_dtype = layers._onednn_dtype
+
+        def fp32_only(x: Tensor, weight: Tensor) -> torch.dtype | None:
+            return None if torch.is_autocast_enabled("cpu") else onednn_dtype(x, weight)
+
+        layers._onednn_dtype = fp32_only
     elif variant == "bert-onednn":
         lgformer.use_fast_linear = lambda module: module
     elif variant == "channels-last":
