@@ -2,7 +2,7 @@
 
 `Linear` / `Conv1x1` compute exactly `nn.Linear` / a 1x1 `nn.Conv2d`, but an fp32 product on an x86 CPU
 runs on oneDNN (`mkldnn._linear_pointwise`, AVX-512 kernels) instead of MKL's sgemm, which on AMD CPUs
-takes an AVX2 path: about 2x faster there on Zen 5, 1.2x on Zen 4, identical up to summation order. Under
+takes an AVX2 path: about 2x faster there on Zen 5, 1.15x on Zen 4, identical up to summation order. Under
 CPU bf16 autocast, inference casts the operands to bf16 as autocast does and calls the same oneDNN
 primitive, so that ReLU/GELU/tanh are fused into the product there too. Everything else (fp16 autocast,
 bf16 training, GPU, other dtypes, tracing and export) goes through `F.linear` unchanged.
