@@ -121,33 +121,35 @@ class _SampleFunction(torch.autograd.Function):
         _, Lq, _, levels, points, _ = locations.shape
         dtype = torch.promote_types(_compute_dtype(value), locations.dtype)
         n = B * heads
-        # grid_sample layout: maps (B·heads, dh, H, W), grids (B·heads, Lq, points, 2) at 2·loc − 1
-        g = grad.to(dtype).view(B, Lq, heads, dh).permute(0, 2, 3, 1).reshape(n, dh, Lq, 1)
+        # grid_sample layout with the points before the queries: maps (B·heads, dh, H, W), grids
+        # (B·heads, points, Lq, 2) at 2·loc − 1, so that the incoming gradient (B·heads, dh, 1, Lq) broadcasts
+        # over a middle axis (a size-1 innermost axis broadcasts several times slower on CPU)
+        g = grad.to(dtype).view(B, Lq, heads, dh).permute(0, 2, 3, 1).reshape(n, dh, 1, Lq)
         maps = value.to(dtype).permute(0, 2, 3, 1).split([h * w for h, w in shapes], dim=3)
-        grids = (2 * locations.to(dtype) - 1).permute(0, 2, 3, 1, 4, 5)  # (B, heads, levels, Lq, points, 2)
-        a = weights.to(dtype).permute(0, 2, 3, 1, 4)  # (B, heads, levels, Lq, points)
+        grids = (2 * locations.to(dtype) - 1).permute(0, 2, 3, 4, 1, 5)  # (B, heads, levels, points, Lq, 2)
+        a = weights.to(dtype).permute(0, 2, 3, 4, 1)  # (B, heads, levels, points, Lq)
         grad_maps, grad_grids, grad_a = [], [], []
         for lvl, (h, w) in enumerate(shapes):
             v = maps[lvl].reshape(n, dh, h, w)
-            grid = grids[:, :, lvl].reshape(n, Lq, points, 2)
+            grid = grids[:, :, lvl].reshape(n, points, Lq, 2)
             if need_value or need_loc:
                 gv, gg = torch.ops.aten.grid_sampler_2d_backward(
-                    g * a[:, :, lvl].reshape(n, 1, Lq, points), v, grid, 0, 0, False, [need_value, need_loc]
+                    g * a[:, :, lvl].reshape(n, 1, points, Lq), v, grid, 0, 0, False, [need_value, need_loc]
                 )
                 grad_maps.append(gv)
                 grad_grids.append(gg)
             if need_weights:
-                grad_a.append((torch.grid_sampler_2d(v, grid, 0, 0, False) * g).sum(1))  # (n, Lq, points)
+                grad_a.append((torch.grid_sampler_2d(v, grid, 0, 0, False) * g).sum(1))  # (n, points, Lq)
         grad_value = grad_loc = grad_weights = None
         if need_value:
             grad_value = torch.cat([gv.view(B, heads, dh, -1) for gv in grad_maps], dim=3)
             grad_value = grad_value.permute(0, 3, 1, 2).to(value.dtype)
         if need_loc:
-            grad_loc = 2 * torch.stack([gg.view(B, heads, Lq, points, 2) for gg in grad_grids], dim=2)
-            grad_loc = grad_loc.permute(0, 3, 1, 2, 4, 5).to(locations.dtype)
+            grad_loc = 2 * torch.stack([gg.view(B, heads, points, Lq, 2) for gg in grad_grids], dim=2)
+            grad_loc = grad_loc.permute(0, 4, 1, 2, 3, 5).to(locations.dtype)
         if need_weights:
-            grad_weights = torch.stack([ga.view(B, heads, Lq, points) for ga in grad_a], dim=2)
-            grad_weights = grad_weights.permute(0, 3, 1, 2, 4).to(weights.dtype)
+            grad_weights = torch.stack([ga.view(B, heads, points, Lq) for ga in grad_a], dim=2)
+            grad_weights = grad_weights.permute(0, 4, 1, 2, 3).to(weights.dtype)
         return grad_value, grad_loc, grad_weights, None
 
 
