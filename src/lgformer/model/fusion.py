@@ -9,6 +9,7 @@ Both take tokens `x` (B, N, C), words `l` (B, T, D) and a float mask `m` (B, T) 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lgformer.model.layers import Linear, linear
@@ -19,11 +20,16 @@ IN_EPS = 1e-5
 def instance_norm_tokens(x: torch.Tensor) -> torch.Tensor:
     """Instance norm over the token axis of (B, N, C): per sample and channel, biased variance, no affine.
 
-    Two-pass mean/variance: the VLBA norms can see tiny spreads (few valid words) where the one-pass
-    E[x^2] - E[x]^2 form loses all precision (spec §10.15).
+    PyTorch's batch-norm kernel on the (N, B·C) view (no copy when B = 1), which is how its instance norm
+    runs: the framework's statistics, not the one-pass E[x^2] - E[x]^2 form that loses all precision on
+    the tiny spreads the VLBA norms can see (spec §10.15), and one fused backward. A single token
+    normalises to 0 (the kernel refuses one value per channel).
     """
-    centred = x - x.mean(dim=1, keepdim=True)
-    return centred * torch.rsqrt(centred.pow(2).mean(dim=1, keepdim=True) + IN_EPS)
+    b, n, c = x.shape
+    if n == 1:
+        return torch.zeros_like(x)
+    y = F.batch_norm(x.transpose(0, 1).reshape(n, b * c), None, None, training=True, eps=IN_EPS)
+    return y.view(n, b, c).transpose(0, 1)
 
 
 def _linear(layer: nn.Linear, x: torch.Tensor, activation: str) -> torch.Tensor:
