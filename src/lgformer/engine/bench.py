@@ -6,7 +6,7 @@ on the intermediate tensors of a full forward. Every timed call enters autocast 
 loop does (bf16 weight casts are part of the cost). GFLOP are counted per compute dtype with PyTorch's flop
 formulas (matmuls, convolutions, attention; deformable sampling and elementwise work not counted). The
 roofline is the time those flops take at the best n x n GEMM rate measured in the same process at each
-dtype and thread count, over `torch.mm` and the network's own `linear` (oneDNN on x86 CPUs, 1.2-2x
+dtype and thread count, over `torch.mm` and the network's own `linear` (oneDNN on x86 CPUs, 1.15-2x
 `torch.mm`'s MKL sgemm on AMD); efficiency is roofline / median latency, so a mixed policy (bf16 autocast
 with the authors' fp32 pixel decoder) is held to each part's own rate. The ratio against `torch.mm` alone is
 reported too. On CPU memory is the peak resident set (VmHWM, reset before each phase); on GPU
