@@ -16,7 +16,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from lgformer import config as config_mod
+from lgformer.cli import add_overrides_argument
 from lgformer.engine import bench
+from lgformer.errors import LGFormerError
 from lgformer.model.build import build_model
 
 
@@ -32,19 +34,15 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=40)
     p.add_argument("--shapes", action="store_true", help="group rows by input shapes")
     p.add_argument("--trace", default=None, help="write a Chrome trace here")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override, e.g. model.decoder_fp32=false (repeatable)",
-    )
+    add_overrides_argument(p, "config override, e.g. model.decoder_fp32=false (repeatable)")
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = config_mod.load(args.preset, args.overrides)
+    try:
+        cfg = config_mod.load(args.preset, args.overrides)
+    except LGFormerError as exc:
+        p.exit(2, f"profile_model: error: {exc}\n")
     size = args.size or cfg.data.image_size
     torch.manual_seed(0)
     model = build_model(cfg.model, pretrained=False).to(device).eval()

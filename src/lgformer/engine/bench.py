@@ -121,11 +121,6 @@ class FlopsByDtype(TorchDispatchMode):
     (`lgformer.model.layers`) and the CPU flash attention that SDPA runs (window and word attention)."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.flops: dict[torch.dtype, int] = collections.defaultdict(int)
-
-    @staticmethod
-    def _formulas() -> dict[Any, Callable[..., int]]:
         from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 
         def linear_flop(x: torch.Tensor, w: torch.Tensor, *_: Any, **__: Any) -> int:
@@ -134,14 +129,14 @@ class FlopsByDtype(TorchDispatchMode):
         def cpu_flash_flop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *_: Any, **__: Any) -> int:
             return sdpa_flop_count(q.shape, k.shape, v.shape)
 
-        extra = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_flash_flop}
+        super().__init__()
+        self.flops: dict[torch.dtype, int] = collections.defaultdict(int)
+        self.formulas: dict[Any, Callable[..., int]] = {
+            **flop_registry,
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_flash_flop,
+        }
         if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-            extra[torch.ops.mkldnn._linear_pointwise] = linear_flop
-        return {**flop_registry, **extra}
-
-    def __enter__(self) -> FlopsByDtype:
-        self.formulas = self._formulas()
-        return super().__enter__()
+            self.formulas[torch.ops.mkldnn._linear_pointwise] = linear_flop
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
