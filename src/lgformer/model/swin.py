@@ -6,8 +6,9 @@ a shift of floor(w/2), always, even when the map fits one window). Internally ev
 channel-last (B, H, W, C); a stage returns a permuted NCHW *view* of that memory so the caller can
 flatten it to tokens without copies.
 
-Window attention runs through `scaled_dot_product_attention` with one additive float mask: the
-gathered relative-position bias, plus the -100 shift mask in odd blocks. Padded tokens (zeros after
+Window attention adds one float mask to the logits: the gathered relative-position bias, plus the -100
+shift mask in odd blocks. CPU inference computes it explicitly (matmul, add, softmax, matmul), training
+and GPUs through `scaled_dot_product_attention`. Padded tokens (zeros after
 LN1) are ordinary keys and values, as in the authors' code. The per-block mask is cached while the bias
 table is frozen: for Swin-B at 480 that holds ~175 MB and saves ~10 ms of a ~1 s forward, with no
 measurable change of peak resident memory (the masks are built during the forward either way). The
@@ -198,10 +199,13 @@ class WindowAttention(nn.Module):
             mask = mask.view(1, nw * h, m, m)
         else:
             q, k, v = qkv.reshape(3, b * nw, h, m, c // h).unbind(0)
-        if torch.compiler.is_exporting():
-            # the exporter's decomposition of SDPA lays its output out differently from the fused kernel's
-            # and then fails on the reshape below (torch 2.13); the math form is exact and exports cleanly
-            out = (q @ k.transpose(-2, -1) * (c // h) ** -0.5 + mask).softmax(-1) @ v
+        if torch.compiler.is_exporting() or (x.device.type == "cpu" and not torch.is_grad_enabled()):
+            # The explicit form: on CPU it is ~40% faster than the fused kernel for 144-token windows with
+            # 32-wide heads (fp32 and bf16); while exporting, the exporter's decomposition of SDPA lays its
+            # output out differently from the fused kernel's and then fails on the reshape below (torch 2.13).
+            # Training keeps the fused kernel, which does not store the (windows, heads, M, M) probabilities.
+            scores = torch.matmul(q * (c // h) ** -0.5, k.transpose(-2, -1)).add_(mask)
+            out = torch.matmul(scores.softmax(-1), v)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.reshape(b, nw, h, m, c // h).transpose(2, 3).reshape(b, nw * m, c).index_select(1, scatter)
