@@ -18,6 +18,7 @@ projections are `lgformer.model.layers.Linear` (oneDNN on x86 CPUs).
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -68,23 +69,62 @@ def shift_mask(hp: int, wp: int, window: int, shift: int, device: torch.device) 
     return torch.where(same, 0.0, SHIFT_MASK_VALUE).to(torch.float32)
 
 
-@size_cache()
-def window_order(h: int, w: int, window: int, shift: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Token permutations for one block on an h x w map padded to Hp x Wp (int64, cached).
+class WindowGroup(NamedTuple):
+    """Windows whose real (unpadded) tokens sit at the same in-window positions."""
 
-    gather (Hp·Wp,): window-order token t -> its row in the h·w real tokens followed by one row standing
-    for every padded token (index h·w); it combines the padding, the roll by -shift and the window
-    partition (windows row-major, tokens row-major inside a window).
-    scatter (h·w,): unpadded position y·w + x -> window-order token; it undoes all three.
+    count: int  # number of windows
+    windows: Tensor  # (count,) int64 window indices (row-major over the padded grid)
+    rows: Tensor | None  # (c,) int64 in-window positions of the real tokens; None: all w² are real
+
+
+@size_cache()
+def window_order(
+    h: int, w: int, window: int, shift: int, device: torch.device
+) -> tuple[Tensor, Tensor, tuple[WindowGroup, ...]]:
+    """Token permutations for one block on an h x w map padded to Hp x Wp (cached).
+
+    Returns (gather, scatter, groups):
+    gather (Hp·Wp,) int64: window-order token t -> its row in the h·w real tokens, or h·w, the one row
+    standing for every padded token; it combines the padding, the roll by -shift and the window partition
+    (tokens row-major inside a window), with the windows ordered by `groups`.
+    groups: `WindowGroup`s in that order; windows inside a group in row-major order.
+    scatter (h·w,) int64: real token y·w + x -> its place among the real tokens of the gathered windows
+    taken in order, which is the order in which the attention outputs of the real queries come out.
+    Built from Python integers, so that tracing (export) sees only constants.
     """
     hp, wp = h + -h % window, w + -w % window
-    real = torch.full((hp, wp), h * w, device=device)
-    real[:h, :w] = torch.arange(h * w, device=device).view(h, w)
-    pos = torch.roll(torch.arange(hp * wp, device=device).view(hp, wp), (-shift, -shift), (0, 1))
-    order = pos.view(hp // window, window, wp // window, window).transpose(1, 2).reshape(-1)
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(hp * wp, device=device)
-    return real.view(-1)[order], inverse.view(hp, wp)[:h, :w].reshape(-1)
+    pad = h * w
+    patterns: dict[tuple[int, ...], list[int]] = {}
+    tokens: list[list[int]] = []
+    for wy in range(hp // window):
+        for wx in range(wp // window):
+            row = []
+            for i in range(window):
+                gy = (wy * window + i + shift) % hp
+                for j in range(window):
+                    gx = (wx * window + j + shift) % wp
+                    row.append(gy * w + gx if gy < h and gx < w else pad)
+            patterns.setdefault(tuple(k for k, t in enumerate(row) if t != pad), []).append(len(tokens))
+            tokens.append(row)
+    gather: list[int] = []
+    queries: list[int] = []
+    groups = []
+    for rows, windows in patterns.items():
+        for n in windows:
+            gather += tokens[n]
+            queries += [tokens[n][k] for k in rows]
+        full = len(rows) == window * window
+        groups.append(
+            WindowGroup(
+                len(windows),
+                torch.tensor(windows, device=device),
+                None if full else torch.tensor(rows, device=device),
+            )
+        )
+    scatter = [0] * pad
+    for place, t in enumerate(queries):
+        scatter[t] = place
+    return torch.tensor(gather, device=device), torch.tensor(scatter, device=device), tuple(groups)
 
 
 class DropPath(nn.Module):
@@ -148,10 +188,13 @@ class WindowAttention(nn.Module):
         self.proj = Linear(dim, dim)
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
         self.register_buffer("relative_position_index", relative_position_index(window), persistent=False)
-        self._mask_cache: tuple[tuple, Tensor] | None = None
+        self._mask_cache: tuple[tuple, list[Tensor]] | None = None
 
-    def attn_mask(self, hp: int, wp: int, shift: int, dtype: torch.dtype) -> Tensor:
-        """Bias (+ shift mask): (1, heads, M, M) when shift == 0, else (nW, heads, M, M).
+    def attn_masks(
+        self, h: int, w: int, shift: int, groups: tuple[WindowGroup, ...], dtype: torch.dtype
+    ) -> list[Tensor]:
+        """Bias (+ shift mask) rows of the real queries, one mask per window group of `window_order`:
+        (1, heads, c, M) when shift == 0, else (windows, heads, c, M); c = M in a group of full windows.
 
         Cached while the bias table cannot receive gradients (and not while tracing: a traced table has
         no storage); the key holds the table's storage and version counter, so in-place updates
@@ -160,56 +203,78 @@ class WindowAttention(nn.Module):
         table = self.relative_position_bias_table
         frozen = not ((torch.is_grad_enabled() and table.requires_grad) or torch.compiler.is_compiling())
         if frozen:
-            grid = (hp, wp, shift) if shift else ()
             weights = (table.device, table.data_ptr(), table._version)
-            key = (*grid, dtype, *weights, torch.is_inference_mode_enabled())
+            key = (h, w, shift, dtype, *weights, torch.is_inference_mode_enabled())
             if self._mask_cache is not None and self._mask_cache[0] == key:
                 return self._mask_cache[1]
-        m = self.window**2
+        win = self.window
+        m = win * win
         bias = table[self.relative_position_index.view(-1)].view(m, m, self.heads)
         mask = bias.permute(2, 0, 1).contiguous().unsqueeze(0)
         if shift:
-            mask = mask + shift_mask(hp, wp, self.window, shift, table.device).unsqueeze(1)
+            hp, wp = h + -h % win, w + -w % win
+            mask = mask + shift_mask(hp, wp, win, shift, table.device).unsqueeze(1)
         mask = mask.to(dtype)
+        masks = []
+        for group in groups:
+            part = mask.index_select(0, group.windows) if shift and len(groups) > 1 else mask
+            masks.append(part if group.rows is None else part.index_select(2, group.rows))
         if frozen:
-            self._mask_cache = (key, mask)
-        return mask
+            self._mask_cache = (key, masks)
+        return masks
 
     def forward(self, x: Tensor, shift: int) -> Tensor:
         """x: (B, H, W, C) normalised tokens -> (B, H, W, C), attention inside the w x w windows of the grid
         zero-padded to Hp x Wp and rolled by -shift.
 
-        The projections run on the H·W real tokens only: a padded token is zero after LN1, so its q, k, v
-        are the qkv bias (one extra row the window gather reads), and its output is dropped before `proj`.
+        Only real tokens are projected and only real queries attend: a padded token is zero after LN1, so
+        its key and value are the qkv bias (one extra row the window gather reads), and its output would be
+        cropped. Windows with the same real positions are batched together (`window_order`).
         """
         b, hh, ww, c = x.shape
         h, win = self.heads, self.window
         hp, wp = hh + -hh % win, ww + -ww % win
         m = win * win
-        nw = hp * wp // m
-        gather, scatter = window_order(hh, ww, win, shift, x.device)
+        gather, scatter, groups = window_order(hh, ww, win, shift, x.device)
         qkv = self.qkv(x).reshape(b, hh * ww, 3 * c)
         if hp * wp > hh * ww:
             qkv = torch.cat([qkv, self.qkv.bias.to(qkv.dtype).expand(b, 1, 3 * c)], dim=1)
-        qkv = qkv.index_select(1, gather).view(b, nw, m, 3, h, c // h).permute(3, 0, 1, 4, 2, 5)
-        mask = self.attn_mask(hp, wp, shift, qkv.dtype)
-        if b > 1 and mask.shape[0] > 1:
-            # a per-window mask cannot broadcast over a (B·nW) axis: fold the windows into the head axis
-            q, k, v = qkv.reshape(3, b, nw * h, m, c // h).unbind(0)
-            mask = mask.view(1, nw * h, m, m)
-        else:
-            q, k, v = qkv.reshape(3, b * nw, h, m, c // h).unbind(0)
-        if torch.compiler.is_exporting() or (x.device.type == "cpu" and not torch.is_grad_enabled()):
-            # The explicit form: on CPU it is ~40% faster than the fused kernel for 144-token windows with
-            # 32-wide heads (fp32 and bf16); while exporting, the exporter's decomposition of SDPA lays its
-            # output out differently from the fused kernel's and then fails on the reshape below (torch 2.13).
-            # Training keeps the fused kernel, which does not store the (windows, heads, M, M) probabilities.
-            scores = torch.matmul(q * (c // h) ** -0.5, k.transpose(-2, -1)).add_(mask)
-            out = torch.matmul(scores.softmax(-1), v)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        out = out.reshape(b, nw, h, m, c // h).transpose(2, 3).reshape(b, nw * m, c).index_select(1, scatter)
-        return self.proj(out).view(b, hh, ww, c)
+        qkv = qkv.index_select(1, gather).view(b, hp * wp // m, m, 3, h, c // h)
+        masks = self.attn_masks(hh, ww, shift, groups, qkv.dtype)
+        outs, start = [], 0
+        for group, mask in zip(groups, masks):
+            part = qkv[:, start : start + group.count]
+            start += group.count
+            queries = part if group.rows is None else part.index_select(2, group.rows)
+            q = queries[:, :, :, 0].transpose(2, 3)  # (B, n, heads, c, d)
+            k, v = part[:, :, :, 1].transpose(2, 3), part[:, :, :, 2].transpose(2, 3)  # (B, n, heads, M, d)
+            out = _window_attention(q, k, v, mask)
+            outs.append(out.transpose(2, 3).reshape(b, -1, c))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        return self.proj(out.index_select(1, scatter)).view(b, hh, ww, c)
+
+
+def _window_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """softmax(q kᵀ / sqrt(d) + mask) v for q (B, n, heads, c, d), k, v (B, n, heads, M, d) and a mask
+    (n or 1, heads, c, M) -> (B, n, heads, c, d)."""
+    b, n, heads, c, d = q.shape
+    if torch.compiler.is_exporting() or (q.device.type == "cpu" and not torch.is_grad_enabled()):
+        # The explicit form: on CPU it is ~40% faster than the fused kernel for 144-token windows with
+        # 32-wide heads (fp32 and bf16); while exporting, the exporter's decomposition of SDPA lays its
+        # output out differently from the fused kernel's and then fails on a later reshape (torch 2.13).
+        # Training keeps the fused kernel, which does not store the (windows, heads, c, M) probabilities.
+        scores = torch.matmul(q * d**-0.5, k.transpose(-2, -1)).add_(mask)
+        return torch.matmul(scores.softmax(-1), v)
+    if b > 1 and mask.shape[0] > 1:
+        # a per-window mask cannot broadcast over a (B·n) axis: fold the windows into the head axis
+        fold = (b, n * heads)
+        mask = mask.reshape(1, n * heads, c, -1)
+    else:
+        fold = (b * n, heads)
+    out = F.scaled_dot_product_attention(
+        q.reshape(*fold, c, d), k.reshape(*fold, -1, d), v.reshape(*fold, -1, d), attn_mask=mask
+    )
+    return out.view(b, n, heads, c, d)
 
 
 class Mlp(nn.Module):
