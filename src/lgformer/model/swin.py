@@ -8,10 +8,10 @@ flatten it to tokens without copies.
 
 Window attention adds one float mask to the logits: the gathered relative-position bias, plus the -100
 shift mask in odd blocks. CPU inference computes it explicitly (matmul, add, softmax, matmul), training
-and GPUs through `scaled_dot_product_attention`. Padded tokens (zeros after
-LN1) are ordinary keys and values, as in the authors' code. The per-block mask is cached while the bias
-table is frozen: for Swin-B at 480 that holds ~175 MB and saves ~10 ms of a ~1 s forward, with no
-measurable change of peak resident memory (the masks are built during the forward either way). The
+and GPUs through `scaled_dot_product_attention`. Padded tokens (zeros after LN1) are ordinary keys and
+values, as in the authors' code, but only real tokens are queries. The per-block masks are cached while
+the bias table is frozen: for Swin-B at 480 that holds ~160 MB and saves ~10 ms of a ~1 s forward, with
+no measurable change of peak resident memory (the masks are built during the forward either way). The
 projections are `lgformer.model.layers.Linear` (oneDNN on x86 CPUs).
 """
 
