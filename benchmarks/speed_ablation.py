@@ -12,6 +12,7 @@ Every variant runs in its own process (fresh allocator state), with one fast pat
   bert-onednn    the text encoder keeps plain nn.Linear
   channels-last  the EfficientNet-Lite2 trunk runs NCHW
   msda-backward  deformable sampling differentiated through embedding_bag (sorting backward)
+  window-sdpa    Swin window attention through the fused SDPA kernel in CPU inference too
 Rounds alternate the variants; the table gives min and median seconds per forward (or training step).
 """
 
@@ -33,6 +34,7 @@ VARIANTS = [
     "bert-onednn",
     "channels-last",
     "msda-backward",
+    "window-sdpa",
 ]
 
 
@@ -41,7 +43,7 @@ def switch_off(variant: str) -> None:
     import torch
     from torch import Tensor
 
-    from lgformer.model import deformable_attention, efficientnet, layers, lgformer
+    from lgformer.model import deformable_attention, efficientnet, layers, lgformer, swin
 
     if variant == "onednn":
         layers.ONEDNN = False
@@ -70,6 +72,8 @@ def switch_off(variant: str) -> None:
         efficientnet.Stem.forward = nchw_stem
     elif variant == "msda-backward":
         deformable_attention.ms_deform_attn_sample = deformable_attention._bag_sample
+    elif variant == "window-sdpa":
+        swin._explicit_attention = swin._fused_attention
     elif variant not in ("all", "malloc"):
         raise SystemExit(f"unknown variant {variant}")
 

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import OFFICIAL
+from conftest import OFFICIAL, load_benchmark
 from torch import nn
 
 from lgformer.cli import main
@@ -197,3 +197,47 @@ def test_flop_count_by_dtype_covers_onednn_linear_and_cpu_attention() -> None:
     counts = count_gflop(work)
     assert counts[torch.float32] == pytest.approx(2 * 15 * 8 * 4 / 1e9 + attention)
     assert counts[torch.bfloat16] == pytest.approx(2 * 15 * 8 * 4 / 1e9)
+
+
+SPEED_ABLATION = load_benchmark("speed_ablation")
+
+
+@pytest.mark.parametrize("variant", SPEED_ABLATION.VARIANTS)
+def test_speed_ablation_variant_switches_one_path_and_keeps_the_network(
+    variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each leave-one-out variant of `benchmarks/speed_ablation.py` replaces exactly one fast path (none for
+    the baseline and the allocator, which the parent sets through the environment) and the network it
+    then builds computes the same logits."""
+    from lgformer import config as config_mod
+    from lgformer.model import deformable_attention, efficientnet, layers, lgformer, swin
+    from lgformer.model.build import build_model
+
+    switchable = [
+        (layers, "ONEDNN"),
+        (layers, "_onednn_linear"),
+        (layers, "_onednn_dtype"),
+        (lgformer, "use_fast_linear"),
+        (efficientnet.Stem, "forward"),
+        (deformable_attention, "ms_deform_attn_sample"),
+        (swin, "_explicit_attention"),
+    ]
+    for owner, name in switchable:
+        monkeypatch.setattr(owner, name, getattr(owner, name))  # restored after the test
+    before = [getattr(owner, name) for owner, name in switchable]
+
+    preset = "lite" if variant == "channels-last" else "official-swin-t"
+    cfg = config_mod.load(preset, ["model.text_encoder=minilm", "model.decoder_layers=1"])
+
+    def logits() -> torch.Tensor:
+        torch.manual_seed(0)
+        model = build_model(cfg.model, pretrained=False).eval()
+        ids = torch.tensor([[101, 1996, 2158, 2006, 1996, 2187, 102]])
+        with torch.inference_mode():
+            return model(torch.randn(1, 3, 64, 64), torch.ones_like(ids), ids=ids)
+
+    fast = logits()
+    SPEED_ABLATION.switch_off(variant)
+    changed = [name for (owner, name), old in zip(switchable, before) if getattr(owner, name) is not old]
+    assert len(changed) == (0 if variant in ("all", "malloc") else 1), changed
+    torch.testing.assert_close(logits(), fast, atol=1e-4, rtol=1e-4)
