@@ -8,6 +8,7 @@ Every variant runs in its own process (fresh allocator state), with one fast pat
   malloc         glibc keeps its default mmap/trim thresholds (LGFORMER_MALLOC_TUNING=0)
   onednn         fp32 products through F.linear / conv2d (MKL sgemm) instead of oneDNN
   bf16-onednn    bf16 autocast products through autocast's F.linear (activations unfused)
+  bf16-prepack   bf16 oneDNN products cast and block their weights on every call
   fused-act      oneDNN products without the fused ReLU/GELU/tanh (applied separately)
   bert-onednn    the text encoder keeps plain nn.Linear
   channels-last  the EfficientNet-Lite2 trunk runs NCHW
@@ -30,6 +31,7 @@ VARIANTS = [
     "malloc",
     "onednn",
     "bf16-onednn",
+    "bf16-prepack",
     "fused-act",
     "bert-onednn",
     "channels-last",
@@ -47,6 +49,8 @@ def switch_off(variant: str) -> None:
 
     if variant == "onednn":
         layers.ONEDNN = False
+    elif variant == "bf16-prepack":
+        layers.PACK_WEIGHTS = False
     elif variant == "fused-act":
         fused = layers._onednn_linear
 

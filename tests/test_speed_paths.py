@@ -14,6 +14,7 @@ from conftest import OFFICIAL, load_benchmark
 from torch import nn
 
 from lgformer.cli import main
+from lgformer.model import layers
 from lgformer.model.deformable_attention import _bag_sample, ms_deform_attn_sample
 from lgformer.model.layers import Conv1x1, Linear, linear, multi_head_attention
 
@@ -99,6 +100,33 @@ def test_linear_under_bf16_autocast_is_autocasts_product(activation: str | None)
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
     assert w.grad is not None and w.grad.shape == w.shape
+
+
+@pytest.mark.skipif(not layers.PACK_WEIGHTS, reason="oneDNN weight prepacking is an x86 CPU path")
+def test_bf16_parameters_are_prepacked_once_and_follow_in_place_updates() -> None:
+    """Under bf16 autocast inference a parameter's weight is cast and blocked for oneDNN once; the products
+    match autocast's, at any number of rows, and an in-place update of the parameter is picked up."""
+    torch.manual_seed(0)
+    layer = Linear(48, 32)
+    x = torch.randn(3, 7, 48)
+
+    def expected(inputs: torch.Tensor) -> torch.Tensor:
+        return F.gelu(F.linear(inputs, layer.weight, layer.bias)).float()
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.inference_mode():
+            first = linear(x, layer.weight, layer.bias, "gelu")
+            packed = layer.weight._onednn_bf16[1]
+            again = linear(x[:1], layer.weight, layer.bias, "gelu")  # other row count, same packed weight
+            assert layer.weight._onednn_bf16[1] is packed and packed.is_mkldnn
+            torch.testing.assert_close(first.float(), expected(x), rtol=1e-2, atol=1e-2)
+            torch.testing.assert_close(again.float(), first[:1].float(), rtol=1e-2, atol=1e-2)
+        with torch.no_grad():
+            layer.weight.mul_(-1.0)
+        with torch.inference_mode():
+            flipped = linear(x, layer.weight, layer.bias, "gelu")
+            assert layer.weight._onednn_bf16[1] is not packed
+            torch.testing.assert_close(flipped.float(), expected(x), rtol=1e-2, atol=1e-2)
 
 
 def test_linear_module_keeps_nn_linear_state_dict() -> None:
@@ -215,6 +243,7 @@ def test_speed_ablation_variant_switches_one_path_and_keeps_the_network(
 
     switchable = [
         (layers, "ONEDNN"),
+        (layers, "PACK_WEIGHTS"),
         (layers, "_onednn_linear"),
         (layers, "_onednn_dtype"),
         (lgformer, "use_fast_linear"),
