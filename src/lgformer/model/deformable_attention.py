@@ -90,9 +90,13 @@ def _bag_sample(value: Tensor, shapes: list[tuple[int, int]], locations: Tensor,
     rows = torch.stack([torch.zeros_like(stride), stride])[:, None]  # (y-corner, 1, K)
     index = top_left[:, :, :, None, None] + (rows + torch.tensor([[0], [1]], dtype=itype, device=device))
 
-    bilinear = torch.stack([1 - frac, frac], dim=4)  # (B, Lq, heads, xy, corner, K)
-    wy = bilinear[:, :, :, 1] * weights.to(dtype).view(B, Lq, heads, 1, K)
-    per_sample = wy[:, :, :, :, None] * bilinear[:, :, :, 0, None]
+    # Bilinear weights times the attention weight, (B, Lq, heads, y-corner·x-corner, K), as
+    # ((1 − fy)·a, fy·a) ⊗ (1 − fx, fx); products of (B, Lq, heads, K) slices, no broadcast over inner axes.
+    fx, fy = frac.unbind(3)
+    a = weights.to(dtype).view(B, Lq, heads, K)
+    ay0, ay1 = (1 - fy) * a, fy * a
+    gx0 = 1 - fx
+    per_sample = torch.stack([ay0 * gx0, ay0 * fx, ay1 * gx0, ay1 * fx], dim=3)
     out = F.embedding_bag(
         index.view(B * Lq * heads, -1),
         table,
