@@ -129,6 +129,21 @@ def test_bf16_parameters_are_prepacked_once_and_follow_in_place_updates() -> Non
             torch.testing.assert_close(flipped.float(), expected(x), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.skipif(not layers.PACK_WEIGHTS, reason="oneDNN weight prepacking is an x86 CPU path")
+def test_moving_the_model_drops_its_packed_bf16_weights() -> None:
+    from lgformer import config as config_mod
+    from lgformer.model.build import build_model
+
+    torch.manual_seed(0)
+    model = build_model(config_mod.load("lite").model, pretrained=False).eval()
+    ids = torch.tensor([[101, 1996, 2158, 102]])
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(1, 3, 64, 64), torch.ones_like(ids), ids=ids)
+    assert sum(hasattr(p, "_onednn_bf16") for p in model.parameters()) > 10
+    model.to(torch.float32)
+    assert not any(hasattr(p, "_onednn_bf16") for p in model.parameters())
+
+
 def test_linear_module_keeps_nn_linear_state_dict() -> None:
     assert Linear(4, 3).state_dict().keys() == nn.Linear(4, 3).state_dict().keys()
     assert isinstance(Linear(4, 3), nn.Linear)

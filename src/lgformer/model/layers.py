@@ -125,6 +125,12 @@ def _bf16_weight(weight: Tensor, rows: int) -> Tensor:
     return cached[1]
 
 
+def drop_packed_weights(module: nn.Module) -> None:
+    """Forget the bf16 weight copies `_bf16_weight` keeps on `module`'s parameters (rebuilt on next use)."""
+    for p in module.parameters():
+        p.__dict__.pop("_onednn_bf16", None)
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None) -> Tensor:
     """`F.linear`, then `activation` (relu, exact gelu, tanh) if given: on oneDNN for CPU tensors in fp32
     outside autocast or in bf16 autocast (module docstring). Inference fuses the activation into the

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lgformer.model.backbone import MultiModalBackbone
 from lgformer.model.head import MaskHead
-from lgformer.model.layers import tune_cpu_allocator, use_fast_linear
+from lgformer.model.layers import drop_packed_weights, tune_cpu_allocator, use_fast_linear
 from lgformer.model.pixel_decoder import PixelDecoder
 from lgformer.model.prototype_generator import PrototypeGenerator
 from lgformer.model.text_encoder import TextEncoder
@@ -37,6 +39,11 @@ class LGFormer(nn.Module):
         self.pixel_decoder = pixel_decoder
         self.prototype_generator = prototype_generator
         self.head = head
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> LGFormer:
+        # .to() / .cuda() / .half() replace the parameters' data: the packed bf16 copies would be stale memory
+        drop_packed_weights(self)
+        return super()._apply(fn, recurse)
 
     def forward(
         self,
