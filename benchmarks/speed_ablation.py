@@ -2,6 +2,8 @@
 
     python benchmarks/speed_ablation.py --preset official-swin-b --size 480 --dtype fp32
     python benchmarks/speed_ablation.py --preset lite --size 320 --batch 8 --train
+    python benchmarks/speed_ablation.py --preset official-swin-b --dtype bf16 --in-process \
+        --variants all bf16-prepack window-sdpa --set model.decoder_fp32=false
 
 Every variant runs in its own process (fresh allocator state), with one fast path switched off:
   all            nothing switched off
@@ -15,6 +17,10 @@ Every variant runs in its own process (fresh allocator state), with one fast pat
   msda-backward  deformable sampling differentiated through embedding_bag (sorting backward)
   window-sdpa    Swin window attention through the fused SDPA kernel in CPU inference too
 Rounds alternate the variants; the table gives min and median seconds per forward (or training step).
+
+--in-process builds one model and alternates the variants call by call inside one process instead, which
+cancels the drift of shared cores (±5% between processes); `malloc` and `bert-onednn` act when the process
+starts or the model is built, so they need separate processes.
 """
 
 from __future__ import annotations
@@ -25,6 +31,10 @@ import os
 import statistics
 import subprocess
 import sys
+import time
+from collections.abc import Callable
+
+from lgformer.cli import add_overrides_argument
 
 VARIANTS = [
     "all",
@@ -38,6 +48,25 @@ VARIANTS = [
     "msda-backward",
     "window-sdpa",
 ]
+
+
+BUILD_TIME = ("malloc", "bert-onednn")  # act when the process starts or the model is built
+
+
+def switchable() -> list[tuple[object, str]]:
+    """The (owner, attribute) pairs that `switch_off` may replace."""
+    from lgformer.model import deformable_attention, efficientnet, layers, lgformer, swin
+
+    return [
+        (layers, "ONEDNN"),
+        (layers, "PACK_WEIGHTS"),
+        (layers, "_onednn_linear"),
+        (layers, "_onednn_dtype"),
+        (lgformer, "use_fast_linear"),
+        (efficientnet.Stem, "forward"),
+        (deformable_attention, "ms_deform_attn_sample"),
+        (swin, "_explicit_attention"),
+    ]
 
 
 def switch_off(variant: str) -> None:
@@ -82,38 +111,66 @@ def switch_off(variant: str) -> None:
         raise SystemExit(f"unknown variant {variant}")
 
 
-def child(args: argparse.Namespace) -> None:
-    import time
-
+def _workload(args: argparse.Namespace) -> Callable[[], None]:
+    """Build the preset's model (random weights) and return one forward (or training step) of it."""
     import torch
 
     from lgformer import config as config_mod
     from lgformer.engine import bench
     from lgformer.model.build import build_model
 
-    switch_off(args.variant)
     torch.set_num_threads(args.threads)
-    cfg = config_mod.load(args.preset)
+    cfg = config_mod.load(args.preset, args.overrides)
     torch.manual_seed(0)
     model = build_model(cfg.model, pretrained=False).eval()
     dev = torch.device("cpu")
     x = bench.make_inputs(cfg, args.size or cfg.data.image_size, args.batch, dev)
     amp = bench.DTYPES[args.dtype]
     if args.train:
-        fn = bench.train_step(model, cfg, x, amp, dev)
-    else:
+        return bench.train_step(model, cfg, x, amp, dev)
 
-        def fn() -> None:
-            with torch.inference_mode(), bench.autocast(dev, amp):
-                model(x["image"], x["mask"], ids=x["ids"])
+    def fn() -> None:
+        with torch.inference_mode(), bench.autocast(dev, amp):
+            model(x["image"], x["mask"], ids=x["ids"])
 
+    return fn
+
+
+def _timed(fn: Callable[[], None]) -> float:
+    t0 = time.perf_counter()
     fn()
-    times = []
-    for _ in range(args.repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    print(json.dumps(times))
+    return time.perf_counter() - t0
+
+
+def child(args: argparse.Namespace) -> None:
+    switch_off(args.variant)
+    fn = _workload(args)
+    fn()
+    print(json.dumps([_timed(fn) for _ in range(args.repeat)]))
+
+
+def in_process(args: argparse.Namespace) -> dict[str, list[float]]:
+    """One model; every round times one call per variant, switching the fast paths between calls."""
+    fn = _workload(args)
+    saved = [(owner, name, getattr(owner, name)) for owner, name in switchable()]
+
+    def select(variant: str) -> None:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+        switch_off(variant)
+
+    times: dict[str, list[float]] = {v: [] for v in args.variants}
+    try:
+        for variant in args.variants:  # warm-up, and each path's caches
+            select(variant)
+            fn()
+        for _ in range(args.rounds * args.repeat):
+            for variant in args.variants:
+                select(variant)
+                times[variant].append(_timed(fn))
+    finally:
+        select("all")
+    return times
 
 
 def main() -> None:
@@ -127,11 +184,41 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3, help="timed calls per process")
     p.add_argument("--rounds", type=int, default=2, help="processes per variant, alternating")
     p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    add_overrides_argument(p, "config override, e.g. model.decoder_fp32=false (repeatable)")
+    p.add_argument("--in-process", action="store_true", help="alternate the variants inside one process")
     p.add_argument("--variant", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.variant:
         child(args)
         return
+    from lgformer import config as config_mod
+    from lgformer.errors import LGFormerError
+
+    try:
+        config_mod.load(args.preset, args.overrides)
+    except LGFormerError as exc:
+        p.exit(2, f"speed_ablation: error: {exc}\n")
+    if args.in_process:
+        if bad := [v for v in args.variants if v in BUILD_TIME]:
+            why = "they act at process start or model build"
+            p.exit(2, f"speed_ablation: error: --in-process cannot switch {', '.join(bad)}: {why}\n")
+        times = in_process(args)
+    else:
+        times = in_subprocesses(args)
+    load = os.getloadavg()[0]
+    what = "training step" if args.train else "forward"
+    how = "in one process" if args.in_process else "one process per variant and round"
+    print(
+        f"{args.preset} {args.size or 'default size'} batch {args.batch} {args.dtype} "
+        f"{args.threads} threads, {what}, {how} (load average {load:.2f})"
+    )
+    for variant, ts in times.items():
+        label = "all fast paths" if variant == "all" else f"without {variant}"
+        print(f"  {label:<26} min {min(ts) * 1e3:8.1f} ms   median {statistics.median(ts) * 1e3:8.1f} ms")
+
+
+def in_subprocesses(args: argparse.Namespace) -> dict[str, list[float]]:
+    """Each round runs every variant in a fresh child process (`--variant`)."""
     times: dict[str, list[float]] = {v: [] for v in args.variants}
     passthrough = [a for a in sys.argv[1:] if a != "--variants" and a not in args.variants]
     for _ in range(args.rounds):
@@ -147,15 +234,7 @@ def main() -> None:
                 check=True,
             )
             times[variant] += json.loads(out.stdout.strip().splitlines()[-1])
-    load = os.getloadavg()[0]
-    what = "training step" if args.train else "forward"
-    print(
-        f"{args.preset} {args.size or 'default size'} batch {args.batch} {args.dtype} "
-        f"{args.threads} threads, {what} (load average {load:.2f})"
-    )
-    for variant, ts in times.items():
-        label = "all fast paths" if variant == "all" else f"without {variant}"
-        print(f"  {label:<26} min {min(ts) * 1e3:8.1f} ms   median {statistics.median(ts) * 1e3:8.1f} ms")
+    return times
 
 
 if __name__ == "__main__":

@@ -253,19 +253,9 @@ def test_speed_ablation_variant_switches_one_path_and_keeps_the_network(
     the baseline and the allocator, which the parent sets through the environment) and the network it
     then builds computes the same logits."""
     from lgformer import config as config_mod
-    from lgformer.model import deformable_attention, efficientnet, layers, lgformer, swin
     from lgformer.model.build import build_model
 
-    switchable = [
-        (layers, "ONEDNN"),
-        (layers, "PACK_WEIGHTS"),
-        (layers, "_onednn_linear"),
-        (layers, "_onednn_dtype"),
-        (lgformer, "use_fast_linear"),
-        (efficientnet.Stem, "forward"),
-        (deformable_attention, "ms_deform_attn_sample"),
-        (swin, "_explicit_attention"),
-    ]
+    switchable = SPEED_ABLATION.switchable()
     for owner, name in switchable:
         monkeypatch.setattr(owner, name, getattr(owner, name))  # restored after the test
     before = [getattr(owner, name) for owner, name in switchable]
@@ -285,3 +275,34 @@ def test_speed_ablation_variant_switches_one_path_and_keeps_the_network(
     changed = [name for (owner, name), old in zip(switchable, before) if getattr(owner, name) is not old]
     assert len(changed) == (0 if variant in ("all", "malloc") else 1), changed
     torch.testing.assert_close(logits(), fast, atol=1e-4, rtol=1e-4)
+
+
+def test_speed_ablation_in_process_alternates_variants_and_restores_the_fast_paths(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+
+    switchable = SPEED_ABLATION.switchable()
+    before = [getattr(owner, name) for owner, name in switchable]
+    variants = ["all", "fused-act", "channels-last"]
+    args = argparse.Namespace(
+        preset="lite",
+        overrides=[],
+        size=64,
+        batch=1,
+        dtype="fp32",
+        threads=1,
+        train=False,
+        variants=variants,
+        rounds=1,
+        repeat=2,
+    )
+    times = SPEED_ABLATION.in_process(args)
+    assert list(times) == variants and all(len(t) == 2 and min(t) > 0 for t in times.values())
+    assert [getattr(owner, name) for owner, name in switchable] == before
+    # the allocator and BERT's products are set before the model exists: refused in one process, one line
+    monkeypatch.setattr("sys.argv", ["speed_ablation.py", "--in-process", "--variants", "all", "malloc"])
+    with pytest.raises(SystemExit) as exit_info:
+        SPEED_ABLATION.main()
+    assert exit_info.value.code == 2
+    assert "--in-process cannot switch malloc" in capsys.readouterr().err
