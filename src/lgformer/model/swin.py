@@ -72,8 +72,7 @@ def shift_mask(hp: int, wp: int, window: int, shift: int, device: torch.device) 
 class WindowGroup(NamedTuple):
     """Windows whose real (unpadded) tokens sit at the same in-window positions."""
 
-    count: int  # number of windows
-    windows: Tensor  # (count,) int64 window indices (row-major over the padded grid)
+    windows: Tensor  # (n,) int64 window indices (row-major over the padded grid)
     rows: Tensor | None  # (c,) int64 in-window positions of the real tokens; None: all w² are real
 
 
@@ -116,9 +115,7 @@ def window_order(
         full = len(rows) == window * window
         groups.append(
             WindowGroup(
-                len(windows),
-                torch.tensor(windows, device=device),
-                None if full else torch.tensor(rows, device=device),
+                torch.tensor(windows, device=device), None if full else torch.tensor(rows, device=device)
             )
         )
     scatter = [0] * pad
@@ -243,8 +240,8 @@ class WindowAttention(nn.Module):
         masks = self.attn_masks(hh, ww, shift, groups, qkv.dtype)
         outs, start = [], 0
         for group, mask in zip(groups, masks):
-            part = qkv[:, start : start + group.count]
-            start += group.count
+            part = qkv[:, start : start + len(group.windows)]
+            start += len(group.windows)
             queries = part if group.rows is None else part.index_select(2, group.rows)
             q = queries[:, :, :, 0].transpose(2, 3)  # (B, n, heads, c, d)
             k, v = part[:, :, :, 1].transpose(2, 3), part[:, :, :, 2].transpose(2, 3)  # (B, n, heads, M, d)
