@@ -28,8 +28,12 @@ ONEDNN = (
     and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 )
 
-# bf16 weights prepacked for oneDNN (`_bf16_weight`)
-PACK_WEIGHTS = ONEDNN and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+# bf16 weights prepacked for oneDNN (`_bf16_weight`); LGFORMER_PACK_WEIGHTS=0 saves their memory instead
+PACK_WEIGHTS = (
+    ONEDNN
+    and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    and os.environ.get("LGFORMER_PACK_WEIGHTS", "1") != "0"
+)
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
