@@ -3,8 +3,9 @@
 Random weights (timing does not depend on their values). The full forward includes the text encoder;
 the text encoder, backbone, pixel decoder and prototype generator (+ head) are also timed one by one
 on the intermediate tensors of a full forward. Every timed call enters autocast itself, as an evaluation
-loop does (bf16 weight casts are part of the cost). GFLOP are counted per compute dtype with PyTorch's flop
-formulas (matmuls, convolutions, attention; deformable sampling and elementwise work not counted). The
+loop does; under CPU bf16 the parameters' bf16 copies are made once, in the warm-up calls, and kept
+(`lgformer.model.layers`), as in any repeated inference. GFLOP are counted per compute dtype with PyTorch's
+flop formulas (matmuls, convolutions, attention; deformable sampling and elementwise work not counted). The
 roofline is the time those flops take at the best n x n GEMM rate measured in the same process at each
 dtype and thread count, over `torch.mm` and the network's own `linear` (oneDNN on x86 CPUs, 1.15-2x
 `torch.mm`'s MKL sgemm on AMD); efficiency is roofline / median latency, so a mixed policy (bf16 autocast
