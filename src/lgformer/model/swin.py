@@ -124,6 +124,17 @@ def window_order(
     return torch.tensor(gather, device=device), torch.tensor(scatter, device=device), tuple(groups)
 
 
+def gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """x[:, index] for x (B, L, ...) and index (R,) -> (B, R, ...).
+
+    One index_select along dim 0 of the (B·L, ...) view: on CPU that is 2-3x faster than along dim 1.
+    """
+    b, n = x.shape[:2]
+    if b > 1:
+        index = (index + torch.arange(0, b * n, n, device=index.device).unsqueeze(1)).flatten()
+    return x.reshape(b * n, *x.shape[2:]).index_select(0, index).view(b, -1, *x.shape[2:])
+
+
 class DropPath(nn.Module):
     """Stochastic depth: zero whole samples with probability p and rescale by 1/(1-p); identity in eval."""
 
@@ -236,7 +247,7 @@ class WindowAttention(nn.Module):
         qkv = self.qkv(x).reshape(b, hh * ww, 3 * c)
         if hp * wp > hh * ww:
             qkv = torch.cat([qkv, self.qkv.bias.to(qkv.dtype).expand(b, 1, 3 * c)], dim=1)
-        qkv = qkv.index_select(1, gather).view(b, hp * wp // m, m, 3, h, c // h)
+        qkv = gather_rows(qkv, gather).view(b, hp * wp // m, m, 3, h, c // h)
         masks = self.attn_masks(hh, ww, shift, groups, qkv.dtype)
         outs, start = [], 0
         for group, mask in zip(groups, masks):
@@ -248,7 +259,7 @@ class WindowAttention(nn.Module):
             out = _window_attention(q, k, v, mask)
             outs.append(out.transpose(2, 3).reshape(b, -1, c))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-        return self.proj(out.index_select(1, scatter)).view(b, hh, ww, c)
+        return self.proj(gather_rows(out, scatter)).view(b, hh, ww, c)
 
 
 def _window_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
