@@ -277,7 +277,9 @@ def _window_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
 
 
 def _explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1)).add_(mask)
+    # k is a strided view of the qkv rows: copied as (M, d) rows, the product reads it transposed in place,
+    # cheaper than the (d, M) copy matmul would make of kᵀ (same result)
+    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.contiguous().transpose(-2, -1)).add_(mask)
     return torch.matmul(scores.softmax(-1), v)
 
 
