@@ -70,7 +70,7 @@ def measure(
 ) -> dict[str, dict]:
     """`agreement` on refcoco-mini and on `synth_refs` synthetic objects; `overrides` are config items."""
     fp32 = Segmenter.from_pretrained(checkpoint, device=device, overrides=overrides)
-    bf16 = Segmenter.from_pretrained(checkpoint, device=device, dtype="bfloat16", overrides=overrides)
+    bf16 = Segmenter.from_pretrained(checkpoint, device=device, dtype="bf16", overrides=overrides)
     with tempfile.TemporaryDirectory() as tmp:
         sources = {"refcoco-mini": mini_referents(), "synthetic val": synth_referents(Path(tmp), synth_refs)}
         return {name: agreement(fp32, bf16, refs) for name, refs in sources.items()}

@@ -16,10 +16,11 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from lgformer import config as config_mod
-from lgformer.cli import add_overrides_argument
+from lgformer.cli import add_dtype_argument, add_overrides_argument
 from lgformer.engine import bench
 from lgformer.errors import LGFormerError
 from lgformer.model.build import build_model
+from lgformer.precision import autocast, autocast_dtype
 
 
 def main() -> None:
@@ -27,7 +28,7 @@ def main() -> None:
     p.add_argument("--preset", default="lite")
     p.add_argument("--size", type=int, default=None)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--dtype", default="fp32", choices=list(bench.DTYPES))
+    add_dtype_argument(p, "fp32 or autocast dtype (default fp32)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--train", action="store_true", help="profile one optimiser step instead of inference")
     p.add_argument("--runs", type=int, default=1, help="profiled calls (after two warm-up calls)")
@@ -47,14 +48,14 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_model(cfg.model, pretrained=False).to(device).eval()
     x = bench.make_inputs(cfg, size, args.batch, device)
-    amp = bench.DTYPES[args.dtype]
+    amp = autocast_dtype(args.dtype)
     if args.train:
         step = bench.train_step(model, cfg, x, amp, device)
         context = torch.enable_grad
     else:
 
         def step() -> None:
-            with bench.autocast(device, amp):
+            with autocast(device, amp):
                 model(x["image"], x["mask"], ids=x["ids"])
 
         context = torch.inference_mode

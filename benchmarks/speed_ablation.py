@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable
 
 from lgformer.cli import add_overrides_argument
+from lgformer.precision import autocast, autocast_dtype, precision_name
 
 VARIANTS = [
     "all",
@@ -125,12 +126,12 @@ def _workload(args: argparse.Namespace) -> Callable[[], None]:
     model = build_model(cfg.model, pretrained=False).eval()
     dev = torch.device("cpu")
     x = bench.make_inputs(cfg, args.size or cfg.data.image_size, args.batch, dev)
-    amp = bench.DTYPES[args.dtype]
+    amp = autocast_dtype(args.dtype)
     if args.train:
         return bench.train_step(model, cfg, x, amp, dev)
 
     def fn() -> None:
-        with torch.inference_mode(), bench.autocast(dev, amp):
+        with torch.inference_mode(), autocast(dev, amp):
             model(x["image"], x["mask"], ids=x["ids"])
 
     return fn
@@ -178,7 +179,7 @@ def main() -> None:
     p.add_argument("--preset", default="lite")
     p.add_argument("--size", type=int, default=None)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--dtype", default="fp32", type=precision_name, choices=["fp32", "bf16"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--train", action="store_true")
     p.add_argument("--repeat", type=int, default=3, help="timed calls per process")

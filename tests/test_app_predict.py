@@ -45,6 +45,24 @@ def test_predict_writes_masks_overlays_and_summary(checkpoint, tmp_path, capsys)
     assert "wrote 4 masks and overlays" in capsys.readouterr().out
 
 
+def test_dtype_takes_the_short_and_torch_names(checkpoint, tmp_path, capsys):
+    masks = {}
+    for name in ("bf16", "bfloat16"):
+        out = tmp_path / name
+        argv = ["predict", "--checkpoint", str(checkpoint), "--image", str(MAN), "--text", "the man texting"]
+        assert main([*argv, "--dtype", name, "--device", "cpu", "--out", str(out)]) == 0
+        masks[name] = np.asarray(
+            Image.open(out / json.loads((out / "predictions.json").read_text())["predictions"][0]["mask"])
+        )
+    assert np.array_equal(masks["bf16"], masks["bfloat16"])
+    with pytest.raises(SystemExit) as exit_:
+        main(["predict", "--image", str(MAN), "--text", "a man", "--dtype", "int8"])
+    assert (
+        exit_.value.code == 2
+        and "--dtype: invalid choice: 'int8' (choose from 'fp32', 'bf16', 'fp16')" in capsys.readouterr().err
+    )
+
+
 def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     text_jpg = tmp_path / "notes.jpg"
     text_jpg.write_text("this is a text file with a .jpg name\n")

@@ -156,8 +156,11 @@ def test_from_pretrained_folder_shipped_name_and_presets(tmp_path, lite, monkeyp
         Segmenter.from_pretrained("official-swin-b")
     with pytest.raises(LGFormerError, match="neither a folder nor a shipped model"):
         Segmenter.from_pretrained(tmp_path / "nowhere")
-    with pytest.raises(LGFormerError, match="float16 needs a GPU"):
-        Segmenter.from_pretrained(tmp_path / "ckpt", device="cpu", dtype="float16")
+    for name in ("fp16", "float16"):
+        with pytest.raises(LGFormerError, match=f"dtype '{name}' needs a GPU; on CPU use bf16 or fp32"):
+            Segmenter.from_pretrained(tmp_path / "ckpt", device="cpu", dtype=name)
+    with pytest.raises(LGFormerError, match=r"dtype 'int8'; valid: fp32, bf16, fp16 \(or float32, bfloat16"):
+        Segmenter.from_pretrained(tmp_path / "ckpt", device="cpu", dtype="int8")
 
 
 def test_bfloat16_autocast_runs(tmp_path, lite):

@@ -30,9 +30,9 @@ from lgformer.config import Config
 from lgformer.data.images import image_tensor, load_image, to_rgb
 from lgformer.errors import LGFormerError
 from lgformer.model.text_encoder import Tokenizer
+from lgformer.precision import autocast, autocast_dtype
 
 MIN_SIDE = 16  # smaller images hold nothing to segment (the network sees them blown up to S x S)
-DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}  # name -> autocast dtype
 
 ImageInput = str | Path | Image.Image | np.ndarray
 
@@ -79,15 +79,6 @@ def resolve_checkpoint(source: str | Path) -> Path:
             f"checkpoint {source!r} is neither a folder nor a shipped model ({', '.join(SHIPPED)})"
         )
     return path
-
-
-def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """`--dtype` name -> autocast dtype (None: plain float32)."""
-    if name not in DTYPES:
-        raise LGFormerError(f"dtype {name!r}; valid: {', '.join(DTYPES)}")
-    if name == "float16" and device.type != "cuda":
-        raise LGFormerError("dtype float16 needs a GPU; on CPU use bfloat16 or float32")
-    return DTYPES[name]
 
 
 def read_image(image: ImageInput) -> Image.Image:
@@ -168,11 +159,12 @@ class Segmenter:
         cls,
         source: str | Path = DEFAULT_MODEL,
         device: str = "auto",
-        dtype: str = "float32",
+        dtype: str = "fp32",
         overrides: Sequence[str] = (),
     ) -> Segmenter:
         """Load a checkpoint folder or a shipped model name; `overrides` are config `key=value` items
-        (e.g. `data.image_size=384` to run at another resolution); `dtype` is the autocast precision."""
+        (e.g. `data.image_size=384` to run at another resolution); `dtype` is the precision: fp32, bf16 or
+        fp16 (GPU), or torch's float32, bfloat16, float16."""
         from lgformer.engine.checkpoint import load_model
         from lgformer.engine.distributed import setup
 
@@ -201,8 +193,7 @@ class Segmenter:
         for start in range(0, len(sentences), batch_size):
             rows = slice(start, start + batch_size)
             n = len(sentences[rows])
-            autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
-            with torch.inference_mode(), autocast:
+            with torch.inference_mode(), autocast(self.device, self.dtype):
                 logits = self.model(
                     pixels.expand(n, -1, -1, -1),
                     text_mask[rows].to(self.device),

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from lgformer.app.shipped import DEFAULT_MODEL, SHIPPED
-from lgformer.cli import add_device_argument, add_overrides_argument
+from lgformer.cli import add_device_argument, add_dtype_argument, add_overrides_argument
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -115,9 +115,7 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
         "(default %(default)s)",
     )
     add_device_argument(p)
-    p.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute precision"
-    )
+    add_dtype_argument(p, "compute precision; fp16 needs a GPU (default fp32)")
     add_overrides_argument(
         p, "override a value of the checkpoint's config, e.g. data.image_size=384 (repeatable)"
     )

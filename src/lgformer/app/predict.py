@@ -31,7 +31,7 @@ def predict_files(
     *,
     threshold: float = 0.5,
     device: str = "auto",
-    dtype: str = "float32",
+    dtype: str = "fp32",
     overrides: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Run every text on every image with the checkpoint `source`; write `<stem>_<k>_mask.png`,

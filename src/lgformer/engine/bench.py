@@ -35,18 +35,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lgformer import config as config_mod
 from lgformer.config import Config
+from lgformer.precision import autocast, autocast_dtype, precision_name
 
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 GEMM_SIZE = 2048
 VALID_TOKENS = 12  # [CLS] + 10 wordpieces + [SEP], a typical RefCOCO expression
 CLEAR_REFS = Path("/proc/self/clear_refs")
 STATUS = Path("/proc/self/status")
 CPUINFO = Path("/proc/cpuinfo")
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """Autocast at `dtype` on `device`, or nothing for fp32."""
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def cpu_name() -> str:
@@ -264,7 +259,7 @@ def run(
     dev = torch.device(
         "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
     )
-    amp = DTYPES[dtype]
+    amp = autocast_dtype(dtype)
     cfg = config_mod.load(preset, list(overrides))
     size = size or cfg.data.image_size
     torch.manual_seed(0)
@@ -280,7 +275,7 @@ def run(
         "preset": cfg.preset or preset,
         "size": size,
         "batch": batch,
-        "dtype": dtype,
+        "dtype": precision_name(dtype),
         "threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
         "torch": torch.__version__,

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Subset
 from lgformer.engine import distributed as D
 from lgformer.engine.metrics import METRICS, IoUCounts, intersection_union
 from lgformer.errors import LGFormerError
+from lgformer.precision import autocast
 
 if TYPE_CHECKING:
     from lgformer.data.dataset import ReferDataset
@@ -70,7 +71,7 @@ def evaluate_model(
     )
     bar = _progress(len(indices), f"eval {protocol}") if progress else None
     for batch in loader:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with autocast(device, dtype):
             logits = model(
                 batch["image"].to(device),
                 batch["text_mask"].to(device),

@@ -41,6 +41,7 @@ from lgformer.engine.checkpoint import (
 )
 from lgformer.engine.evaluate import evaluate_model
 from lgformer.errors import LGFormerError
+from lgformer.precision import autocast, autocast_dtype
 
 AMP_CHOICES = ("auto", "off", "bf16", "fp16")
 NO_DECAY_NAMES = ("relative_position_bias_table", "absolute_pos_embed")
@@ -57,11 +58,7 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
         raise LGFormerError("train.amp=fp16 needs a GPU; on CPU use train.amp=bf16 or off")
     if amp == "auto":
         return torch.float16 if device.type == "cuda" else None
-    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    return autocast_dtype("fp32" if amp == "off" else amp)
 
 
 def batch_split(tc: TrainConfig, world_size: int) -> tuple[int, int]:

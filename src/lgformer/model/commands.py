@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lgformer.cli import add_device_argument, add_overrides_argument
+from lgformer.cli import add_device_argument, add_dtype_argument, add_overrides_argument
 from lgformer.errors import LGFormerError
 
 
@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default="lite", help="preset name or YAML file (default %(default)s)")
     p.add_argument("--size", type=int, default=None, help="square input size (default: the config's)")
     p.add_argument("--batch", type=int, default=1, help="images per forward (default %(default)s)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="fp32 or autocast dtype")
+    add_dtype_argument(p, "fp32 or autocast dtype (default fp32)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     p.add_argument("--repeat", type=int, default=10, help="timed runs per measurement (default %(default)s)")
     add_device_argument(p)

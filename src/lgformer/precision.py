@@ -1,0 +1,44 @@
+"""Compute precision by name, one table for every command and the API.
+
+fp32 is plain float32 (no autocast); bf16 and fp16 are autocast dtypes. torch's names (float32, bfloat16,
+float16) are accepted as well. Importing this module does not import torch (the CLI builds its parser
+from it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING
+
+from lgformer.errors import LGFormerError
+
+if TYPE_CHECKING:
+    import torch
+
+PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # short name -> torch's name
+_SHORT = {long: short for short, long in PRECISIONS.items()}
+
+
+def precision_name(name: str) -> str:
+    """The short name of a precision (bfloat16 -> bf16); other strings come back unchanged, so that an
+    argparse `type=precision_name` leaves unknown names to its `choices` check."""
+    return _SHORT.get(name, name)
+
+
+def autocast_dtype(name: str, device: torch.device | None = None) -> torch.dtype | None:
+    """Precision name -> autocast dtype (None: fp32). Given a device, fp16 is refused off CUDA."""
+    import torch
+
+    short = precision_name(name)
+    if short not in PRECISIONS:
+        raise LGFormerError(f"dtype {name!r}; valid: {', '.join(PRECISIONS)} (or {', '.join(_SHORT)})")
+    if short == "fp16" and device is not None and device.type != "cuda":
+        raise LGFormerError(f"dtype {name!r} needs a GPU; on CPU use bf16 or fp32")
+    return None if short == "fp32" else getattr(torch, PRECISIONS[short])
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast at `dtype` on `device`, or nothing for fp32 (dtype None)."""
+    import torch
+
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
