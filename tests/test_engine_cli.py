@@ -102,6 +102,13 @@ def test_eval_needs_one_source(capsys, run):
     _error(capsys, ["eval", "--checkpoint", str(run / "last"), "--predictions", str(run), *EVAL_DATA])
 
 
+def test_eval_fp16_needs_a_gpu(capsys, run):
+    err = _error(
+        capsys, ["eval", "--checkpoint", str(run / "last"), "--device", "cpu", "--dtype", "fp16", *EVAL_DATA]
+    )
+    assert "dtype 'fp16' needs a GPU; on CPU use bf16 or fp32" in err
+
+
 @pytest.mark.parametrize("protocol", ["resized", "original"])
 def test_saved_masks_score_like_the_checkpoint(capsys, run, tmp_path, protocol):
     capsys.readouterr()

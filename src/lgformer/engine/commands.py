@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from lgformer.cli import add_device_argument, add_overrides_argument
+from lgformer.cli import add_device_argument, add_dtype_argument, add_overrides_argument
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -74,7 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"], help="autocast (default: fp32)")
+    add_dtype_argument(p, "compute precision; fp16 needs a GPU (default fp32)")
     add_device_argument(p)
     p.set_defaults(handler=_eval)
 
@@ -119,8 +119,8 @@ def _eval(args: argparse.Namespace) -> int:
     from lgformer.engine import distributed
     from lgformer.engine.checkpoint import load_model
     from lgformer.engine.evaluate import MaskWriter, evaluate_model, evaluate_predictions, markdown, report
-    from lgformer.engine.train import amp_dtype
     from lgformer.errors import LGFormerError
+    from lgformer.precision import autocast_dtype
 
     if (args.checkpoint is None) == (args.predictions is None):
         raise LGFormerError("give exactly one of --checkpoint DIR or --predictions DIR")
@@ -160,7 +160,7 @@ def _eval(args: argparse.Namespace) -> int:
                 dev,
                 protocol=args.protocol,
                 batch_size=args.batch_size,
-                dtype=amp_dtype(args.amp, dev),
+                dtype=autocast_dtype(args.dtype, dev),
                 workers=args.workers,
                 progress=True,
                 sink=writer,
