@@ -161,17 +161,37 @@ def test_conv1x1_matches_conv2d(channels_last: bool) -> None:
 
 
 @pytest.mark.parametrize("kv_dim", [12, 16])
-def test_multi_head_attention_matches_module(kv_dim: int) -> None:
+@pytest.mark.parametrize(
+    "lq, lk", [(9, 5), (1, 40), (2, 40)], ids=["projected-keys", "folded-one-query", "folded-two-queries"]
+)
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_multi_head_attention_matches_module(kv_dim: int, lq: int, lk: int, grad: bool) -> None:
+    """Both attention forms (keys projected, or projections folded into the few queries) equal
+    `nn.MultiheadAttention`, with padded keys, in inference and in their gradients."""
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(16, 4, kdim=kv_dim, vdim=kv_dim, batch_first=True)
     with torch.no_grad():
         mha.in_proj_bias.normal_()
-    query, key, value = torch.randn(2, 9, 16), torch.randn(2, 5, kv_dim), torch.randn(2, 5, kv_dim)
-    padding = torch.tensor([[False] * 5, [False, False, False, True, True]])
-    with torch.no_grad():
-        expected = mha(query, key, value, key_padding_mask=padding, need_weights=False)[0]
-        got = multi_head_attention(mha, query, key, value, padding)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    query, key, value = torch.randn(2, lq, 16), torch.randn(2, lk, kv_dim), torch.randn(2, lk, kv_dim)
+    padding = torch.zeros(2, lk, dtype=torch.bool)
+    padding[1, 3:] = True
+    inputs = [t.requires_grad_(grad) for t in (query, key, value)]
+    results = []
+    for fn in (
+        lambda: mha(*inputs, key_padding_mask=padding, need_weights=False)[0],
+        lambda: multi_head_attention(mha, *inputs, padding),
+    ):
+        mha.zero_grad()
+        for t in inputs:
+            t.grad = None
+        with torch.set_grad_enabled(grad):
+            out = fn()
+        grads = []
+        if grad:
+            out.square().sum().backward()
+            grads = [t.grad for t in inputs] + [p.grad for p in mha.parameters()]
+        results.append([out, *grads])
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)
 
 
 def test_deformable_sampling_backward_matches_embedding_bag_autograd() -> None:

@@ -265,6 +265,9 @@ def multi_head_attention(
 
     The same projections, scaled dot-product attention (padded keys at -inf) and output projection, with
     the projections on `linear` and no (L, B, E) round trips. query (B, Lq, E), key/value (B, Lk, kdim).
+    When that costs fewer FLOPs (few queries, many keys: the prototype generator's one query over up to
+    H/8·W/8 pixels), the key and value projections act on the query and the attended values instead of on
+    every key (`_folded_attention`); the result is the same up to rounding.
     """
     e, heads = mha.embed_dim, mha.num_heads
     if mha._qkv_same_embed_dim:
@@ -272,15 +275,63 @@ def multi_head_attention(
     else:
         wq, wk, wv = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
     bq, bk, bv = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else (None, None, None)
-    q = linear(query, wq, bq).unflatten(-1, (heads, e // heads)).transpose(1, 2)
-    k = linear(key, wk, bk).unflatten(-1, (heads, e // heads)).transpose(1, 2)
-    v = linear(value, wv, bv).unflatten(-1, (heads, e // heads)).transpose(1, 2)
+    q = linear(query, wq, bq)
     mask = None
     if key_padding_mask is not None:
         mask = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)
         mask = mask.masked_fill_(key_padding_mask, float("-inf"))[:, None, None, :]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)
-    return linear(out, mha.out_proj.weight, mha.out_proj.bias)
+    lq, (lk, kdim) = query.shape[1], key.shape[1:]
+    # multiply-adds: folded 2·Lq·kdim·(E + heads·Lk) against 2·Lk·E·(kdim + Lq)
+    if lq * kdim * (e + heads * lk) < lk * e * (kdim + lq):
+        out = _folded_attention(q, key, value, wk, wv, bv, heads, mask)
+    else:
+        k = linear(key, wk, bk).unflatten(-1, (heads, e // heads)).transpose(1, 2)
+        v = linear(value, wv, bv).unflatten(-1, (heads, e // heads)).transpose(1, 2)
+        out = _attention(q.unflatten(-1, (heads, e // heads)).transpose(1, 2), k, v, mask).transpose(1, 2)
+    return linear(out.flatten(2), mha.out_proj.weight, mha.out_proj.bias)
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """softmax(q kᵀ / sqrt(d) + mask) v: q (B, heads, Lq, d), k/v (B, heads, Lk, d), mask (B, 1, 1, Lk).
+
+    CPU inference lays the scores out (B, heads, Lk, Lq): the softmax over a few keys then runs along a
+    strided axis, which the CPU kernel vectorises over the queries (pixels -> 20 words: 2.4x faster than the
+    fused kernel in bf16, 1.3x in fp32). Training and GPUs keep the fused kernel.
+    """
+    if q.device.type != "cpu" or torch.is_grad_enabled():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = torch.matmul(k * k.shape[-1] ** -0.5, q.transpose(-2, -1))
+    if mask is not None:
+        scores = scores + mask.transpose(-2, -1)
+    return torch.matmul(scores.softmax(-2).transpose(-2, -1), v)
+
+
+def _folded_attention(
+    q: Tensor,
+    key: Tensor,
+    value: Tensor,
+    wk: Tensor,
+    wv: Tensor,
+    bv: Tensor | None,
+    heads: int,
+    mask: Tensor | None,
+) -> Tensor:
+    """Projected queries q (B, Lq, E) attend over unprojected keys/values (B, Lk, kdim) -> (B, Lq, heads, d).
+
+    Per head h: q_h (K W_k,hᵀ + β_k,h)ᵀ = (q_h W_k,h) Kᵀ + a constant per query, which the softmax drops, and
+    P (V W_v,hᵀ + β_v,h) = (P V) W_v,hᵀ + β_v,h because the rows of P sum to 1.
+    """
+    b, lq, e = q.shape
+    d, kdim = e // heads, key.shape[-1]
+    qh = (q * d**-0.5).view(b, lq, heads, d).transpose(1, 2)  # (B, heads, Lq, d)
+    scores = torch.matmul(torch.matmul(qh, wk.view(heads, d, kdim)).flatten(1, 2), key.transpose(1, 2))
+    if mask is not None:
+        scores = scores + mask[:, 0]  # (B, heads·Lq, Lk)
+    attended = torch.matmul(scores.softmax(-1), value).view(b, heads, lq, kdim)
+    out = torch.matmul(attended, wv.view(heads, d, kdim).transpose(1, 2))  # (B, heads, Lq, d)
+    if bv is not None:
+        out = out + bv.view(heads, 1, d).to(out.dtype)
+    return out.transpose(1, 2)
 
 
 class MLP(nn.Sequential):
