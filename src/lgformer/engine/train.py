@@ -317,7 +317,12 @@ class Trainer:
                 f"{self.out / 'last'}: weights (step {meta.get('step')}) and trainer state "
                 f"(step {state['step']}) disagree; the run was interrupted while saving"
             )
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except ValueError as exc:  # written by a version that trained another set of parameters
+            raise LGFormerError(
+                f"{self.out / 'last'}: optimizer state does not fit this model's trainable parameters ({exc})"
+            ) from None
         if self.scaler is not None and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.best, self.saved_step = state["step"], state["best_oiou"], state["step"]

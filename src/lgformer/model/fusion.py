@@ -32,6 +32,34 @@ def instance_norm_tokens(x: torch.Tensor) -> torch.Tensor:
     return y.view(n, b, c).transpose(0, 1)
 
 
+def attend_normalised(p: torch.Tensor, x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """P_h · IN_N(layer(x))_h for each head h of P: p (B, heads, T, N) with rows summing to 1, x (B, N, C),
+    layer C -> D -> (B, T, D).
+
+    With many narrow tokens (VLBA's sym_value branch at 1/4 scale: N = 14400, C = 128 -> 768 for Swin-B at
+    480) `layer` is not applied to every token. The instance norm is affine per channel (the bias cancels)
+    and the rows of P sum to 1, so with x̃ = x − mean_N(x): P·IN(x Wᵀ + b) = (P x̃) Wᵀ / sqrt(var + eps),
+    var_d = w_d Σ w_dᵀ, Σ = x̃ᵀ x̃ / N, in fp32 from centred tokens (two-pass, spec §10.15). That is taken
+    when its C·C·(N + D) multiply-adds are under a quarter of the product's N·C·D, so that it also pays
+    against a bf16 product; it needs no (N, D) activation and no norm over it.
+    """
+    b, n, c = x.shape
+    heads, d = p.shape[1], layer.weight.shape[0]
+    if 4 * c * (n + d) >= n * d:
+        return _merge_heads(torch.matmul(p, _split_heads(instance_norm_tokens(layer(x)), heads)))
+    with torch.autocast(x.device.type, enabled=False):
+        # (B, C, N): the mean, the centring and Σ run along contiguous rows
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        xt = x.transpose(1, 2).to(dtype, memory_format=torch.contiguous_format)
+        centred = xt - xt.mean(2, keepdim=True)
+        w = layer.weight.to(dtype)
+        cov = torch.matmul(centred, centred.transpose(1, 2)) / n  # (B, C, C)
+        scale = torch.rsqrt((torch.matmul(w, cov) * w).sum(-1) + IN_EPS)  # (B, D)
+    attended = torch.matmul(p, centred.transpose(1, 2)[:, None].to(p.dtype))  # (B, heads, T, C)
+    attended = torch.matmul(attended, layer.weight.view(heads, d // heads, c).transpose(1, 2))
+    return _merge_heads(attended) * scale[:, None].to(attended.dtype)
+
+
 def _linear(layer: nn.Linear, x: torch.Tensor, activation: str) -> torch.Tensor:
     """activation(layer(x)), fused into the product where `linear` can."""
     return linear(x, layer.weight, layer.bias, activation)
@@ -89,6 +117,9 @@ class VLBA(nn.Module):
         self.lang_project = Linear(text_dim, text_dim)
         self.attn = PixelWordAttention(dim, text_dim, heads)
         self.sym_value = Linear(dim, text_dim)
+        # The instance norm after sym_value removes its bias, whose gradient is exactly zero;
+        # `attend_normalised` may not read it at all, so it is frozen (the authors' checkpoints carry it).
+        self.sym_value.bias.requires_grad_(False)
         self.sym_W = Linear(text_dim, text_dim)
         self.project_mm = nn.ModuleList([Linear(2 * dim, dim), Linear(dim, dim)])
         self.sym_project_mm = nn.ModuleList([Linear(2 * text_dim, text_dim), Linear(text_dim, text_dim)])
@@ -99,8 +130,7 @@ class VLBA(nn.Module):
         lp = _linear(self.lang_project, l, "gelu") * mm
         vr, logits = self.attn(x, l, m)
         # Language branch: the same logits, softmax over pixels (padded rows are constant along N).
-        vv = _split_heads(instance_norm_tokens(self.sym_value(x)), self.heads)
-        lr = _merge_heads(torch.matmul(logits.transpose(-1, -2).softmax(dim=-1), vv)) * mm
+        lr = attend_normalised(logits.transpose(-1, -2).softmax(dim=-1), x, self.sym_value) * mm
         lr = self.sym_W(lr) * mm
         v_m = _linear(
             self.project_mm[1], _linear(self.project_mm[0], torch.cat([vp, vr], dim=-1), "gelu"), "gelu"
