@@ -16,6 +16,9 @@ Every variant runs in its own process (fresh allocator state), with one fast pat
   channels-last  the EfficientNet-Lite2 trunk runs NCHW
   msda-backward  deformable sampling differentiated through embedding_bag (sorting backward)
   window-sdpa    Swin window attention through the fused SDPA kernel in CPU inference too
+  attn-fold      cross-attention projects every key and value even for one query (prototype generator)
+  xattn-sdpa     the pixel decoder's pixels-to-words attention through the fused SDPA kernel in CPU inference
+  vlba-fold      VLBA's language branch applies sym_value to every token, then the instance norm
 Rounds alternate the variants; the table gives min and median seconds per forward (or training step).
 
 --in-process builds one model and alternates the variants call by call inside one process instead, which
@@ -48,6 +51,9 @@ VARIANTS = [
     "channels-last",
     "msda-backward",
     "window-sdpa",
+    "attn-fold",
+    "xattn-sdpa",
+    "vlba-fold",
 ]
 
 
@@ -56,7 +62,7 @@ BUILD_TIME = ("malloc", "bert-onednn")  # act when the process starts or the mod
 
 def switchable() -> list[tuple[object, str]]:
     """The (owner, attribute) pairs that `switch_off` may replace."""
-    from lgformer.model import deformable_attention, efficientnet, layers, lgformer, swin
+    from lgformer.model import deformable_attention, efficientnet, fusion, layers, lgformer, swin
 
     return [
         (layers, "ONEDNN"),
@@ -67,15 +73,19 @@ def switchable() -> list[tuple[object, str]]:
         (efficientnet.Stem, "forward"),
         (deformable_attention, "ms_deform_attn_sample"),
         (swin, "_explicit_attention"),
+        (layers, "_folded_attention"),
+        (layers, "_attention"),
+        (fusion, "attend_normalised"),
     ]
 
 
 def switch_off(variant: str) -> None:
     """Apply one variant's patch in this (child) process, before the model is built."""
     import torch
+    import torch.nn.functional as F
     from torch import Tensor
 
-    from lgformer.model import deformable_attention, efficientnet, layers, lgformer, swin
+    from lgformer.model import deformable_attention, efficientnet, fusion, layers, lgformer, swin
 
     if variant == "onednn":
         layers.ONEDNN = False
@@ -108,6 +118,35 @@ def switch_off(variant: str) -> None:
         deformable_attention.ms_deform_attn_sample = deformable_attention._bag_sample
     elif variant == "window-sdpa":
         swin._explicit_attention = swin._fused_attention
+    elif variant == "attn-fold":
+
+        def projected(
+            q: Tensor,
+            key: Tensor,
+            value: Tensor,
+            wk: Tensor,
+            wv: Tensor,
+            bv: Tensor | None,
+            heads: int,
+            mask: Tensor | None,
+        ) -> Tensor:
+            def split(t: Tensor) -> Tensor:
+                return t.unflatten(-1, (heads, t.shape[-1] // heads)).transpose(1, 2)
+
+            # the key bias is left out: it shifts all scores of a query alike
+            k, v = split(layers.linear(key, wk)), split(layers.linear(value, wv, bv))
+            return F.scaled_dot_product_attention(split(q), k, v, attn_mask=mask).transpose(1, 2)
+
+        layers._folded_attention = projected
+    elif variant == "xattn-sdpa":
+        layers._attention = lambda q, k, v, mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    elif variant == "vlba-fold":
+
+        def unfolded(p: Tensor, x: Tensor, layer: torch.nn.Linear) -> Tensor:
+            values = fusion._split_heads(fusion.instance_norm_tokens(layer(x)), p.shape[1])
+            return fusion._merge_heads(torch.matmul(p, values))
+
+        fusion.attend_normalised = unfolded
     elif variant not in ("all", "malloc"):
         raise SystemExit(f"unknown variant {variant}")
 
