@@ -19,6 +19,7 @@ Every variant runs in its own process (fresh allocator state), with one fast pat
   attn-fold      cross-attention projects every key and value even for one query (prototype generator)
   xattn-sdpa     the pixel decoder's pixels-to-words attention through the fused SDPA kernel in CPU inference
   vlba-fold      VLBA's language branch applies sym_value to every token, then the instance norm
+  bn-fold        EfficientNet-Lite2's BatchNorms run after their convolutions in inference too
 Rounds alternate the variants; the table gives min and median seconds per forward (or training step).
 
 --in-process builds one model and alternates the variants call by call inside one process instead, which
@@ -54,6 +55,7 @@ VARIANTS = [
     "attn-fold",
     "xattn-sdpa",
     "vlba-fold",
+    "bn-fold",
 ]
 
 
@@ -76,6 +78,7 @@ def switchable() -> list[tuple[object, str]]:
         (layers, "_folded_attention"),
         (layers, "_attention"),
         (fusion, "attend_normalised"),
+        (efficientnet, "conv_bn"),
     ]
 
 
@@ -147,6 +150,8 @@ def switch_off(variant: str) -> None:
             return fusion._merge_heads(torch.matmul(p, values))
 
         fusion.attend_normalised = unfolded
+    elif variant == "bn-fold":
+        efficientnet.conv_bn = lambda conv, bn, x: bn(conv(x))
     elif variant not in ("all", "malloc"):
         raise SystemExit(f"unknown variant {variant}")
 

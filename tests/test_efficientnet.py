@@ -11,7 +11,7 @@ import torch
 from conftest import PHOTOS
 
 from lgformer.errors import LGFormerError
-from lgformer.model.efficientnet import IMAGENET_MEAN, IMAGENET_STD, EfficientNetLite2
+from lgformer.model.efficientnet import IMAGENET_MEAN, IMAGENET_STD, EfficientNetLite2, _conv, conv_bn
 
 TEDDY_BEAR, STREET_SIGN = 850, 919  # ImageNet class indices
 
@@ -113,3 +113,33 @@ def test_forward_backward() -> None:
     assert x.grad is not None and torch.isfinite(x.grad).all()
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize(
+    "kernel, stride, groups", [(1, 1, 1), (3, 1, 8), (5, 2, 8)], ids=["1x1", "depthwise", "depthwise-same"]
+)
+def test_conv_bn_folds_in_inference_only_and_follows_updates(kernel: int, stride: int, groups: int) -> None:
+    """Inference folds the BatchNorm into the conv: the same map as bn(conv(x)) for every conv kind the trunk
+    uses, refreshed after an in-place update of the statistics; with autograd the BN runs as a module."""
+    torch.manual_seed(0)
+    conv, bn = _conv(8, 8, kernel, stride=stride, groups=groups), torch.nn.BatchNorm2d(8, eps=1e-3)
+    with torch.no_grad():
+        for t in (bn.weight, bn.bias, bn.running_mean):
+            t.normal_()
+        bn.running_var.uniform_(0.5, 2)
+    bn.eval()
+    x = torch.randn(2, 8, 11, 13).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(conv_bn(conv, bn, x), bn(conv(x)), rtol=1e-5, atol=1e-5)
+        folded = bn._folded[1]
+        bn.running_var.mul_(3)
+        torch.testing.assert_close(conv_bn(conv, bn, x), bn(conv(x)), rtol=1e-5, atol=1e-5)
+        assert bn._folded[1] is not folded
+    with torch.inference_mode():  # a fold made here serves no_grad calls later
+        bn.running_mean.add_(1)
+        conv_bn(conv, bn, x)
+    with torch.no_grad():
+        torch.testing.assert_close(conv_bn(conv, bn, x), bn(conv(x)), rtol=1e-5, atol=1e-5)
+    x.requires_grad_()
+    conv_bn(conv, bn, x).sum().backward()
+    assert conv.weight.grad is not None and bn.weight.grad is not None

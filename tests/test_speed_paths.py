@@ -312,7 +312,7 @@ def test_speed_ablation_variant_switches_one_path_and_keeps_the_network(
         monkeypatch.setattr(owner, name, getattr(owner, name))  # restored after the test
     before = [getattr(owner, name) for owner, name in switchable]
 
-    preset = "lite" if variant == "channels-last" else "official-swin-t"
+    preset = "lite" if variant in ("channels-last", "bn-fold") else "official-swin-t"
     cfg = config_mod.load(preset, ["model.text_encoder=minilm", "model.decoder_layers=1"])
 
     def logits() -> torch.Tensor:

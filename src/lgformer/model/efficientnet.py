@@ -72,11 +72,30 @@ def _conv(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) ->
 class Conv2dSame(nn.Conv2d):
     """Stride-2 conv padded like TensorFlow "SAME" for the actual input size: (B,C,H,W) -> ceil(H/2, W/2)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         k = self.kernel_size[0]
         ph = k - 2 + x.shape[-2] % 2  # total padding: k - 2 on even sizes, k - 1 on odd ones
         pw = k - 2 + x.shape[-1] % 2
-        return super().forward(F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)))
+        return super()._conv_forward(F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)), weight, bias)
+
+
+def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """bn(conv(x)). In inference (BN in eval mode, no autograd, not tracing) the BN is folded into the conv's
+    weight and bias, w·γ/σ and β − μγ/σ, which are kept on `bn` while none of the five tensors changes (an
+    in-place update or a move invalidates them): one pass over every activation less."""
+    if bn.training or torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return bn(conv(x))
+    tensors = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    key = tuple((t.data_ptr(), t._version) for t in tensors) + (bn.eps,)
+    cached = getattr(bn, "_folded", None)
+    if cached is None or cached[0] != key:
+        with torch.inference_mode(False):
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            bias = bn.bias - bn.running_mean * scale
+            if conv.bias is not None:
+                bias = bias + conv.bias * scale
+            cached = bn._folded = (key, conv.weight * scale.view(-1, 1, 1, 1), bias)
+    return conv._conv_forward(x, cached[1], cached[2])
 
 
 class Stem(nn.Module):
@@ -97,7 +116,7 @@ class Stem(nn.Module):
         # Channels-last from here on: oneDNN's depthwise convolutions (above all their backward) are several
         # times faster in NHWC, and the fusion modules read NHWC maps as (B, N, C) tokens without a copy.
         x = torch.addcmul(self.input_shift, x.contiguous(memory_format=torch.channels_last), self.input_scale)
-        return self.act(self.bn(self.conv(x)))
+        return self.act(conv_bn(self.conv, self.bn, x))
 
 
 class MBConv(nn.Module):
@@ -119,9 +138,9 @@ class MBConv(nn.Module):
         """(B,cin,H,W) -> (B,cout,H/stride,W/stride)."""
         y = x
         if self.expand_conv is not None:
-            y = self.act(self.bn0(self.expand_conv(y)))
-        y = self.act(self.bn1(self.depthwise_conv(y)))
-        y = self.bn2(self.project_conv(y))
+            y = self.act(conv_bn(self.expand_conv, self.bn0, y))
+        y = self.act(conv_bn(self.depthwise_conv, self.bn1, y))
+        y = conv_bn(self.project_conv, self.bn2, y)
         return y + x if self.residual else y
 
 

@@ -177,10 +177,10 @@ class Conv1x1(nn.Conv2d):
     def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
         super().__init__(in_channels, out_channels, 1, bias=bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if _onednn_dtype(x, self.weight) is None:
-            return super().forward(x)
-        return linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)
+    def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if _onednn_dtype(x, weight) is None:
+            return super()._conv_forward(x, weight, bias)
+        return linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
 
 
 def size_cache(maxsize: int = 64) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
