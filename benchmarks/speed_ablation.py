@@ -144,12 +144,7 @@ def switch_off(variant: str) -> None:
     elif variant == "xattn-sdpa":
         layers._attention = lambda q, k, v, mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     elif variant == "vlba-fold":
-
-        def unfolded(p: Tensor, x: Tensor, layer: torch.nn.Linear) -> Tensor:
-            values = fusion._split_heads(fusion.instance_norm_tokens(layer(x)), p.shape[1])
-            return fusion._merge_heads(torch.matmul(p, values))
-
-        fusion.attend_normalised = unfolded
+        fusion.attend_normalised = fusion.attend_projected
     elif variant == "bn-fold":
         efficientnet.conv_bn = lambda conv, bn, x: bn(conv(x))
     elif variant not in ("all", "malloc"):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lgformer.errors import LGFormerError
-from lgformer.model.layers import Conv1x1
+from lgformer.model.layers import Conv1x1, kept_while_unchanged
 from lgformer.safe_load import load_torch_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -85,17 +85,18 @@ def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tenso
     in-place update or a move invalidates them): one pass over every activation less."""
     if bn.training or torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return bn(conv(x))
-    tensors = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    key = tuple((t.data_ptr(), t._version) for t in tensors) + (bn.eps,)
-    cached = getattr(bn, "_folded", None)
-    if cached is None or cached[0] != key:
+
+    def fold() -> tuple[torch.Tensor, torch.Tensor]:
         with torch.inference_mode(False):
             scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
             bias = bn.bias - bn.running_mean * scale
             if conv.bias is not None:
                 bias = bias + conv.bias * scale
-            cached = bn._folded = (key, conv.weight * scale.view(-1, 1, 1, 1), bias)
-    return conv._conv_forward(x, cached[1], cached[2])
+            return conv.weight * scale.view(-1, 1, 1, 1), bias
+
+    tensors = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    weight, bias = kept_while_unchanged(bn, "_folded", tensors, fold, extra=(bn.eps,))
+    return conv._conv_forward(x, weight, bias)
 
 
 class Stem(nn.Module):

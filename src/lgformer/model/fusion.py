@@ -43,10 +43,10 @@ def attend_normalised(p: torch.Tensor, x: torch.Tensor, layer: nn.Linear) -> tor
     when its C·C·(N + D) multiply-adds are under a quarter of the product's N·C·D, so that it also pays
     against a bf16 product; it needs no (N, D) activation and no norm over it.
     """
-    b, n, c = x.shape
+    n, c = x.shape[1:]
     heads, d = p.shape[1], layer.weight.shape[0]
     if 4 * c * (n + d) >= n * d:
-        return _merge_heads(torch.matmul(p, _split_heads(instance_norm_tokens(layer(x)), heads)))
+        return attend_projected(p, x, layer)
     with torch.autocast(x.device.type, enabled=False):
         # (B, C, N): the mean, the centring and Σ run along contiguous rows
         dtype = torch.promote_types(x.dtype, torch.float32)
@@ -58,6 +58,11 @@ def attend_normalised(p: torch.Tensor, x: torch.Tensor, layer: nn.Linear) -> tor
     attended = torch.matmul(p, centred.transpose(1, 2)[:, None].to(p.dtype))  # (B, heads, T, C)
     attended = torch.matmul(attended, layer.weight.view(heads, d // heads, c).transpose(1, 2))
     return _merge_heads(attended) * scale[:, None].to(attended.dtype)
+
+
+def attend_projected(p: torch.Tensor, x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """`attend_normalised` as written: `layer` on every token, the instance norm over them, then P."""
+    return _merge_heads(torch.matmul(p, _split_heads(instance_norm_tokens(layer(x)), p.shape[1])))
 
 
 def _linear(layer: nn.Linear, x: torch.Tensor, activation: str) -> torch.Tensor:

@@ -17,6 +17,7 @@ import os
 import platform
 from collections.abc import Callable
 from functools import cache, lru_cache, wraps
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,8 @@ PACK_WEIGHTS = (
     and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
     and os.environ.get("LGFORMER_PACK_WEIGHTS", "1") != "0"
 )
+
+T = TypeVar("T")
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -111,6 +114,20 @@ class _OneDNNLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+def kept_while_unchanged(
+    holder: object, attr: str, sources: tuple[Tensor, ...], build: Callable[[], T], extra: tuple = ()
+) -> T:
+    """`build()`, kept on `holder` as `attr` = (key, value) while every tensor of `sources` keeps its storage
+    and version and `extra` (any other inputs of `build`) stays equal: in-place updates (optimiser steps,
+    `load_state_dict`) and moves invalidate it. One entry: a new key replaces the old one."""
+    key = (*((t.data_ptr(), t._version) for t in sources), *extra)
+    cached = getattr(holder, attr, None)
+    if cached is None or cached[0] != key:
+        cached = (key, build())
+        setattr(holder, attr, cached)
+    return cached[1]
+
+
 def _bf16_weight(weight: Tensor, rows: int) -> Tensor:
     """`weight` for a bf16 oneDNN product of `rows` input rows.
 
@@ -121,12 +138,12 @@ def _bf16_weight(weight: Tensor, rows: int) -> Tensor:
     """
     if not (PACK_WEIGHTS and isinstance(weight, nn.Parameter)):
         return weight.to(torch.bfloat16)
-    key = (weight.data_ptr(), weight._version)
-    cached = getattr(weight, "_onednn_bf16", None)
-    if cached is None or cached[0] != key:
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(torch.bfloat16), rows)
-        cached = weight._onednn_bf16 = (key, packed)
-    return cached[1]
+    return kept_while_unchanged(
+        weight,
+        "_onednn_bf16",
+        (weight,),
+        lambda: torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(torch.bfloat16), rows),
+    )
 
 
 def drop_packed_weights(module: nn.Module) -> None:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lgformer.errors import LGFormerError
-from lgformer.model.layers import Linear, linear, size_cache
+from lgformer.model.layers import Linear, kept_while_unchanged, linear, size_cache
 from lgformer.safe_load import load_torch_file
 
 # name -> (embed dim e, depths, heads per stage)
@@ -209,12 +209,17 @@ class WindowAttention(nn.Module):
         (load_state_dict, optimiser steps) invalidate it.
         """
         table = self.relative_position_bias_table
-        frozen = not ((torch.is_grad_enabled() and table.requires_grad) or torch.compiler.is_compiling())
-        if frozen:
-            weights = (table.device, table.data_ptr(), table._version)
-            key = (h, w, shift, dtype, *weights, torch.is_inference_mode_enabled())
-            if self._mask_cache is not None and self._mask_cache[0] == key:
-                return self._mask_cache[1]
+        if (torch.is_grad_enabled() and table.requires_grad) or torch.compiler.is_compiling():
+            return self._attn_masks(h, w, shift, groups, dtype)
+        extra = (h, w, shift, dtype, table.device, torch.is_inference_mode_enabled())
+        return kept_while_unchanged(
+            self, "_mask_cache", (table,), lambda: self._attn_masks(h, w, shift, groups, dtype), extra
+        )
+
+    def _attn_masks(
+        self, h: int, w: int, shift: int, groups: tuple[WindowGroup, ...], dtype: torch.dtype
+    ) -> list[Tensor]:
+        table = self.relative_position_bias_table
         win = self.window
         m = win * win
         bias = table[self.relative_position_index.view(-1)].view(m, m, self.heads)
@@ -227,8 +232,6 @@ class WindowAttention(nn.Module):
         for group in groups:
             part = mask.index_select(0, group.windows) if shift and len(groups) > 1 else mask
             masks.append(part if group.rows is None else part.index_select(2, group.rows))
-        if frozen:
-            self._mask_cache = (key, masks)
         return masks
 
     def forward(self, x: Tensor, shift: int) -> Tensor:
