@@ -3,14 +3,14 @@
     python benchmarks/speed_ablation.py --preset official-swin-b --size 480 --dtype fp32
     python benchmarks/speed_ablation.py --preset lite --size 320 --batch 8 --train
     python benchmarks/speed_ablation.py --preset official-swin-b --dtype bf16 --in-process \
-        --variants all bf16-prepack window-sdpa --set model.decoder_fp32=false
+        --variants all prepack window-sdpa --set model.decoder_fp32=false
 
 Every variant runs in its own process (fresh allocator state), with one fast path switched off:
   all            nothing switched off
   malloc         glibc keeps its default mmap/trim thresholds (LGFORMER_MALLOC_TUNING=0)
   onednn         fp32 products through F.linear / conv2d (MKL sgemm) instead of oneDNN
   bf16-onednn    bf16 autocast products through autocast's F.linear (activations unfused)
-  bf16-prepack   bf16 oneDNN products cast and block their weights on every call
+  prepack        oneDNN products cast and block their weights on every call (bf16; fp32 of >= 1024 rows)
   fused-act      oneDNN products without the fused ReLU/GELU/tanh (applied separately)
   bert-onednn    the text encoder keeps plain nn.Linear
   channels-last  the EfficientNet-Lite2 trunk runs NCHW
@@ -46,7 +46,7 @@ VARIANTS = [
     "malloc",
     "onednn",
     "bf16-onednn",
-    "bf16-prepack",
+    "prepack",
     "fused-act",
     "bert-onednn",
     "channels-last",
@@ -92,7 +92,7 @@ def switch_off(variant: str) -> None:
 
     if variant == "onednn":
         layers.ONEDNN = False
-    elif variant == "bf16-prepack":
+    elif variant == "prepack":
         layers.PACK_WEIGHTS = False
     elif variant == "fused-act":
         fused = layers._onednn_linear

@@ -104,45 +104,69 @@ def test_linear_under_bf16_autocast_is_autocasts_product(activation: str | None)
 
 
 @pytest.mark.skipif(not layers.PACK_WEIGHTS, reason="oneDNN weight prepacking is an x86 CPU path")
-def test_bf16_parameters_are_prepacked_once_and_follow_in_place_updates() -> None:
-    """Under bf16 autocast inference a parameter's weight is cast and blocked for oneDNN once; the products
-    match autocast's, at any number of rows, and an in-place update of the parameter is picked up."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_parameters_are_prepacked_once_and_follow_in_place_updates(dtype: torch.dtype) -> None:
+    """In inference (bf16 autocast, or fp32 products of FP32_PACK_ROWS rows or more) a parameter's weight is
+    cast and blocked for oneDNN once; the products match F.linear's at any number of rows, and an in-place
+    update of the parameter is picked up."""
     torch.manual_seed(0)
     layer = Linear(48, 32)
-    x = torch.randn(3, 7, 48)
+    rows = layers.FP32_PACK_ROWS if dtype == torch.float32 else 7
+    x = torch.randn(1, rows, 48)
+    attr = "_onednn_fp32" if dtype == torch.float32 else "_onednn_bf16"
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
 
     def expected(inputs: torch.Tensor) -> torch.Tensor:
         return F.gelu(F.linear(inputs, layer.weight, layer.bias)).float()
 
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         with torch.inference_mode():
             first = linear(x, layer.weight, layer.bias, "gelu")
-            packed = layer.weight._onednn_bf16[1]
-            again = linear(x[:1], layer.weight, layer.bias, "gelu")  # other row count, same packed weight
-            assert layer.weight._onednn_bf16[1] is packed and packed.is_mkldnn
-            torch.testing.assert_close(first.float(), expected(x), rtol=1e-2, atol=1e-2)
-            torch.testing.assert_close(again.float(), first[:1].float(), rtol=1e-2, atol=1e-2)
+            assert first.dtype == dtype
+            packed = getattr(layer.weight, attr)[1]
+            again = linear(x[:, :5], layer.weight, layer.bias, "gelu")  # fewer rows, same packed weight
+            assert getattr(layer.weight, attr)[1] is packed and packed.is_mkldnn
+            torch.testing.assert_close(first.float(), expected(x), **tol)
+            torch.testing.assert_close(again.float(), first[:, :5].float(), **tol)
         with torch.no_grad():
             layer.weight.mul_(-1.0)
         with torch.inference_mode():
             flipped = linear(x, layer.weight, layer.bias, "gelu")
-            assert layer.weight._onednn_bf16[1] is not packed
-            torch.testing.assert_close(flipped.float(), expected(x), rtol=1e-2, atol=1e-2)
+            assert getattr(layer.weight, attr)[1] is not packed
+            torch.testing.assert_close(flipped.float(), expected(x), **tol)
 
 
 @pytest.mark.skipif(not layers.PACK_WEIGHTS, reason="oneDNN weight prepacking is an x86 CPU path")
-def test_moving_the_model_drops_its_packed_bf16_weights() -> None:
+def test_fp32_weights_are_packed_only_for_large_products() -> None:
+    """Blocking every fp32 weight would double the model's weight memory: small products use the weight as
+    it is, and the blocked copy gives the same numbers as the plain weight."""
+    torch.manual_seed(0)
+    layer = Linear(64, 96)
+    small = torch.randn(layers.FP32_PACK_ROWS - 1, 64)
+    with torch.inference_mode():
+        plain = linear(small, layer.weight, layer.bias)
+        assert not hasattr(layer.weight, "_onednn_fp32")
+        large = linear(torch.cat([small, small[:1]]), layer.weight, layer.bias)
+        assert hasattr(layer.weight, "_onednn_fp32")
+    torch.testing.assert_close(large[:-1], plain, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not layers.PACK_WEIGHTS, reason="oneDNN weight prepacking is an x86 CPU path")
+def test_moving_the_model_drops_its_packed_weights() -> None:
     from lgformer import config as config_mod
     from lgformer.model.build import build_model
 
     torch.manual_seed(0)
     model = build_model(config_mod.load("lite").model, pretrained=False).eval()
     ids = torch.tensor([[101, 1996, 2158, 102]])
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        model(torch.randn(1, 3, 64, 64), torch.ones_like(ids), ids=ids)
+    with torch.inference_mode():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(torch.randn(1, 3, 64, 64), torch.ones_like(ids), ids=ids)
+        model(torch.randn(1, 3, 128, 128), torch.ones_like(ids), ids=ids)  # 1/4 map: 1024 rows
     assert sum(hasattr(p, "_onednn_bf16") for p in model.parameters()) > 10
+    assert any(hasattr(p, "_onednn_fp32") for p in model.parameters())
     model.to(torch.float32)
-    assert not any(hasattr(p, "_onednn_bf16") for p in model.parameters())
+    assert not any(hasattr(p, "_onednn_bf16") or hasattr(p, "_onednn_fp32") for p in model.parameters())
 
 
 def test_linear_module_keeps_nn_linear_state_dict() -> None:

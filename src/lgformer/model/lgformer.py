@@ -41,7 +41,7 @@ class LGFormer(nn.Module):
         self.head = head
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> LGFormer:
-        # .to() / .cuda() / .half() replace the parameters' data: the packed bf16 copies would be stale memory
+        # .to() / .cuda() / .half() replace the parameters' data: the packed weights would be stale memory
         drop_packed_weights(self)
         return super()._apply(fn, recurse)
 
