@@ -140,7 +140,7 @@ def _packed_weight(weight: Tensor, dtype: torch.dtype, rows: int) -> Tensor:
     `load_state_dict`) invalidate it. In bf16 a Swin-B forward otherwise re-reads every fp32 weight to cast
     it and oneDNN re-blocks every weight (6-9% of it on a 2-core Zen 4), for half the fp32 weights' memory.
     In fp32 the blocked weight makes large products 2-13% faster (identical results); it is kept only for
-    products of `FP32_PACK_ROWS` rows or more (the pixel decoder, Swin's first stages: about -70 ms of a
+    products of `FP32_PACK_ROWS` rows or more (the pixel decoder, Swin's first stages: -30 to -70 ms of a
     1.9 s Swin-B forward, for 70 MB), since blocking every fp32 weight (Swin-B and BERT) takes 0.9 GB, over
     the 2.5 GB memory target, for a gain of the same order. Other tensors are cast each call.
     """
