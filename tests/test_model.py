@@ -100,6 +100,24 @@ def test_output_shape_for_odd_sizes():
     assert logits.shape == (1, 4, 70, 61)
 
 
+@pytest.mark.parametrize(
+    "preset, overrides",
+    [("lite", []), ("official-swin-t", []), ("lite", ABLATIONS["learnable-k10"])],
+    ids=["lite", "official-swin-t", "learnable-k10"],
+)
+def test_prediction_only_is_the_last_output(preset, overrides):
+    """`all_outputs=False` (what inference runs) gives the last map of the full output, at both scales."""
+    model, _ = _model(preset, overrides, jitter=True)
+    model.eval()
+    image, ids, mask = _inputs(2, 64, [5, 12])
+    with torch.no_grad():
+        for upsample in (False, True):
+            full = model(image, mask, ids=ids, upsample=upsample)
+            last = model(image, mask, ids=ids, upsample=upsample, all_outputs=False)
+            assert last.shape == (2, 1, *full.shape[-2:])
+            torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("preset", ["lite", "official-swin-t"])
 def test_padded_text_positions_do_not_matter(preset):
     model, _ = _model(preset)

@@ -199,9 +199,10 @@ class Segmenter:
                     text_mask[rows].to(self.device),
                     ids=ids[rows].to(self.device),
                     upsample=False,
+                    all_outputs=False,
                 )
             full = F.interpolate(
-                logits[:, -1:].float(),
+                logits.float(),
                 size=(picture.height, picture.width),
                 mode="bilinear",
                 align_corners=False,

@@ -52,7 +52,7 @@ class _Graph(nn.Module):
         self.model = model
 
     def forward(self, image: Tensor, ids: Tensor, attention_mask: Tensor) -> Tensor:
-        return self.model(image, attention_mask, ids=ids)[:, -1]
+        return self.model(image, attention_mask, ids=ids, all_outputs=False)[:, 0]
 
 
 def grid_sample_attention(

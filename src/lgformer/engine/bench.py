@@ -1,6 +1,7 @@
 """`lgformer bench`: latency, throughput, FLOPs, efficiency and peak memory of a preset's network.
 
-Random weights (timing does not depend on their values). The full forward includes the text encoder;
+Random weights (timing does not depend on their values). The full forward is what inference runs: the
+text encoder included, the prediction map only (not the deep-supervision maps), upsampled to the input size;
 the text encoder, backbone, pixel decoder and prototype generator (+ head) are also timed one by one
 on the intermediate tensors of a full forward. Every timed call enters autocast itself, as an evaluation
 loop does; under CPU bf16 the parameters' bf16 copies are made once, in the warm-up calls, and kept
@@ -199,7 +200,7 @@ def _parts(
         "backbone": lambda: model.image_encoder(image, words, mask),
         "pixel_decoder": lambda: model.pixel_decoder(feats, text_dec, mask),
         "prototype_generator": lambda: model.head(
-            model.prototype_generator(text_dec, mask, ms_feats), mask_features
+            model.prototype_generator(text_dec, mask, ms_feats)[-1:], mask_features
         ),
     }
 
@@ -227,7 +228,9 @@ def train_step(
 
     def step() -> None:
         with autocast(device, dtype):
-            logits = model(x["image"], x["mask"], ids=x["ids"], upsample=False)
+            logits = model(
+                x["image"], x["mask"], ids=x["ids"], upsample=False, all_outputs=m.loss_all_outputs
+            )
             loss = mask_loss(logits, x["target"], m.loss_pos_weight, m.loss_all_outputs, m.loss_resolution)
         loss.backward()
         if tc.clip_grad:
@@ -269,7 +272,7 @@ def run(
     def forward() -> torch.Tensor:
         # autocast per call, as an evaluation loop does: weight casts are part of the cost
         with autocast(dev, amp):
-            return model(x["image"], x["mask"], ids=x["ids"])
+            return model(x["image"], x["mask"], ids=x["ids"], all_outputs=False)
 
     report: dict[str, Any] = {
         "preset": cfg.preset or preset,

@@ -77,8 +77,9 @@ def evaluate_model(
                 batch["text_mask"].to(device),
                 ids=batch["ids"].to(device),
                 upsample=False,
+                all_outputs=False,
             )
-        last = logits[:, -1:].float()
+        last = logits.float()
         if protocol == "resized":
             pred = (
                 F.interpolate(last, size=batch["mask"].shape[-2:], mode="bilinear", align_corners=False)[:, 0]

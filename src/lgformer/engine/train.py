@@ -426,7 +426,7 @@ class Trainer:
             with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
                 with autocast(dev, self.dtype):
                     image, text_mask, ids = (batch[k].to(dev) for k in ("image", "text_mask", "ids"))
-                    logits = net(image, text_mask, ids=ids, upsample=False)
+                    logits = net(image, text_mask, ids=ids, upsample=False, all_outputs=m.loss_all_outputs)
                     loss = mask_loss(
                         logits,
                         batch["mask"].to(dev),

@@ -28,11 +28,14 @@ class MaskHead(nn.Module):
     def forward(self, queries: list[torch.Tensor], mask_features: torch.Tensor) -> torch.Tensor:
         b, k = queries[0].shape[:2]
         z = self.mlp(torch.cat(queries, dim=1))  # (B, n*K, C[+1]), all prototypes in one pass
-        logits = torch.einsum("bqc,bchw->bqhw", z[..., : self.mask_dim], mask_features.to(z.dtype))
+        h, w = mask_features.shape[-2:]
+        # (B, h·w, C) x (B, C, n·K): the decoder's channels-last features are read in place, not transposed
+        pixels = mask_features.permute(0, 2, 3, 1).flatten(1, 2).to(z.dtype)
+        logits = pixels @ z[..., : self.mask_dim].transpose(1, 2)
         if self.bias:
-            logits = logits + z[..., self.mask_dim, None, None]
+            logits = logits + z[:, None, :, self.mask_dim]
+        logits = logits.transpose(1, 2).contiguous().unflatten(-1, (h, w))  # (B, n·K, h, w)
         if self.merge is not None:
-            h, w = logits.shape[-2:]
             per_pixel = logits.view(b, len(queries), k, h, w).permute(0, 1, 3, 4, 2)
             logits = self.merge(per_pixel).squeeze(-1)
         return logits

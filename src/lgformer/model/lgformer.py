@@ -22,7 +22,8 @@ class LGFormer(nn.Module):
     forward(image (B,3,H,W), text_mask (B,T), ids (B,T) | text_features (B,T,D)) -> logits (B, n, H, W):
     one map per prototype (n = 7 for the paper's model: the sentence query, then each generator layer);
     channel -1 is the prediction, `logits > 0` the mask. With `upsample=False` the maps stay at 1/4 scale
-    (what the loss consumes).
+    (what the loss consumes); with `all_outputs=False` only the prediction is made (n = 1): the other maps
+    serve the deep supervision of training.
     """
 
     def __init__(
@@ -52,6 +53,7 @@ class LGFormer(nn.Module):
         ids: torch.Tensor | None = None,
         text_features: torch.Tensor | None = None,
         upsample: bool = True,
+        all_outputs: bool = True,
     ) -> torch.Tensor:
         if image.device.type == "cpu":
             tune_cpu_allocator()
@@ -62,7 +64,7 @@ class LGFormer(nn.Module):
         feats, words = self.image_encoder(image, text_features, text_mask)
         mask_features, ms_feats = self.pixel_decoder(feats, words, text_mask)
         queries = self.prototype_generator(words, text_mask, ms_feats)
-        logits = self.head(queries, mask_features)
+        logits = self.head(queries if all_outputs else queries[-1:], mask_features)
         if upsample:
             logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
         return logits
