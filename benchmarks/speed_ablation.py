@@ -10,7 +10,7 @@ Every variant runs in its own process (fresh allocator state), with one fast pat
   malloc         glibc keeps its default mmap/trim thresholds (LGFORMER_MALLOC_TUNING=0)
   onednn         fp32 products through F.linear / conv2d (MKL sgemm) instead of oneDNN
   bf16-onednn    bf16 autocast products through autocast's F.linear (activations unfused)
-  prepack        oneDNN products cast and block their weights on every call (bf16; fp32 of >= 1024 rows)
+  prepack        oneDNN products cast and block their weights on every call (bf16; fp32 of >= 512 rows)
   fused-act      oneDNN products without the fused ReLU/GELU/tanh (applied separately)
   bert-onednn    the text encoder keeps plain nn.Linear
   channels-last  the EfficientNet-Lite2 trunk runs NCHW

@@ -38,7 +38,7 @@ PACK_WEIGHTS = (
 )
 
 # fp32 weights are packed for products of at least this many rows (`_packed_weight`)
-FP32_PACK_ROWS = 1024
+FP32_PACK_ROWS = 512
 
 T = TypeVar("T")
 
@@ -140,9 +140,10 @@ def _packed_weight(weight: Tensor, dtype: torch.dtype, rows: int) -> Tensor:
     `load_state_dict`) invalidate it. In bf16 a Swin-B forward otherwise re-reads every fp32 weight to cast
     it and oneDNN re-blocks every weight (6-9% of it on a 2-core Zen 4), for half the fp32 weights' memory.
     In fp32 the blocked weight makes large products 2-13% faster (identical results); it is kept only for
-    products of `FP32_PACK_ROWS` rows or more (the pixel decoder, Swin's first stages: -30 to -70 ms of a
-    1.9 s Swin-B forward, for 70 MB), since blocking every fp32 weight (Swin-B and BERT) takes 0.9 GB, over
-    the 2.5 GB memory target, for a gain of the same order. Other tensors are cast each call.
+    products of `FP32_PACK_ROWS` rows or more (at 480: the pixel decoder and Swin's first three stages,
+    about -60 ms of a 1.8 s Swin-B forward for 0.26 GB), since blocking every fp32 weight (Swin-B's last
+    stage and BERT too) takes 0.9 GB, over the 2.5 GB memory target, for little more. Other tensors are
+    cast each call.
     """
     fp32 = dtype == torch.float32
     if not (PACK_WEIGHTS and isinstance(weight, nn.Parameter)) or (fp32 and rows < FP32_PACK_ROWS):
