@@ -18,7 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
         help="time a preset's network: latency, images/s, GFLOP, efficiency vs GEMM, peak memory",
-        description="Random weights. Times the full forward (text encoder included) and each box separately; "
+        description="Random weights. Times the full forward as inference runs it (text encoder included, "
+        "the prediction map only) and each box separately; "
         "efficiency = roofline / latency, the roofline being each compute dtype's GFLOP at the GEMM rate "
         "measured in the same process at that dtype.",
     )
