@@ -192,14 +192,16 @@ def test_conv1x1_matches_conv2d(channels_last: bool) -> None:
     ids=["projected", "folded-few-keys", "folded-one-query", "folded-two-queries"],
 )
 @pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
-def test_multi_head_attention_matches_module(kv_dim: int, lq: int, lk: int, grad: bool) -> None:
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_multi_head_attention_matches_module(kv_dim: int, lq: int, lk: int, grad: bool, bias: bool) -> None:
     """The three attention forms (keys projected; key and value projections folded into the few queries;
     query and output projections folded into the few keys, in inference) equal `nn.MultiheadAttention`,
     with padded keys, in inference and in their gradients."""
     torch.manual_seed(0)
-    mha = nn.MultiheadAttention(16, 4, kdim=kv_dim, vdim=kv_dim, batch_first=True)
-    with torch.no_grad():
-        mha.in_proj_bias.normal_()
+    mha = nn.MultiheadAttention(16, 4, bias=bias, kdim=kv_dim, vdim=kv_dim, batch_first=True)
+    if bias:
+        with torch.no_grad():
+            mha.in_proj_bias.normal_()
     query, key, value = torch.randn(2, lq, 16), torch.randn(2, lk, kv_dim), torch.randn(2, lk, kv_dim)
     padding = torch.zeros(2, lk, dtype=torch.bool)
     padding[1, lk // 2 + 1 :] = True

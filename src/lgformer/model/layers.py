@@ -353,9 +353,8 @@ def _folded_query_attention(
     lk, d = k.shape[1], e // heads
     kh = (k * d**-0.5).view(b, lk, heads, d).transpose(1, 2)  # (B, heads, Lk, d)
     folded_q = torch.matmul(kh, wq.view(heads, d, e)).flatten(1, 2)  # (B, heads·Lk, E)
-    bias = torch.zeros(b, heads, lk, 1, dtype=kh.dtype, device=kh.device)
-    if bq is not None:
-        bias = torch.matmul(kh, bq.view(heads, d, 1))
+    # per (head, key) score offsets β_q,h·k_h, (B, heads, Lk, 1)
+    bias = kh.new_zeros(b, heads, lk, 1) if bq is None else torch.matmul(kh, bq.view(heads, d, 1))
     if mask is not None:
         bias = bias + mask.view(b, 1, lk, 1)
     scores = torch.baddbmm(bias.flatten(1, 2), folded_q, query.transpose(1, 2))  # (B, heads·Lk, Lq)
