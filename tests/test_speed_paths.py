@@ -304,6 +304,16 @@ def test_bench_json_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     assert report["efficiency"] == pytest.approx(roofline / report["latency"]["median_s"])
 
 
+def test_gemm_measurement_shrinks_for_slow_dtypes() -> None:
+    """The rate-measuring product keeps n = 2048 at CPU fp32/bf16 rates and shrinks where a product would
+    take seconds (fp16 on CPUs without native fp16 arithmetic: ~3 GFLOP/s), down to the probe size."""
+    from lgformer.engine.bench import GEMM_PROBE, GEMM_SIZE, gemm_size
+
+    assert gemm_size(200.0) == GEMM_SIZE == 2048
+    assert gemm_size(3.0) == 512
+    assert gemm_size(1e-3) == GEMM_PROBE
+
+
 def test_flop_count_by_dtype_covers_onednn_linear_and_cpu_attention() -> None:
     """The counter sees the products PyTorch's own counter misses on CPU, and files them by compute dtype."""
     from lgformer.engine.bench import count_gflop

@@ -27,6 +27,7 @@ import resource
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,9 @@ from lgformer import config as config_mod
 from lgformer.config import Config
 from lgformer.precision import autocast, autocast_dtype, precision_name
 
-GEMM_SIZE = 2048
+GEMM_SIZE = 2048  # n of the n x n x n product that measures a dtype's GEMM rate
+GEMM_PROBE = 256  # the smallest n, also the probe that sizes the measurement (`gemm_size`)
+GEMM_BUDGET_S = 0.5  # the longest one measuring product may take
 VALID_TOKENS = 12  # [CLS] + 10 wordpieces + [SEP], a typical RefCOCO expression
 CLEAR_REFS = Path("/proc/self/clear_refs")
 STATUS = Path("/proc/self/status")
@@ -95,21 +98,31 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def gemm_gflops(
-    dtype: torch.dtype, device: torch.device, n: int = GEMM_SIZE, repeat: int = 5
-) -> dict[str, float]:
-    """GFLOP/s of an n x n x n product at `dtype`: `torch.mm`, the network's `linear` (oneDNN for fp32 on x86
-    CPUs, see `lgformer.model.layers`) and the best of the two."""
+def gemm_size(probe_gflops: float, n: int = GEMM_SIZE) -> int:
+    """The n of the rate-measuring product: `n` halved (down to GEMM_PROBE) while one product would take over
+    GEMM_BUDGET_S at the probe's rate. fp16 on CPUs without native fp16 arithmetic runs at ~3 GFLOP/s, where
+    a 2048 product takes several seconds."""
+    while n > GEMM_PROBE and 2 * n**3 / (probe_gflops * 1e9) > GEMM_BUDGET_S:
+        n //= 2
+    return n
+
+
+def gemm_gflops(dtype: torch.dtype, device: torch.device, repeat: int = 5) -> dict[str, float]:
+    """GFLOP/s of an n x n x n product at `dtype` (n from `gemm_size`): `torch.mm`, the network's `linear`
+    (oneDNN for fp32 on x86 CPUs, see `lgformer.model.layers`) and the best of the two."""
     from lgformer.model.layers import linear
 
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    with torch.inference_mode():
-        rates = {
-            name: 2 * n**3 / min(time_calls(fn, repeat, 2, device)) / 1e9
-            for name, fn in (("torch_mm", lambda: torch.mm(a, b)), ("linear", lambda: linear(a, b)))
-        }
-    return {**rates, "best": max(rates.values())}
+    def rates(n: int, repeat: int, warmup: int) -> dict[str, float]:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        with torch.inference_mode():
+            return {
+                name: 2 * n**3 / min(time_calls(partial(fn, a, b), repeat, warmup, device)) / 1e9
+                for name, fn in (("torch_mm", torch.mm), ("linear", linear))
+            }
+
+    result = rates(gemm_size(min(rates(GEMM_PROBE, 1, 1).values())), repeat, 2)
+    return {**result, "best": max(result.values())}
 
 
 class FlopsByDtype(TorchDispatchMode):
