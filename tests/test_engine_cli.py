@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import MINI
 
 from lgformer.cli import main
@@ -135,3 +136,20 @@ def test_saved_masks_score_like_the_checkpoint(capsys, run, tmp_path, protocol):
         == 0
     )
     assert json.loads(capsys.readouterr().out) == direct
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--threads", "0"], "--threads must be >= 1"),
+        (["--repeat", "0"], "must be >= 1"),
+        (["--device", "tpu"], "valid: auto, cpu, cuda, cuda:N"),
+    ],
+)
+def test_bench_arguments_are_checked(capsys, args, needle):
+    assert needle in _error(capsys, ["bench", "--preset", "lite", *args])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without a CUDA GPU")
+def test_bench_on_cuda_without_a_gpu(capsys):
+    assert "no CUDA GPU is visible" in _error(capsys, ["bench", "--preset", "lite", "--device", "cuda"])

@@ -268,13 +268,12 @@ def run(
 ) -> dict[str, Any]:
     """Benchmark `preset` (with config `overrides`, e.g. model.decoder_fp32=false) and return the report as a
     dict (see the module docstring)."""
+    from lgformer.engine.distributed import setup
     from lgformer.model.build import build_model
 
     if threads:
         torch.set_num_threads(threads)
-    dev = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
-    )
+    _, dev = setup(device)
     amp = autocast_dtype(dtype)
     cfg = config_mod.load(preset, list(overrides))
     size = size or cfg.data.image_size

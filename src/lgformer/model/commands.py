@@ -75,8 +75,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     from lgformer.engine import bench
 
-    if args.batch < 1 or args.repeat < 1 or (args.size is not None and args.size < 1):
-        raise LGFormerError("--batch, --repeat and --size must be >= 1")
+    if min(args.batch, args.repeat, *(v for v in (args.size, args.threads) if v is not None)) < 1:
+        raise LGFormerError("--batch, --repeat, --size and --threads must be >= 1")
     report = bench.run(
         args.preset,
         size=args.size,
