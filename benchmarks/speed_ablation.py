@@ -144,23 +144,7 @@ def switch_off(variant: str) -> None:
 
         layers._folded_attention = projected_keys
     elif variant == "xattn-fold":
-
-        def projected_queries(
-            query: Tensor,
-            k: Tensor,
-            v: Tensor,
-            wq: Tensor,
-            bq: Tensor | None,
-            wo: Tensor,
-            bo: Tensor | None,
-            heads: int,
-            mask: Tensor | None,
-        ) -> Tensor:
-            q = _heads(layers.linear(query, wq, bq), heads)
-            out = F.scaled_dot_product_attention(q, _heads(k, heads), _heads(v, heads), attn_mask=mask)
-            return layers.linear(out.transpose(1, 2).flatten(2), wo, bo)
-
-        layers._folded_query_attention = projected_queries
+        layers._folded_query_attention = layers._projected_query_attention
     elif variant == "vlba-fold":
         fusion.attend_normalised = fusion.attend_projected
     elif variant == "bn-fold":

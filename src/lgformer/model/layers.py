@@ -319,15 +319,30 @@ def multi_head_attention(
         return linear(out.flatten(2), mha.out_proj.weight, mha.out_proj.bias)
     k, v = linear(key, wk, bk), linear(value, wv, bv)
     # multiply-adds per query: folded 2·heads·Lk·E against 2·E·(E + Lk)
-    if query.device.type == "cpu" and not torch.is_grad_enabled() and heads * lk < e:
-        return _folded_query_attention(
-            query, k, v, wq, bq, mha.out_proj.weight, mha.out_proj.bias, heads, mask
-        )
+    fold = query.device.type == "cpu" and not torch.is_grad_enabled() and heads * lk < e
+    attend = _folded_query_attention if fold else _projected_query_attention
+    return attend(query, k, v, wq, bq, mha.out_proj.weight, mha.out_proj.bias, heads, mask)
+
+
+def _projected_query_attention(
+    query: Tensor,
+    k: Tensor,
+    v: Tensor,
+    wq: Tensor,
+    bq: Tensor | None,
+    wo: Tensor,
+    bo: Tensor | None,
+    heads: int,
+    mask: Tensor | None,
+) -> Tensor:
+    """`_folded_query_attention` as written: every query projected, the fused kernel, the output projection
+    (training, GPUs, and where the fold has more multiply-adds)."""
+    e = query.shape[-1]
     q = linear(query, wq, bq)
     out = F.scaled_dot_product_attention(
         *(t.unflatten(-1, (heads, e // heads)).transpose(1, 2) for t in (q, k, v)), attn_mask=mask
     )
-    return linear(out.transpose(1, 2).flatten(2), mha.out_proj.weight, mha.out_proj.bias)
+    return linear(out.transpose(1, 2).flatten(2), wo, bo)
 
 
 def _folded_query_attention(
