@@ -224,6 +224,28 @@ def test_multi_head_attention_matches_module(kv_dim: int, lq: int, lk: int, grad
     torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_folded_few_keys_in_both_score_layouts(batch: int) -> None:
+    """The query-major layout (fp32 on oneDNN) and the key-major one (bf16) of the few-keys fold both give
+    `nn.MultiheadAttention`'s output, within bf16 rounding for the latter."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(32, 4, kdim=24, vdim=24, batch_first=True).eval()
+    with torch.no_grad():
+        mha.in_proj_bias.normal_()
+        mha.out_proj.bias.normal_()
+    query, key = torch.randn(batch, 300, 32), torch.randn(batch, 6, 24)
+    padding = torch.zeros(batch, 6, dtype=torch.bool)
+    padding[-1, 4:] = True
+    with torch.inference_mode():
+        ref = mha(query, key, key, key_padding_mask=padding, need_weights=False)[0]
+        torch.testing.assert_close(
+            multi_head_attention(mha, query, key, key, padding), ref, rtol=1e-5, atol=1e-5
+        )
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = multi_head_attention(mha, query, key, key, padding)
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
+
+
 @pytest.mark.parametrize("heads", [1, 2])
 def test_attend_normalised_folds_the_instance_norm(heads: int) -> None:
     """VLBA's language branch without the per-token product equals P · IN_N(layer(x)), values and gradients:

@@ -360,9 +360,12 @@ def _folded_query_attention(
     projection included.
 
     Per head h: (x W_q,hᵀ + β_q,h) k_hᵀ = x (k_h W_q,h)ᵀ + β_q,h·k_h and P_h v_h W_o,hᵀ = P_h (v_h W_o,hᵀ),
-    so the products over the queries have heads·Lk columns instead of E. The scores are laid out
-    (B, heads·Lk, Lq): the softmax over the few keys then runs along a strided axis, which the CPU kernel
-    vectorises over the queries.
+    so the products over the queries have heads·Lk columns instead of E. Two layouts of the scores, the
+    faster for each precision (Zen 4, one 4725-pixel layer at 480): where fp32 products run on oneDNN,
+    query-major (Lq, heads·Lk) per sample, both products oneDNN GEMMs over the query rows with the score
+    offsets and the output bias as their biases, the softmax along each head's Lk keys (5.0 ms against
+    7.1); otherwise (bf16: 3.4 ms against 4.3) (B, heads·Lk, Lq) by batched products, the softmax along a
+    strided axis, which the CPU kernel vectorises over the queries.
     """
     b, lq, e = query.shape
     lk, d = k.shape[1], e // heads
@@ -372,10 +375,17 @@ def _folded_query_attention(
     bias = kh.new_zeros(b, heads, lk, 1) if bq is None else torch.matmul(kh, bq.view(heads, d, 1))
     if mask is not None:
         bias = bias + mask.view(b, 1, lk, 1)
+    folded_v = torch.matmul(v.view(b, lk, heads, d).transpose(1, 2), wo.view(e, heads, d).permute(1, 2, 0))
+    folded_v = folded_v.flatten(1, 2)  # (B, heads·Lk, E)
+    if _onednn_dtype(query, wq) == torch.float32:
+        outs = [
+            linear(linear(x, fq, c.flatten()).view(lq, heads, lk).softmax(-1).view(lq, -1), fv.t(), bo)
+            for x, fq, c, fv in zip(query, folded_q, bias, folded_v)
+        ]
+        return outs[0].unsqueeze(0) if b == 1 else torch.stack(outs)
     scores = torch.baddbmm(bias.flatten(1, 2), folded_q, query.transpose(1, 2))  # (B, heads·Lk, Lq)
     p = scores.view(b, heads, lk, lq).softmax(-2).view(b, heads * lk, lq)
-    folded_v = torch.matmul(v.view(b, lk, heads, d).transpose(1, 2), wo.view(e, heads, d).permute(1, 2, 0))
-    out = torch.matmul(p.transpose(1, 2), folded_v.flatten(1, 2))  # (B, Lq, E)
+    out = torch.matmul(p.transpose(1, 2), folded_v)  # (B, Lq, E)
     return out if bo is None else out + bo
 
 

@@ -162,8 +162,10 @@ class PixelDecoder(nn.Module):
             if self.cross_layers is not None:
                 src = self.cross_layers[n](src, pos, keys, values, padding)
         b = src.shape[0]
+        # NCHW views of (B, H, W, dim) memory, batch stride included: at batch 1 a transpose + reshape gets
+        # an arbitrary batch stride, which sends `interpolate` below down its slow NCHW path plus a copy
         ms_feats = [
-            level.transpose(1, 2).reshape(b, self.dim, h, w)
+            level.view(b, h, w, self.dim).permute(0, 3, 1, 2)
             for level, (h, w) in zip(src.split([h * w for h, w in shapes], dim=1), shapes)
         ]
         lateral = self.lateral(feats[0])
