@@ -419,3 +419,27 @@ def test_speed_ablation_in_process_alternates_variants_and_restores_the_fast_pat
         SPEED_ABLATION.main()
     assert exit_info.value.code == 2
     assert "--in-process cannot switch malloc" in capsys.readouterr().err
+
+
+def test_profile_by_module_charges_every_flop_to_a_module() -> None:
+    """`profile_model.py --by-module`: the per-class GFLOP add up to the network's count (matmuls and
+    convolutions included) and every module class that ran gets a row."""
+    from lgformer import config as config_mod
+    from lgformer.engine.bench import count_gflop
+    from lgformer.model.build import build_model
+
+    cfg = config_mod.load("official-swin-t", ["model.text_encoder=minilm", "model.decoder_layers=1"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, pretrained=False).eval()
+    ids = torch.tensor([[101, 1996, 2158, 2006, 1996, 2187, 102]])
+    image = torch.randn(1, 3, 64, 64)
+
+    def step() -> None:
+        model(image, torch.ones_like(ids), ids=ids)
+
+    table = load_benchmark("profile_model").by_module(model, step, torch.device("cpu"), 1)
+    rows = {line.split()[0]: line.split()[1:] for line in table.splitlines()[2:]}
+    expected = sum(count_gflop(step).values())
+    assert float(rows["total"][1]) == pytest.approx(expected, abs=0.01)
+    assert {"WindowAttention", "MSDeformAttn", "VLBA", "Linear", "LayerNorm"} <= rows.keys()
+    assert float(rows["WindowAttention"][2]) > 0  # its matmuls are counted

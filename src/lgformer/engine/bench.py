@@ -154,8 +154,12 @@ class FlopsByDtype(TorchDispatchMode):
         formula = self.formulas.get(func._overloadpacket)
         if formula is not None:
             first = out[0] if isinstance(out, (tuple, list)) else out
-            self.flops[first.dtype] += formula(*args, **kwargs, out_val=out)
+            self.count(first.dtype, formula(*args, **kwargs, out_val=out))
         return out
+
+    def count(self, dtype: torch.dtype, flops: int) -> None:
+        """Record one operator's flops (subclasses attribute them further, e.g. per module)."""
+        self.flops[dtype] += flops
 
 
 def count_gflop(fn: Callable[[], Any]) -> dict[torch.dtype, float]:
