@@ -122,10 +122,11 @@ def by_module(model: nn.Module, step: Callable[[], None], device: torch.device, 
     ]
     try:
         with torch.no_grad():
+            with torch.inference_mode():
+                step()  # warm-up: builds what inference caches (masks, transformed weights) outside the count
             with Counter():
                 step()
             with torch.inference_mode():
-                step()  # warm-up
                 seconds.clear()
                 calls.clear()
                 for _ in range(runs):

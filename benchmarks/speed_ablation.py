@@ -21,6 +21,7 @@ Every variant runs in its own process (fresh allocator state), with one fast pat
                  pixels -> words), through the fused SDPA kernel
   vlba-fold      VLBA's language branch applies sym_value to every token, then the instance norm
   bn-fold        EfficientNet-Lite2's BatchNorms run after their convolutions in inference too
+  winograd       the pixel decoder's 3x3 output convolution through conv2d in fp32 CPU inference too
 Rounds alternate the variants; the table gives min and median seconds per forward (or training step).
 
 --in-process builds one model and alternates the variants call by call inside one process instead, which
@@ -57,6 +58,7 @@ VARIANTS = [
     "xattn-fold",
     "vlba-fold",
     "bn-fold",
+    "winograd",
 ]
 
 
@@ -80,6 +82,7 @@ def switchable() -> list[tuple[object, str]]:
         (layers, "_folded_query_attention"),
         (fusion, "attend_normalised"),
         (efficientnet, "conv_bn"),
+        (layers.Conv3x3, "_conv_forward"),
     ]
 
 
@@ -149,6 +152,8 @@ def switch_off(variant: str) -> None:
         fusion.attend_normalised = fusion.attend_projected
     elif variant == "bn-fold":
         efficientnet.conv_bn = lambda conv, bn, x: bn(conv(x))
+    elif variant == "winograd":
+        layers.Conv3x3._conv_forward = torch.nn.Conv2d._conv_forward
     elif variant not in ("all", "malloc"):
         raise SystemExit(f"unknown variant {variant}")
 

@@ -17,7 +17,7 @@ from lgformer.cli import main
 from lgformer.model import layers
 from lgformer.model.deformable_attention import _bag_sample, ms_deform_attn_sample
 from lgformer.model.fusion import _merge_heads, _split_heads, attend_normalised, instance_norm_tokens
-from lgformer.model.layers import Conv1x1, Linear, linear, multi_head_attention
+from lgformer.model.layers import Conv1x1, Conv3x3, Linear, linear, multi_head_attention
 
 GOLDEN = OFFICIAL / "golden_tiny_w7_224.safetensors"
 
@@ -183,6 +183,42 @@ def test_conv1x1_matches_conv2d(channels_last: bool) -> None:
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_winograd_tile_transforms_give_the_correlation_exactly() -> None:
+    """Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d B)]A is the valid 4x4 cross-correlation of a 6x6 tile and a 3x3 kernel, float64."""
+    torch.manual_seed(0)
+    matrices = (layers.WINOGRAD_BT, layers.WINOGRAD_G, layers.WINOGRAD_AT)
+    bt, g_t, at = (torch.tensor(m, dtype=torch.float64) for m in matrices)
+    d, g = torch.randn(6, 6, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64)
+    y = at @ ((g_t @ g @ g_t.T) * (bt @ d @ bt.T)) @ at.T
+    torch.testing.assert_close(y, F.conv2d(d[None, None], g[None, None])[0, 0], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 5, 8, 12), (2, 16, 12, 9, 13), (1, 4, 6, 1, 2)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv3x3_matches_conv2d(shape: tuple[int, ...], channels_last: bool) -> None:
+    """Winograd in fp32 inference (maps that fill their 4x4 tiles or not), conv2d with gradients; the cached
+    transformed kernel follows in-place weight updates. The pixel decoder takes it from 256 channels."""
+    torch.manual_seed(0)
+    b, c, k, h, w = shape
+    conv = Conv3x3(c, k)
+    assert conv.state_dict().keys() == {"weight"}
+    conv.winograd = True  # the small channel counts that keep a test fast do not take it by themselves
+    x = torch.randn(b, c, h, w)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    for _ in range(2):
+        with torch.inference_mode():
+            y = conv(x)
+        ref = F.conv2d(x.double(), conv.weight.double(), padding=1)
+        torch.testing.assert_close(y.double(), ref, rtol=0, atol=2e-5)
+        assert y.shape == ref.shape and y.is_contiguous(memory_format=torch.channels_last) == layers.ONEDNN
+        assert (conv._winograd is not None) == layers.ONEDNN
+        with torch.no_grad():
+            conv.weight.mul_(-2)
+    torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, padding=1))
+    assert Conv3x3(256, 256).winograd and not Conv3x3(128, 128).winograd
 
 
 @pytest.mark.parametrize("kv_dim", [12, 16])

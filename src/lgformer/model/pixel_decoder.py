@@ -19,6 +19,7 @@ from torch import nn
 from lgformer.model.deformable_attention import MSDeformAttn
 from lgformer.model.layers import (
     Conv1x1,
+    Conv3x3,
     CrossAttentionLayer,
     Linear,
     linear,
@@ -102,9 +103,7 @@ class PixelDecoder(nn.Module):
         )
         self.key_embed = nn.Embedding(max_tokens, text_dim) if l2va and l2va_keys == "word" else None
         self.lateral = nn.Sequential(Conv1x1(in_channels[0], dim, bias=False), _group_norm(dim))
-        self.output_conv = nn.Sequential(
-            nn.Conv2d(dim, dim, 3, padding=1, bias=False), _group_norm(dim), nn.ReLU()
-        )
+        self.output_conv = nn.Sequential(Conv3x3(dim, dim), _group_norm(dim), nn.ReLU())
         self.mask_features = Conv1x1(dim, dim)
         self.reset_parameters()
 
