@@ -263,11 +263,14 @@ def winograd_conv3x3(x: Tensor, weights: list[Tensor]) -> Tensor:
     padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 4 * tw + 1 - w, 1, 4 * th + 1 - h))
     tiles = padded.unfold(1, 6, 4).unfold(2, 6, 4)  # (B, th, tw, C, 6, 6) view
     v = (bt @ tiles.permute(4, 5, 0, 1, 2, 3).reshape(36, -1)).view(36, -1, c)  # (36, tiles, C)
-    m = v.new_empty(36, v.shape[1], weights[0].shape[0])  # (36, tiles, K)
+    k = weights[0].shape[0]
+    m = v if k == c else v.new_empty(36, v.shape[1], k)  # (36, tiles, K), in v's memory where it fits
     for p in range(36):
         m[p] = _onednn_linear(v[p], weights[p], None)
-    y = (at @ m.view(36, -1)).view(4, 4, b, th, tw, m.shape[-1])
-    y = y.permute(2, 3, 0, 4, 1, 5).reshape(b, 4 * th, 4 * tw, m.shape[-1])
+    del v
+    y = (at @ m.view(36, -1)).view(4, 4, b, th, tw, k)
+    del m
+    y = y.permute(2, 3, 0, 4, 1, 5).reshape(b, 4 * th, 4 * tw, k)
     return y[:, :h, :w].contiguous().permute(0, 3, 1, 2)
 
 
