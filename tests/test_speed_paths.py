@@ -169,6 +169,31 @@ def test_moving_the_model_drops_its_packed_weights() -> None:
     assert not any(hasattr(p, "_onednn_bf16") or hasattr(p, "_onednn_fp32") for p in model.parameters())
 
 
+@pytest.mark.parametrize("preset", ["lite", "official-swin-t"])
+def test_model_made_under_inference_mode_runs_and_follows_in_place_updates(preset: str) -> None:
+    """Parameters made under `torch.inference_mode` have no version counter: the kept copies (packed weights,
+    attention masks, Winograd and folded kernels) are not kept for them, so the model runs, gives the
+    results of a model made outside it, and sees in-place weight updates made inside inference mode."""
+    from lgformer import config as config_mod
+    from lgformer.model.build import build_model
+
+    torch.manual_seed(0)
+    cfg = config_mod.load(preset).model
+    reference = build_model(cfg, pretrained=False).eval()
+    ids = torch.tensor([[101, 1996, 2158, 102]])
+    image = torch.randn(1, 3, 128, 128)
+    mask = torch.ones_like(ids)
+    with torch.inference_mode():
+        model = build_model(cfg, pretrained=False).eval()
+        model.load_state_dict(reference.state_dict())
+        for dtype in (torch.float32, torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                torch.testing.assert_close(model(image, mask, ids=ids), reference(image, mask, ids=ids))
+        model.load_state_dict(build_model(cfg, pretrained=False).state_dict())  # in place, new values
+        reference.load_state_dict(model.state_dict())
+        torch.testing.assert_close(model(image, mask, ids=ids), reference(image, mask, ids=ids))
+
+
 def test_linear_module_keeps_nn_linear_state_dict() -> None:
     assert Linear(4, 3).state_dict().keys() == nn.Linear(4, 3).state_dict().keys()
     assert isinstance(Linear(4, 3), nn.Linear)

@@ -87,7 +87,7 @@ def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tenso
         return bn(conv(x))
 
     def fold() -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.inference_mode(False):
+        with torch.inference_mode(False), torch.no_grad():
             scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
             bias = bn.bias - bn.running_mean * scale
             if conv.bias is not None:

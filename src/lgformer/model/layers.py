@@ -124,7 +124,13 @@ def kept_while_unchanged(
 ) -> T:
     """`build()`, kept on `holder` as `attr` = (key, value) while every tensor of `sources` keeps its storage
     and version and `extra` (any other inputs of `build`) stays equal: in-place updates (optimiser steps,
-    `load_state_dict`) and moves invalidate it. One entry: a new key replaces the old one."""
+    `load_state_dict`) and moves invalidate it. One entry: a new key replaces the old one.
+
+    Tensors made under `torch.inference_mode` have no version counter, so in-place updates to them cannot
+    be seen: for those nothing is kept and every call builds (a model made there runs, only slower).
+    """
+    if any(t.is_inference() for t in sources):
+        return build()
     key = (*((t.data_ptr(), t._version) for t in sources), *extra)
     cached = getattr(holder, attr, None)
     if cached is None or cached[0] != key:
