@@ -23,7 +23,8 @@ class LGFormer(nn.Module):
     one map per prototype (n = 7 for the paper's model: the sentence query, then each generator layer);
     channel -1 is the prediction, `logits > 0` the mask. With `upsample=False` the maps stay at 1/4 scale
     (what the loss consumes); with `all_outputs=False` only the prediction is made (n = 1): the other maps
-    serve the deep supervision of training.
+    serve the deep supervision of training. The image is cast to the parameters' dtype (`dtype`): float32
+    under autocast, or what `.half()`, `.bfloat16()`, `.double()` made them.
     """
 
     def __init__(
@@ -46,6 +47,10 @@ class LGFormer(nn.Module):
         drop_packed_weights(self)
         return super()._apply(fn, recurse)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pixel_decoder.level_embed.dtype
+
     def forward(
         self,
         image: torch.Tensor,
@@ -61,7 +66,7 @@ class LGFormer(nn.Module):
             if ids is None:
                 raise ValueError("pass token `ids` or precomputed `text_features`")
             text_features = self.text_encoder(ids, text_mask)
-        feats, words = self.image_encoder(image, text_features, text_mask)
+        feats, words = self.image_encoder(image.to(self.dtype), text_features, text_mask)
         mask_features, ms_feats = self.pixel_decoder(feats, words, text_mask)
         queries = self.prototype_generator(words, text_mask, ms_feats)
         logits = self.head(queries if all_outputs else queries[-1:], mask_features)

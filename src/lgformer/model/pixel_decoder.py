@@ -133,8 +133,9 @@ class PixelDecoder(nn.Module):
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if not self.fp32:
             return self._forward(feats, words, mask)
+        dtype = self.level_embed.dtype  # float32, unless the model was converted (.double(), .half())
         with torch.autocast(feats[0].device.type, enabled=False):
-            return self._forward([f.float() for f in feats], words.float(), mask)
+            return self._forward([f.to(dtype) for f in feats], words.to(dtype), mask)
 
     def _forward(
         self, feats: list[torch.Tensor], words: torch.Tensor, mask: torch.Tensor
@@ -144,7 +145,8 @@ class PixelDecoder(nn.Module):
         src = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], dim=1)  # (B, S, dim)
         pos = torch.cat(
             [
-                sine_position_embedding(h, w, self.dim, src.device) + self.level_embed[lvl]
+                sine_position_embedding(h, w, self.dim, src.device).to(self.level_embed.dtype)
+                + self.level_embed[lvl]
                 for lvl, (h, w) in enumerate(shapes)
             ]
         )[None]
