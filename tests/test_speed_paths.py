@@ -5,6 +5,7 @@ No timings are asserted here: speed is measured by `lgformer bench` (README, "Sp
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -192,6 +193,46 @@ def test_model_made_under_inference_mode_runs_and_follows_in_place_updates(prese
         model.load_state_dict(build_model(cfg, pretrained=False).state_dict())  # in place, new values
         reference.load_state_dict(model.state_dict())
         torch.testing.assert_close(model(image, mask, ids=ids), reference(image, mask, ids=ids))
+
+
+@pytest.mark.parametrize("preset", ["lite", "official-swin-t"])
+def test_non_cpu_paths_run_on_the_meta_device_without_host_syncs(
+    preset: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The paths a GPU takes (fused window attention, the generic cross-attention, `F.linear`, the deformable
+    sampling's autograd function), run on the meta device: inference and a training step at batch 2 with
+    padded words. Meta tensors refuse `.item()` and mixing with CPU tensors, so this fails on a host sync
+    (issue 6) or a tensor made on the CPU inside the forward, which CI (no GPU) could not see otherwise.
+    Autocast has no meta backend: its `enabled=False` regions are no-ops there. The text encoder (Hugging
+    Face BERT checks its mask on the host) is given as features, as `LGFormer.forward` allows."""
+    from lgformer import config as config_mod
+    from lgformer.model.build import build_model
+    from lgformer.model.loss import mask_loss
+
+    autocast, enabled = torch.autocast, torch.is_autocast_enabled
+    monkeypatch.setattr(
+        torch,
+        "autocast",
+        lambda kind, *a, **k: contextlib.nullcontext() if kind == "meta" else autocast(kind, *a, **k),
+    )
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda *a: a != ("meta",) and enabled(*a))
+    m = config_mod.load(preset).model
+    model = build_model(m, pretrained=False).to("meta")
+    image = torch.empty(2, 3, 128, 128, device="meta")
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], device="meta")
+    words = torch.empty(2, 6, model.text_encoder.dim, device="meta", requires_grad=True)
+    with torch.no_grad():
+        assert model.eval()(image, mask, text_features=words, all_outputs=False).shape == (2, 1, 128, 128)
+    logits = model.train()(image, mask, text_features=words, upsample=False)
+    loss = mask_loss(
+        logits, torch.empty(2, 128, 128, device="meta"), m.loss_pos_weight, True, m.loss_resolution
+    )
+    loss.backward()
+    assert words.grad is not None and words.grad.device.type == "meta"
+    trained = [
+        p for name, p in model.named_parameters() if p.requires_grad and not name.startswith("text_encoder.")
+    ]
+    assert all(p.grad is not None and p.grad.device.type == "meta" for p in trained)
 
 
 def test_linear_module_keeps_nn_linear_state_dict() -> None:
