@@ -18,6 +18,7 @@ files (the same vocabulary and lower-casing rules), and only then from the hub.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, fields
@@ -72,7 +73,7 @@ def find_file(name: str, filenames: tuple[str, ...], download: bool = True) -> P
     """The first of `filenames` that BERT `name` has: in its folder, or for a hub id in the Hugging Face
     cache, then (if `download`) fetched. None when it has none of them; LGFormerError when the hub cannot
     be reached for a file that is not cached."""
-    folder = minilm_path() if name == MINILM else Path(name) if _is_path(name) else None
+    folder = minilm_path() if name == MINILM else Path(name).expanduser() if _is_path(name) else None
     if folder is not None:
         return next((folder / f for f in filenames if (folder / f).is_file()), None)
     import huggingface_hub
@@ -92,29 +93,31 @@ def find_file(name: str, filenames: tuple[str, ...], download: bool = True) -> P
     return None
 
 
+def _tokenizer_source(name: str) -> tuple[str, Path]:
+    """(source, its tokenizer.json or vocab.txt): for bert-base-uncased a cached copy, then MiniLM's files
+    (the same vocabulary and rules; the lite package may be absent), then the hub."""
+    if name == BERT_BASE:
+        for source, download in ((BERT_BASE, False), (MINILM, False), (BERT_BASE, True)):
+            with contextlib.suppress(LGFormerError):
+                if (path := find_file(source, TOKENIZER_FILES, download)) is not None:
+                    return source, path
+    elif (path := find_file(name, TOKENIZER_FILES)) is not None:
+        return name, path
+    raise LGFormerError(_missing_message(name, "no tokenizer.json or vocab.txt"))
+
+
 @lru_cache(maxsize=8)
 def _load_tokenizer(name: str):
     """A `tokenizers.Tokenizer` for BERT `name` that adds [CLS]/[SEP] and neither truncates nor pads."""
     from tokenizers import Tokenizer as WordPiece
     from tokenizers.implementations import BertWordPieceTokenizer
 
-    sources = [name] if name != BERT_BASE else [BERT_BASE, MINILM, BERT_BASE]
-    path = None
-    for i, source in enumerate(sources):
-        try:  # bert-base-uncased: a cached copy, then MiniLM's identical files, then the hub
-            path = find_file(source, TOKENIZER_FILES, download=i == len(sources) - 1)
-        except LGFormerError:
-            if source != MINILM:
-                raise
-        if path is not None:
-            break
-    if path is None:
-        raise LGFormerError(_missing_message(name, "no tokenizer.json or vocab.txt"))
+    source, path = _tokenizer_source(name)
     if path.name == "tokenizer.json":
         tok = WordPiece.from_file(str(path))
     else:  # the pipeline Hugging Face's fast tokenizer builds from vocab.txt and tokenizer_config.json
-        settings_file = path.with_name("tokenizer_config.json")
-        settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+        settings_file = find_file(source, ("tokenizer_config.json",))
+        settings = json.loads(settings_file.read_text()) if settings_file else {}
         tok = BertWordPieceTokenizer(
             str(path),
             lowercase=settings.get("do_lower_case", True),
@@ -315,13 +318,9 @@ class TextEncoder(nn.Module):
     def build(cls, name: str, pretrained: bool = True) -> TextEncoder:
         """Load `name` (folder, hub id or 'minilm'); with `pretrained=False` only its config is used
         (random weights), falling back to bert-base's config for `bert-base-uncased` when offline."""
-        try:
-            config_file = find_file(name, ("config.json",), download=pretrained)
-        except LGFormerError:
-            if pretrained or name != BERT_BASE:
-                raise
-            config_file = None
-        if config_file is None and (pretrained or name != BERT_BASE):
+        random_base = name == BERT_BASE and not pretrained  # a cached config, else `BertConfig`'s defaults
+        config_file = find_file(name, ("config.json",), download=not random_base)
+        if config_file is None and not random_base:
             raise LGFormerError(_missing_message(name, "no config.json"))
         bert = Bert(BertConfig.load(config_file) if config_file else BertConfig())
         if pretrained:
