@@ -32,7 +32,11 @@ def _keys_tsv(name: str) -> dict[str, tuple[int, ...]]:
 
 
 def test_verify_official_golden_passes(capsys):
-    assert main(["verify-official", str(GOLDEN), "--variant", "tiny-w7"]) == 0
+    """On the CPU (`--device auto` takes the GPU where there is one), in fp32 proper: TF32 is off while it
+    runs and the user's settings are back afterwards."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    assert main(["verify-official", str(GOLDEN), "--variant", "tiny-w7", "--device", "cpu"]) == 0
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == tf32
     out = capsys.readouterr().out.strip().splitlines()
     assert [line.split()[0] for line in out[:-1]] == [f"logits_{i}" for i in range(7)]
     assert out[-1].startswith("max_abs_diff=") and float(out[-1].split("=")[1]) <= 1e-4

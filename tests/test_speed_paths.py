@@ -425,6 +425,29 @@ def test_bench_json_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     assert report["efficiency"] == pytest.approx(roofline / report["latency"]["median_s"])
 
 
+def test_bench_training_step_scales_fp16_losses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`lgformer bench --train --dtype fp16` steps as the authors' AMP does: the loss is scaled by a
+    GradScaler, which unscales before clipping, and the update is made."""
+    from lgformer import config as config_mod
+    from lgformer.engine.bench import make_inputs, train_step
+    from lgformer.model.build import build_model
+
+    calls = []
+    for name in ("scale", "unscale_"):
+        method = getattr(torch.amp.GradScaler, name)
+        monkeypatch.setattr(
+            torch.amp.GradScaler, name, lambda self, *a, _m=method, _n=name: calls.append(_n) or _m(self, *a)
+        )
+    cfg = config_mod.load("lite", ["model.decoder_layers=1", "model.generator_layers=1"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, pretrained=False)
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    train_step(model, cfg, make_inputs(cfg, 32, 1, torch.device("cpu")), torch.float16, torch.device("cpu"))()
+    assert calls == ["scale", "unscale_"]  # the lite recipe clips its gradients
+    params = dict(model.named_parameters())
+    assert any(not torch.equal(params[n], before) for n, before in trained.items())
+
+
 def test_gemm_measurement_shrinks_for_slow_dtypes() -> None:
     """The rate-measuring product keeps n = 2048 at CPU fp32/bf16 rates and shrinks where a product would
     take seconds (fp16 on CPUs without native fp16 arithmetic: ~3 GFLOP/s), down to the probe size."""

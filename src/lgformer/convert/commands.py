@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from lgformer.cli import add_device_argument
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     conv = sub.add_parser("convert", help="convert checkpoints between the authors' layout and ours")
@@ -23,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     ver.add_argument("golden", help="golden .safetensors (image, text_features, text_mask, logits_i)")
     ver.add_argument("--variant", required=True, choices=["tiny-w7", "small-w7", "base-w12", "large-w12"])
+    add_device_argument(ver)
     ver.set_defaults(handler=_verify_official)
 
 
@@ -46,8 +49,10 @@ def _convert_official(args: argparse.Namespace) -> int:
 
 def _verify_official(args: argparse.Namespace) -> int:
     from lgformer.convert.verify import TOLERANCE, verify_official
+    from lgformer.engine.distributed import setup
 
-    diffs = verify_official(args.golden, args.variant)
+    _, device = setup(args.device)
+    diffs = verify_official(args.golden, args.variant, device=device)
     for name, diff in diffs.items():
         print(f"{name} max_abs_diff={diff:.3e}")
     worst = max(diffs.values())

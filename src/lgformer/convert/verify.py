@@ -6,8 +6,10 @@ weight recipe, loaded back through `from_official`, and run on the golden inputs
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -55,8 +57,22 @@ def build_recipe_model(variant: str) -> LGFormer:
     return model.eval()
 
 
-def verify_official(golden: str | Path, variant: str, dtype: torch.dtype = torch.float32) -> dict[str, float]:
-    """Max abs difference of each `logits_i` in the golden file against our model."""
+@contextlib.contextmanager
+def true_fp32() -> Iterator[None]:
+    """CUDA products and cuDNN convolutions in fp32 proper: PyTorch lets cuDNN round to TF32 by default."""
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
+def verify_official(
+    golden: str | Path, variant: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> dict[str, float]:
+    """Max abs difference of each `logits_i` in the golden file against our model run on `device`."""
     golden = Path(golden)
     if not golden.is_file():
         raise LGFormerError(f"golden file {golden} not found")
@@ -70,11 +86,13 @@ def verify_official(golden: str | Path, variant: str, dtype: torch.dtype = torch
     targets = sorted((k for k in data if k.startswith("logits_")), key=lambda k: int(k.split("_")[1]))
     if not targets:
         raise LGFormerError(f"{golden}: holds no logits_<i> tensors to compare")
-    model = build_recipe_model(variant).to(dtype)
-    with torch.no_grad():
-        logits = model(
-            data["image"].to(dtype), data["text_mask"], text_features=data["text_features"].to(dtype)
-        )
+    model = build_recipe_model(variant).to(device, dtype)
+    inputs = {
+        k: data[k].to(device, dtype if data[k].is_floating_point() else None)
+        for k in ("image", "text_mask", "text_features")
+    }
+    with torch.no_grad(), true_fp32():
+        logits = model(inputs["image"], inputs["text_mask"], text_features=inputs["text_features"]).cpu()
     diffs = {}
     for name in targets:
         index = int(name.split("_")[1])

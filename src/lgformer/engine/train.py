@@ -82,6 +82,25 @@ def freeze(model: nn.Module, tc: TrainConfig) -> None:
         model.text_encoder.bert.embeddings.requires_grad_(False)
 
 
+def optimizer_update(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    clip_grad: float | None,
+) -> None:
+    """The end of a training step: clip the true gradients (unscaled first under fp16), step, zero them."""
+    if clip_grad:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def set_train_mode(model: nn.Module, tc: TrainConfig) -> None:
     """Train mode (dropout, drop-path), except a frozen text encoder and, if asked, BatchNorm statistics."""
     model.train()
@@ -443,16 +462,7 @@ class Trainer:
             raise LGFormerError(
                 f"step {self.step + 1}: loss is {value}; run stopped. Last good checkpoint: {where}"
             )
-        if tc.clip_grad:
-            if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)  # clip the true gradients
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip_grad)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer_update(self.model, self.optimizer, self.scaler, tc.clip_grad)
         self.step += 1
         return value
 
