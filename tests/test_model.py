@@ -210,3 +210,35 @@ def test_training_after_inference_mode_evaluation(preset):
     logits = model(image, mask, ids=ids, upsample=False)
     mask_loss(logits, (torch.rand(1, 64, 64) > 0.5).float()).backward()
     assert model.head.mlp[0].weight.grad is not None
+
+
+def test_full_checkpoint_loads_without_random_initialisation(tmp_path, monkeypatch):
+    """`load_model` builds a full checkpoint's network with `torch.nn.init` switched off (every parameter
+    is loaded next): no initialiser runs, the network computes exactly what the saved one computes, and
+    the initialisers are back afterwards, also when building fails."""
+    from lgformer.engine.checkpoint import load_model, save_model
+    from lgformer.errors import LGFormerError
+    from lgformer.model.build import INITIALISERS, initialisers_off
+
+    cfg = config_mod.load("official-swin-t", ["model.text_encoder=minilm", "model.decoder_layers=1"])
+    torch.manual_seed(0)
+    saved = build_model(cfg.model, pretrained=False).eval()
+    save_model(tmp_path, saved, cfg)
+    calls = []
+    for name in INITIALISERS:
+        real = getattr(torch.nn.init, name)
+        monkeypatch.setattr(
+            torch.nn.init, name, lambda t, *a, _f=real, _n=name, **k: calls.append(_n) or _f(t, *a, **k)
+        )
+    spies = {name: getattr(torch.nn.init, name) for name in INITIALISERS}
+    model, _ = load_model(tmp_path)
+    assert calls == [] and {name: getattr(torch.nn.init, name) for name in INITIALISERS} == spies
+    image, ids = torch.randn(1, 3, 64, 64), torch.tensor([[101, 1996, 2158, 102, 0]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        assert torch.equal(model(image, mask, ids=ids), saved(image, mask, ids=ids))
+    with pytest.raises(LGFormerError), initialisers_off():
+        build_model(config_mod.load("lite", ["model.fusion=film"]).model)
+    assert {name: getattr(torch.nn.init, name) for name in INITIALISERS} == spies
+    build_model(cfg.model, pretrained=False)
+    assert {"normal_", "trunc_normal_", "xavier_uniform_", "kaiming_uniform_"} <= set(calls)  # they do run

@@ -94,7 +94,8 @@ def load_model(
     for item in overrides:
         cfg = config_mod.apply_override(cfg, item)
     exclude = tuple(meta.get("weights_exclude", ()))
-    model = build_model(cfg.model, pretrained=bool(exclude))
+    # a full checkpoint replaces every parameter (checked below): no random initialisation first
+    model = build_model(cfg.model, pretrained=bool(exclude), init=bool(exclude))
     try:
         state = load_file(directory / WEIGHTS)
     except (FileNotFoundError, SafetensorError, OSError) as exc:
