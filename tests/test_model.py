@@ -212,18 +212,20 @@ def test_training_after_inference_mode_evaluation(preset):
     assert model.head.mlp[0].weight.grad is not None
 
 
-def test_full_checkpoint_loads_without_random_initialisation(tmp_path, monkeypatch):
-    """`load_model` builds a full checkpoint's network with `torch.nn.init` switched off (every parameter
-    is loaded next): no initialiser runs, the network computes exactly what the saved one computes, and
-    the initialisers are back afterwards, also when building fails."""
+@pytest.mark.parametrize("exclude", [False, True], ids=["full", "text-encoder-excluded"])
+def test_checkpoints_load_without_random_initialisation(tmp_path, monkeypatch, exclude):
+    """`load_model` builds the network with `torch.nn.init` switched off: the checkpoint replaces every
+    parameter, and an excluded text encoder is loaded whole from its source (as the shipped lite model's).
+    No initialiser runs, the network computes exactly what the saved one computes, and the initialisers
+    are back afterwards, also when building fails."""
     from lgformer.engine.checkpoint import load_model, save_model
     from lgformer.errors import LGFormerError
     from lgformer.model.build import INITIALISERS, initialisers_off
 
     cfg = config_mod.load("official-swin-t", ["model.text_encoder=minilm", "model.decoder_layers=1"])
     torch.manual_seed(0)
-    saved = build_model(cfg.model, pretrained=False).eval()
-    save_model(tmp_path, saved, cfg)
+    saved = build_model(cfg.model, pretrained=exclude).eval()
+    save_model(tmp_path, saved, cfg, exclude=("text_encoder.",) if exclude else ())
     calls = []
     for name in INITIALISERS:
         real = getattr(torch.nn.init, name)

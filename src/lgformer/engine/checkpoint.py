@@ -94,8 +94,9 @@ def load_model(
     for item in overrides:
         cfg = config_mod.apply_override(cfg, item)
     exclude = tuple(meta.get("weights_exclude", ()))
-    # a full checkpoint replaces every parameter (checked below): no random initialisation first
-    model = build_model(cfg.model, pretrained=bool(exclude), init=bool(exclude))
+    # The checkpoint replaces every parameter but the excluded text encoder's (checked below), which
+    # `TextEncoder.build` loads whole from its source: no random initialisation first.
+    model = build_model(cfg.model, pretrained=bool(exclude), init=not set(exclude) <= {"text_encoder."})
     try:
         state = load_file(directory / WEIGHTS)
     except (FileNotFoundError, SafetensorError, OSError) as exc:
