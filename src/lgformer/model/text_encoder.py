@@ -192,11 +192,8 @@ class BertLayer(nn.Module):
     def __init__(self, c: BertConfig) -> None:
         super().__init__()
         d, eps = c.hidden_size, c.layer_norm_eps
-        self.heads, self.dropout, self.attn_dropout = (
-            c.num_attention_heads,
-            c.hidden_dropout_prob,
-            c.attention_probs_dropout_prob,
-        )
+        self.heads = c.num_attention_heads
+        self.dropout, self.attn_dropout = c.hidden_dropout_prob, c.attention_probs_dropout_prob
         # containers named as Hugging Face's, so that state dicts match key for key; the products run
         # through `layers.linear` (oneDNN on x86 CPUs, the GELU fused in inference)
         self.attention = nn.ModuleDict(
