@@ -158,7 +158,9 @@ def test_hub_ids_come_from_the_cache_and_offline_misses_are_one_line_errors(
     monkeypatch.setattr(te, "_load_tokenizer", te._load_tokenizer.__wrapped__)  # no cached tokenizers
     with pytest.raises(LGFormerError) as info:
         te.TextEncoder.build("someone/bert-uncased-small")
-    assert "'someone/bert-uncased-small' is not a local folder and could not be fetched" in _one_line(info)
+    message = _one_line(info)
+    assert "'someone/bert-uncased-small' is not a local folder and could not be fetched" in message
+    assert "config.json not cached and the hub not reachable" in message
     with pytest.raises(LGFormerError):
         te.TextEncoder.build(te.BERT_BASE)
     assert te.TextEncoder.build(te.BERT_BASE, pretrained=False).dim == 768  # offline: bert-base's config

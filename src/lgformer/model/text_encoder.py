@@ -77,7 +77,7 @@ def find_file(name: str, filenames: tuple[str, ...], download: bool = True) -> P
     if folder is not None:
         return next((folder / f for f in filenames if (folder / f).is_file()), None)
     import huggingface_hub
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     for f in filenames:
         cached = huggingface_hub.try_to_load_from_cache(name, f)
@@ -86,7 +86,9 @@ def find_file(name: str, filenames: tuple[str, ...], download: bool = True) -> P
     for f in filenames if download else ():
         try:
             return Path(huggingface_hub.hf_hub_download(name, f))
-        except EntryNotFoundError:
+        except LocalEntryNotFoundError:  # offline (a subclass of the next one)
+            raise LGFormerError(_missing_message(name, f"{f} not cached and the hub not reachable")) from None
+        except EntryNotFoundError:  # the repository has no such file
             continue
         except Exception as exc:  # offline, unknown repository, network: one line for the user
             raise LGFormerError(_missing_message(name, type(exc).__name__)) from None
