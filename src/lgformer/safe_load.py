@@ -1,5 +1,6 @@
-"""Reading `torch.save` files (the authors' checkpoints, Swin and EfficientNet weights, our training state)
-without running pickle code: `weights_only` loading, and one readable refusal for whatever else a file is."""
+"""Reading weight files with one readable refusal for whatever else a file is: `torch.save` files (the
+authors' checkpoints, Swin, EfficientNet and BERT weights, our training state) without running pickle code
+(`weights_only` loading), and safetensors files (our checkpoints, BERT weights, the golden file)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from lgformer.errors import LGFormerError
 
@@ -22,6 +25,14 @@ def load_torch_file(path: str | Path, what: str, allowed_globals: Sequence[type]
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - every failure to read is a refusal with a reason
+        raise LGFormerError(f"{path}: cannot load {what}: {_reason(exc)}") from None
+
+
+def load_safetensors_file(path: str | Path, what: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (CPU); a missing, corrupt or truncated one raises LGFormerError."""
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as exc:
         raise LGFormerError(f"{path}: cannot load {what}: {_reason(exc)}") from None
 
 

@@ -13,14 +13,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from lgformer import config as config_mod
 from lgformer.convert.official import from_official, to_official
 from lgformer.errors import LGFormerError
 from lgformer.model.build import build_model
 from lgformer.model.lgformer import LGFormer
+from lgformer.safe_load import load_safetensors_file
 
 VARIANTS = {
     "tiny-w7": ("official-swin-t", 7),
@@ -76,10 +75,7 @@ def verify_official(
     golden = Path(golden)
     if not golden.is_file():
         raise LGFormerError(f"golden file {golden} not found")
-    try:
-        data = load_file(golden)
-    except (SafetensorError, OSError) as exc:
-        raise LGFormerError(f"{golden}: not a safetensors file ({exc})") from None
+    data = load_safetensors_file(golden, "the golden forward pass")
     for name in ("image", "text_features", "text_mask"):
         if name not in data:
             raise LGFormerError(f"{golden}: missing tensor {name!r}")

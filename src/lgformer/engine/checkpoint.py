@@ -14,14 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from lgformer import config as config_mod
 from lgformer.config import Config
 from lgformer.errors import LGFormerError
-from lgformer.safe_load import load_torch_file
+from lgformer.safe_load import load_safetensors_file, load_torch_file
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -97,10 +96,7 @@ def load_model(
     # The checkpoint replaces every parameter but the excluded text encoder's (checked below), which
     # `TextEncoder.build` loads whole from its source: no random initialisation first.
     model = build_model(cfg.model, pretrained=bool(exclude), init=not set(exclude) <= {"text_encoder."})
-    try:
-        state = load_file(directory / WEIGHTS)
-    except (FileNotFoundError, SafetensorError, OSError) as exc:
-        raise LGFormerError(f"{directory / WEIGHTS}: cannot read weights ({exc})") from None
+    state = load_safetensors_file(directory / WEIGHTS, "the checkpoint's weights")
     expected = {k: v for k, v in model.state_dict().items() if not k.startswith(exclude)}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

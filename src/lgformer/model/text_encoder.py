@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from lgformer.errors import LGFormerError
 from lgformer.model.layers import linear
-from lgformer.safe_load import load_torch_file
+from lgformer.safe_load import load_safetensors_file, load_torch_file
 
 MINILM = "minilm"
 BERT_BASE = "bert-base-uncased"
@@ -283,13 +283,7 @@ def load_bert_weights(path: Path) -> dict[str, Tensor]:
     """The encoder's tensors of a BERT weight file, keyed as `Bert`'s state dict: a "bert." prefix removed,
     legacy LayerNorm gamma/beta renamed, pooler and pre-training heads dropped."""
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            raw = load_file(path)
-        except (SafetensorError, OSError) as exc:
-            raise LGFormerError(f"{path}: not a readable safetensors file ({exc})") from None
+        raw = load_safetensors_file(path, "BERT weights")
     else:
         raw = load_torch_file(path, "BERT weights")
         if not isinstance(raw, dict):
