@@ -65,6 +65,7 @@ class TrainConfig:
     fp16 AMP on GPU (fp32 pixel decoder), deep supervision (the `model.loss_*` fields)."""
 
     pretrained: bool = True  # start from the backbone / text-encoder weights named in `model`
+    init_from: str | None = None  # fine-tune: start from this checkpoint (folder or shipped name, e.g. lite)
     epochs: int = 40
     max_steps: int | None = None  # optimizer steps; when set, the run and its LR decay end here
     batch_size: int = 32  # global batch = device_batch x processes x accumulation steps

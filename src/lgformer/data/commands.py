@@ -1,4 +1,4 @@
-"""`lgformer data stats | check | export-jsonl | synth`."""
+"""`lgformer data stats | check | export-jsonl | synth | from-instances`."""
 
 from __future__ import annotations
 
@@ -61,6 +61,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     synth.set_defaults(handler=_synth)
 
+    inst = data_sub.add_parser(
+        "from-instances",
+        help="referring expressions from a COCO-format instance-segmentation set (REFER layout)",
+    )
+    inst.add_argument("--instances", required=True, help="COCO-format instances.json (COCO, LVIS, your own)")
+    inst.add_argument("--images", required=True, help="the folder its file_name entries are relative to")
+    inst.add_argument(
+        "--splits", default=None, help="JSON object file_name -> split (default: every image is train)"
+    )
+    inst.add_argument(
+        "--out", required=True, help="output folder (use it as data.root with data.dataset=instances)"
+    )
+    inst.add_argument("--per-object", type=int, default=2, help="refs per object (default %(default)s)")
+    inst.add_argument("--seed", type=int, default=0)
+    inst.add_argument(
+        "--copy-paste", type=int, default=2, help="copy-pasted variants per train photo (default %(default)s)"
+    )
+    inst.add_argument("--no-flip", action="store_true", help="no mirrored variant of the train photos")
+    inst.add_argument(
+        "--min-area",
+        type=float,
+        default=0.005,
+        help="drop instances below this share of the picture (default %(default)s)",
+    )
+    inst.set_defaults(handler=_from_instances)
+
 
 def _source_arguments(parser: argparse.ArgumentParser, split_help: str) -> None:
     parser.add_argument(
@@ -69,7 +95,9 @@ def _source_arguments(parser: argparse.ArgumentParser, split_help: str) -> None:
         help="DATA_ROOT (REFER layout), synthetic folder, .jsonl file, or (stats only) a sentence .csv",
     )
     parser.add_argument(
-        "--dataset", default="refcoco", help="refcoco | refcoco+ | refcocog | refclef | jsonl | synth"
+        "--dataset",
+        default="refcoco",
+        help="refcoco | refcoco+ | refcocog | refclef | jsonl | synth | instances",
     )
     parser.add_argument("--split-by", default="unc", help="refs(<split-by>).p (default %(default)s)")
     parser.add_argument("--split", default=None, help=split_help)
@@ -219,4 +247,30 @@ def _synth(args: argparse.Namespace) -> int:
     if args.sheet:
         render_sheet(args.out, args.sheet, split="val" if args.val else "train")
         print(f"sample sheet: {args.sheet}")
+    return 0
+
+
+def _from_instances(args: argparse.Namespace) -> int:
+    import time
+
+    from lgformer.data.instances.generate import from_instances
+
+    start = time.perf_counter()
+    counts = from_instances(
+        args.instances,
+        args.images,
+        args.out,
+        splits=args.splits,
+        per_object=args.per_object,
+        seed=args.seed,
+        flip=not args.no_flip,
+        copy_paste=args.copy_paste,
+        min_area=args.min_area,
+    )
+    levels = ", ".join(f"{k}: {v:,}" for k, v in counts.items() if k.startswith("level"))
+    print(
+        f"wrote {counts['refs']:,} refs, {counts['sentences']:,} sentences ({counts['images']:,} images, "
+        f"{counts['objects']:,} objects; {levels}) to {args.out} in {time.perf_counter() - start:.1f} s; "
+        f"use data.root={args.out} data.dataset=instances"
+    )
     return 0

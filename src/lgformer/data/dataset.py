@@ -8,7 +8,8 @@ on (seed, epoch, ref index), so a resumed run sees exactly the sentences an unin
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,8 +21,9 @@ from lgformer.data.images import image_tensor, load_image, mask_tensor
 from lgformer.data.masks import check_rule
 from lgformer.data.sources import (
     DATASETS,
+    GENERATED,
     JSONL,
-    SYNTH,
+    REFER_DATASETS,
     Referent,
     Sentence,
     load_jsonl,
@@ -40,12 +42,15 @@ class DataConfig:
     """Where the data is and how items are made (the `data` section of the project config)."""
 
     root: str = "data"  # DATA_ROOT (REFER layout), a JSONL file, or a synthetic-benchmark folder
-    dataset: str = "refcoco"  # refcoco | refcoco+ | refcocog | refclef | jsonl | synth
-    split_by: str = "unc"  # refs(<split_by>).p; not used by jsonl, always "synth" for synth
+    dataset: str = "refcoco"  # refcoco | refcoco+ | refcocog | refclef | jsonl | synth | instances
+    split_by: str = "unc"  # refs(<split_by>).p; not used by jsonl; synth and instances: their own name
     image_dir: str | None = None  # override of the image folder (jsonl: base of the image paths)
     gt_rule: str = "exactly_one"  # polygons: exactly_one (authors' sum == 1 quirk) | union
     all_sentences: bool = False  # training: every sentence per epoch instead of one random per ref
     image_size: int = 480
+    # Training only: more sources whose training-split referents join the training set, as "DATASET:ROOT"
+    # (e.g. "synth:data/synth" beside real photos); validation and evaluation read `root` alone.
+    mix: list[str] = field(default_factory=list)
 
 
 def check_config(cfg: DataConfig) -> None:
@@ -54,15 +59,35 @@ def check_config(cfg: DataConfig) -> None:
     check_rule(cfg.gt_rule)
     if cfg.image_size < 1:
         raise LGFormerError(f"data.image_size={cfg.image_size}; it must be >= 1")
+    for entry in cfg.mix:
+        dataset = entry.split(":", 1)[0]
+        if ":" not in entry or dataset not in DATASETS or dataset in REFER_DATASETS:
+            raise LGFormerError(
+                f"data.mix: {entry!r}: expected DATASET:ROOT with DATASET one of "
+                f"{', '.join(d for d in DATASETS if d not in REFER_DATASETS)}"
+            )
 
 
 def load_referents(cfg: DataConfig) -> list[Referent]:
     """Every referent of the configured source, all splits."""
     check_config(cfg)
-    if cfg.dataset == JSONL:
-        return load_jsonl(cfg.root, cfg.image_dir)
-    split_by = SYNTH if cfg.dataset == SYNTH else cfg.split_by
-    return load_refer(cfg.root, cfg.dataset, split_by, cfg.image_dir)
+    return _load_source(cfg.dataset, cfg.root, cfg.split_by, cfg.image_dir)
+
+
+def _load_source(dataset: str, root: str, split_by: str, image_dir: str | None) -> list[Referent]:
+    if dataset == JSONL:
+        return load_jsonl(root, image_dir)
+    return load_refer(root, dataset, dataset if dataset in GENERATED else split_by, image_dir)
+
+
+def mixed_referents(cfg: DataConfig, split: str) -> list[Referent]:
+    """The `split` referents of every `data.mix` source, their ref ids prefixed with the source."""
+    out = []
+    for entry in cfg.mix:
+        dataset, root = entry.split(":", 1)
+        for ref in select_split(_load_source(dataset, root, dataset, None), split, root):
+            out.append(dataclasses.replace(ref, ref_id=f"{dataset}:{ref.ref_id}"))
+    return out
 
 
 def select_split(referents: list[Referent], split: str, source: str) -> list[Referent]:
@@ -160,6 +185,8 @@ def build_dataset(
 ) -> ReferDataset:
     """The dataset of `split` of the configured source (see the module docstring for the item protocol)."""
     referents = select_split(load_referents(cfg), split, cfg.root)
+    if train and cfg.mix:
+        referents += mixed_referents(cfg, split)
     return ReferDataset(
         referents,
         train=train,

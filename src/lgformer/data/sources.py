@@ -31,8 +31,10 @@ from lgformer.errors import LGFormerError
 
 REFER_DATASETS = ("refcoco", "refcoco+", "refcocog", "refclef")
 SYNTH = "synth"
+INSTANCES = "instances"  # `lgformer data from-instances`
+GENERATED = (SYNTH, INSTANCES)  # our own REFER-layout sets: refs(<name>).p, images under images/<name>
 JSONL = "jsonl"
-DATASETS = (*REFER_DATASETS, SYNTH, JSONL)
+DATASETS = (*REFER_DATASETS, *GENERATED, JSONL)
 JSONL_FIELDS = ("image", "mask", "sentences", "split", "id", "level")
 
 
@@ -62,8 +64,8 @@ class Referent:
 def default_image_dir(root: Path, dataset: str) -> Path:
     if dataset == "refclef":
         return root / "images" / "saiapr_tc-12"
-    if dataset == SYNTH:
-        return root / "images" / SYNTH
+    if dataset in GENERATED:
+        return root / "images" / dataset
     return root / "images" / "mscoco" / "images" / "train2014"
 
 

@@ -292,6 +292,8 @@ class Trainer:
             self.model, _ = load_model(self.out / "last", self.device)
         else:
             self.model = build_model(cfg.model, pretrained=tc.pretrained).to(self.device)
+            if tc.init_from:
+                self._initialise(tc.init_from)
         freeze(self.model, tc)
         # A frozen pretrained text encoder is not stored: checkpoints reload it from its source.
         self.exclude = ("text_encoder.",) if tc.pretrained and tc.freeze_text_encoder else ()
@@ -313,6 +315,18 @@ class Trainer:
             self.log = Log(self.out, keep_until=self.step if resume else None)
             config_mod.save(cfg, self.out / "config.yaml")
             self._describe()
+
+    def _initialise(self, source: str) -> None:
+        """Fine-tuning: every weight from checkpoint `source`, whose network must be this config's."""
+        from lgformer.predictor import resolve_checkpoint
+
+        start, start_cfg = load_model(resolve_checkpoint(source))
+        differ = [k for k, v in vars(start_cfg.model).items() if getattr(self.cfg.model, k) != v]
+        if differ:
+            raise LGFormerError(
+                f"train.init_from={source}: its model config differs from this run's in {', '.join(differ)}"
+            )
+        self.model.load_state_dict(start.state_dict())
 
     def _describe(self) -> None:
         tc = self.tc

@@ -12,13 +12,13 @@ from collections.abc import Sequence
 import numpy as np
 
 from lgformer.data.synth.grammar import (
-    ATTRIBUTE_WORDS,
     ATTRIBUTES,
     DIRECTIONS,
     RELATIONS,
-    WORD_RANGES,
+    SYNTH_LEXICON,
     YES,
     Desc,
+    Lexicon,
     Obj,
     level,
     matches,
@@ -42,37 +42,42 @@ L4_TEMPLATES = (
 
 
 def describe(
-    target: int, objs: Sequence[Obj], lvl: int, rng: np.random.Generator, count: int = 3
+    target: int,
+    objs: Sequence[Obj],
+    lvl: int,
+    rng: np.random.Generator,
+    count: int = 3,
+    lex: Lexicon = SYNTH_LEXICON,
 ) -> list[str]:
     """Up to `count` distinct verified expressions of level `lvl` for `objs[target]`."""
-    context = _Context(target, objs)
+    context = _Context(target, objs, lex)
     texts: list[str] = []
     for _ in range(TRIES[lvl]):
         desc = context.candidate(lvl, rng)
         if desc is None:
             continue
-        text = render(desc, rng)
-        if text not in texts and verify(text, target, objs, lvl):
+        text = render(desc, rng, lex)
+        if text not in texts and verify(text, target, objs, lvl, lex):
             texts.append(text)
             if len(texts) == count:
                 break
     return texts
 
 
-def verify(text: str, target: int, objs: Sequence[Obj], lvl: int) -> bool:
+def verify(text: str, target: int, objs: Sequence[Obj], lvl: int, lex: Lexicon = SYNTH_LEXICON) -> bool:
     """The text parses, has the level's construct and word count, and picks exactly `target`."""
-    low, high = WORD_RANGES[lvl]
+    low, high = lex.word_ranges[lvl]
     if not low <= len(text.split()) <= high:
         return False
-    desc = parse(text)
-    return level(desc) == lvl and resolve(desc, objs) == target
+    desc = parse(text, lex)
+    return level(desc, lex) == lvl and resolve(desc, objs) == target
 
 
 class _Context:
-    def __init__(self, target: int, objs: Sequence[Obj]) -> None:
-        self.target, self.objs = target, objs
+    def __init__(self, target: int, objs: Sequence[Obj], lex: Lexicon) -> None:
+        self.target, self.objs, self.lex = target, objs, lex
         self.obj = objs[target]
-        self.landmarks = [j for j in unique_landmarks(objs) if j != target]
+        self.landmarks = [j for j in unique_landmarks(objs, lex) if j != target]
         self.true_relations = [
             (rel, j)
             for j in self.landmarks
@@ -84,7 +89,11 @@ class _Context:
         self, rng: np.random.Generator, p: float, obj: Obj | None = None
     ) -> tuple[tuple[str, str], ...]:
         obj = obj or self.obj
-        return tuple((a, obj.attribute(a)) for a in ATTRIBUTES if rng.random() < p)
+        return tuple(
+            (a, obj.attribute(a))
+            for a in ATTRIBUTES
+            if rng.random() < p and self.lex.worded(a, obj.attribute(a))
+        )
 
     def landmark(self, j: int, rng: np.random.Generator) -> Desc:
         """A description naming landmark j alone: a random attribute subset, widened until it is unique."""
@@ -94,7 +103,7 @@ class _Context:
             if resolve(Desc(obj.shape, tuple(attrs)), self.objs) == j:
                 break
             pair = (ATTRIBUTES[a], obj.attribute(ATTRIBUTES[a]))
-            if pair not in attrs:
+            if pair not in attrs and self.lex.worded(*pair):
                 attrs.append(pair)
         return Desc(obj.shape, tuple(sorted(attrs, key=lambda p: ATTRIBUTES.index(p[0]))))
 
@@ -106,18 +115,27 @@ class _Context:
             (self.true_relations[k][0], self.landmark(self.true_relations[k][1], rng)) for k in picks
         )
 
-    def negation(self, rng: np.random.Generator) -> tuple[tuple[str, str], ...]:
+    def negation(self, rng: np.random.Generator) -> tuple[tuple[str, str], ...] | None:
         """Negate a value some other object of the same shape has (informative), else any other value."""
         attr = ATTRIBUTES[int(rng.integers(len(ATTRIBUTES)))]
         own = self.obj.attribute(attr)
-        others = sorted({o.attribute(attr) for o in self.objs if o.shape == self.obj.shape} - {own})
-        values = others or sorted(set(ATTRIBUTE_WORDS[attr]) - {own})
-        return ((attr, values[int(rng.integers(len(values)))]),)
+        if not self.lex.worded(attr, own):
+            return None
+        others = {o.attribute(attr) for o in self.objs if o.shape == self.obj.shape} - {own}
+        values = sorted(v for v in others if self.lex.worded(attr, v))
+        if self.lex.negate_absent:
+            values = values or sorted(set(self.lex.attribute_words[attr]) - {own})
+        return ((attr, values[int(rng.integers(len(values)))]),) if values else None
 
-    def ordinal(self, attrs: tuple[tuple[str, str], ...], rng: np.random.Generator) -> tuple[int, str] | None:
+    def ordinal(
+        self, attrs: tuple[tuple[str, str], ...], rng: np.random.Generator, most: int = 4
+    ) -> tuple[int, str] | None:
+        """The first count up to `most` from a random side that picks the target."""
         direction = DIRECTIONS[int(rng.integers(len(DIRECTIONS)))]
         candidates = [i for i, o in enumerate(self.objs) if matches(o, self.obj.shape, attrs)]
-        for k in range(1, 5):
+        for k in range(1, most + 1):
+            if self.lex.is_superlative((k, direction)) and len(candidates) < 2:
+                continue  # "the dog on the left" says there is another dog
             if rank(candidates, self.objs, direction, k) == self.target:
                 return k, direction
         return None
@@ -128,8 +146,13 @@ class _Context:
             return Desc(shape)
         if lvl == 2:
             attrs = self.attrs(rng, 0.5)
+            if self.lex.superlatives and rng.random() < 0.5:
+                ordinal = self.ordinal(attrs, rng, most=1)
+                return None if ordinal is None else Desc(shape, attrs, ordinal=ordinal)
             if not attrs:
                 one = ATTRIBUTES[int(rng.integers(len(ATTRIBUTES)))]
+                if not self.lex.worded(one, self.obj.attribute(one)):
+                    return None
                 attrs = ((one, self.obj.attribute(one)),)
             return Desc(shape, attrs)
         if lvl == 3:
@@ -142,4 +165,6 @@ class _Context:
         if relations is None or ("ordinal" in template and ordinal is None):
             return None
         negations = self.negation(rng) if "negation" in template else ()
+        if negations is None:
+            return None
         return Desc(shape, attrs, negations, relations, ordinal)

@@ -226,10 +226,10 @@ class _Writer:
             "categories": [{"supercategory": "shape", "id": k + 1, "name": s} for k, s in enumerate(SHAPES)],
         }
         atomic_write(folder / "instances.json", json.dumps(instances, separators=(",", ":")))
-        atomic_write(folder / "refs(synth).p", _deterministic_pickle(self.refs))
+        atomic_write(folder / "refs(synth).p", deterministic_pickle(self.refs))
 
 
-def _deterministic_pickle(value: object) -> bytes:
+def deterministic_pickle(value: object) -> bytes:
     """Protocol 2 (as the REFER files) without the memo, so the bytes depend on the values only, not on which
     equal strings happen to be the same object."""
     buffer = io.BytesIO()

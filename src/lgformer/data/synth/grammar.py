@@ -22,7 +22,7 @@ other object is clearly not.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,6 +56,44 @@ RELATION_WORDS = {
     "below": (("below",), ("under",), ("beneath",)),
 }
 
+SUPERLATIVE_PREFIXES = {
+    "left": ("leftmost", "left"),
+    "right": ("rightmost", "right"),
+    "top": ("top",),
+    "bottom": ("bottom",),
+}
+SUPERLATIVE_SUFFIXES = {
+    "left": ("on", "the", "left"),
+    "right": ("on", "the", "right"),
+    "top": ("at", "the", "top"),
+    "bottom": ("at", "the", "bottom"),
+}
+UNKNOWN = "?"  # an attribute value the pixels do not settle: a description using it is unclear
+
+
+@dataclass(frozen=True)
+class Lexicon:
+    """The words of one world: nouns (a wording may be several words), adjectives per attribute value,
+    pattern nouns ("with stripes"), the word count of each level, and two constructs real photos need:
+    superlatives ("the leftmost car", "the dog on the left": the first from a side, a level-2 attribute) and
+    colours worded after some nouns ("the person in red")."""
+
+    nouns: Mapping[str, tuple[str, ...]]
+    attribute_words: Mapping[str, Mapping[str, tuple[str, ...]]]
+    pattern_nouns: Mapping[str, tuple[str, ...]]
+    word_ranges: Mapping[int, tuple[int, int]]
+    superlatives: bool = False
+    color_after: frozenset[str] = frozenset()
+    negate_absent: bool = True  # negate a value no other object of the noun has ("that is not purple")
+
+    def worded(self, attr: str, value: str) -> bool:
+        """Can the value be said? (UNKNOWN and values without words, such as a middle size, cannot.)"""
+        return value in self.attribute_words.get(attr, {})
+
+    def is_superlative(self, ordinal: tuple[int, str] | None) -> bool:
+        return self.superlatives and ordinal is not None and ordinal[0] == 1
+
+
 # geometry of the three-valued relations and ordinals
 CLEAR_ANGLE = 35.0  # degrees off the relation's axis: up to here "true"
 FALSE_ANGLE = 65.0  # from here on "false"; in between "unclear"
@@ -63,6 +101,8 @@ CLEAR_ALONG = 0.5  # "true" also needs the centres this far apart along the axis
 ORDINAL_GAP = 0.75  # ranked neighbours must be this far apart along the direction, in units of r1 + r2
 
 YES, UNCLEAR, NO = 1.0, 0.5, 0.0
+
+SYNTH_LEXICON = Lexicon(SHAPE_WORDS, ATTRIBUTE_WORDS, PATTERN_NOUNS, WORD_RANGES)
 
 
 @dataclass(frozen=True)
@@ -90,12 +130,13 @@ class Desc:
     ordinal: tuple[int, str] | None = None  # (k >= 1, direction)
 
 
-def level(desc: Desc) -> int:
-    if desc.ordinal is not None or desc.negations or len(desc.relations) >= 2:
+def level(desc: Desc, lex: Lexicon = SYNTH_LEXICON) -> int:
+    superlative = lex.is_superlative(desc.ordinal)
+    if (desc.ordinal is not None and not superlative) or desc.negations or len(desc.relations) >= 2:
         return 4
     if desc.relations:
         return 3
-    return 2 if desc.attrs else 1
+    return 2 if desc.attrs or superlative else 1
 
 
 class GrammarError(ValueError):
@@ -105,17 +146,26 @@ class GrammarError(ValueError):
 # ------------------------------------------------------------------------------------------------ wording
 
 
-def render(desc: Desc, rng: np.random.Generator) -> str:
+def render(desc: Desc, rng: np.random.Generator, lex: Lexicon = SYNTH_LEXICON) -> str:
     """One wording of `desc`, with random synonyms, pattern placement, relation phrases and connectors."""
     words: list[str] = []
-    if desc.ordinal is not None:
+    if lex.is_superlative(desc.ordinal):
+        direction = desc.ordinal[1]  # type: ignore[index]
+        words.append("the")
+        if rng.random() < 0.5:
+            words.append(_pick(rng, SUPERLATIVE_PREFIXES[direction]))
+            words += _noun_phrase(desc.shape, desc.attrs, rng, False, lex)
+        else:
+            words += _noun_phrase(desc.shape, desc.attrs, rng, False, lex)
+            words += SUPERLATIVE_SUFFIXES[direction]
+    elif desc.ordinal is not None:
         words += ["the", ORDINALS[desc.ordinal[0] - 1]]
-        words += _noun_phrase(desc.shape, desc.attrs, rng, allow_with=False)
+        words += _noun_phrase(desc.shape, desc.attrs, rng, False, lex)
         words += ["from", "the", desc.ordinal[1]]
     else:
         if desc.attrs or desc.negations or desc.relations or rng.random() < 0.5:
             words.append("the")
-        words += _noun_phrase(desc.shape, desc.attrs, rng, allow_with=True)
+        words += _noun_phrase(desc.shape, desc.attrs, rng, True, lex)
     clauses: list[tuple[str, object]] = [("not", n) for n in desc.negations] + list(desc.relations)
     order = rng.permutation(len(clauses))
     for position, k in enumerate(order):
@@ -125,30 +175,33 @@ def render(desc: Desc, rng: np.random.Generator) -> str:
         if kind == "not":
             attr, val = value  # type: ignore[misc]
             words += (["is"] if position > 0 else [_pick(rng, ("that", "which")), "is"]) + ["not"]
-            words.append(_pick(rng, ATTRIBUTE_WORDS[attr][val]))
+            words.append(_pick(rng, lex.attribute_words[attr][val]))
         else:
             if position == 0 and (desc.negations or desc.ordinal is not None or rng.random() < 0.5):
                 words += [_pick(rng, ("that", "which")), "is"]
             words += list(_pick(rng, RELATION_WORDS[kind]))
             landmark: Desc = value  # type: ignore[assignment]
-            words += ["the", *_noun_phrase(landmark.shape, landmark.attrs, rng, allow_with=False)]
+            words += ["the", *_noun_phrase(landmark.shape, landmark.attrs, rng, False, lex)]
     return " ".join(words)
 
 
 def _noun_phrase(
-    shape: str, attrs: Sequence[tuple[str, str]], rng: np.random.Generator, allow_with: bool
+    shape: str, attrs: Sequence[tuple[str, str]], rng: np.random.Generator, allow_with: bool, lex: Lexicon
 ) -> list[str]:
     values = dict(attrs)
     pattern = values.get("pattern")
-    with_noun = allow_with and pattern in PATTERN_NOUNS and rng.random() < 0.4
+    with_noun = allow_with and pattern in lex.pattern_nouns and rng.random() < 0.4
+    color_after = shape in lex.color_after and "color" in values and rng.random() < 0.5
     words = [
-        _pick(rng, ATTRIBUTE_WORDS[a][values[a]])
+        _pick(rng, lex.attribute_words[a][values[a]])
         for a in ATTRIBUTES
-        if a in values and not (a == "pattern" and with_noun)
+        if a in values and not (a == "pattern" and with_noun) and not (a == "color" and color_after)
     ]
-    words.append(_pick(rng, SHAPE_WORDS[shape]))
+    words += _pick(rng, lex.nouns[shape]).split()
     if with_noun:
-        words += ["with", _pick(rng, PATTERN_NOUNS[pattern])]
+        words += ["with", _pick(rng, lex.pattern_nouns[pattern])]
+    if color_after:
+        words += ["in", _pick(rng, lex.attribute_words["color"][values["color"]])]
     return words
 
 
@@ -158,26 +211,53 @@ def _pick(rng: np.random.Generator, options: Sequence):
 
 # ------------------------------------------------------------------------------------------------ parsing
 
-_SHAPE_OF = {w: s for s, words in SHAPE_WORDS.items() for w in words}
-_ADJECTIVE_OF = {
-    w: (a, v) for a, table in ATTRIBUTE_WORDS.items() for v, words in table.items() for w in words
-}
-_PATTERN_NOUN_OF = {w: v for v, words in PATTERN_NOUNS.items() for w in words}
+
+class _Words:
+    """The lookup tables of a lexicon's parser."""
+
+    def __init__(self, lex: Lexicon) -> None:
+        self.lex = lex
+        # noun wordings as word tuples, longest first, so "teddy bear" is tried before "bear"
+        self.nouns = sorted(
+            ((tuple(w.split()), n) for n, words in lex.nouns.items() for w in words), key=lambda p: -len(p[0])
+        )
+        self.adjectives = {
+            w: (a, v) for a, table in lex.attribute_words.items() for v, words in table.items() for w in words
+        }
+        self.pattern_nouns = {w: v for v, words in lex.pattern_nouns.items() for w in words}
+        self.prefixes = (
+            {w: d for d, words in SUPERLATIVE_PREFIXES.items() for w in words} if lex.superlatives else {}
+        )
+
+
 _RELATION_PHRASES = sorted(
     ((phrase, rel) for rel, phrases in RELATION_WORDS.items() for phrase in phrases), key=lambda p: -len(p[0])
 )
+_TABLES: dict[int, _Words] = {}
 
 
-def vocabulary() -> set[str]:
-    """Every word the grammar can produce (each is one bert-base-uncased wordpiece)."""
+def _tables(lex: Lexicon) -> _Words:
+    if id(lex) not in _TABLES:
+        _TABLES[id(lex)] = _Words(lex)
+    return _TABLES[id(lex)]
+
+
+def vocabulary(lex: Lexicon = SYNTH_LEXICON) -> set[str]:
+    """Every word the grammar can produce (for the synthetic lexicon each is one bert-base-uncased
+    wordpiece)."""
+    t = _tables(lex)
     words = {"the", "a", "from", "that", "which", "is", "not", "and", "with", *ORDINALS, *DIRECTIONS}
-    words |= set(_SHAPE_OF) | set(_ADJECTIVE_OF) | set(_PATTERN_NOUN_OF)
+    words |= {w for phrase, _ in t.nouns for w in phrase} | set(t.adjectives) | set(t.pattern_nouns)
+    if lex.superlatives:
+        words |= set(t.prefixes) | {w for phrase in SUPERLATIVE_SUFFIXES.values() for w in phrase}
+    if lex.color_after:
+        words.add("in")
     return words | {w for phrase, _ in _RELATION_PHRASES for w in phrase}
 
 
-def parse(text: str) -> Desc:
+def parse(text: str, lex: Lexicon = SYNTH_LEXICON) -> Desc:
     """The description a sentence of the grammar denotes; GrammarError for anything else."""
-    parser = _Parser(text.lower().split())
+    parser = _Parser(text.lower().split(), _tables(lex))
     desc = parser.expression()
     if parser.pos != len(parser.words):
         raise GrammarError(f"unexpected {parser.words[parser.pos]!r} in {text!r}")
@@ -185,12 +265,14 @@ def parse(text: str) -> Desc:
 
 
 class _Parser:
-    def __init__(self, words: list[str]) -> None:
+    def __init__(self, words: list[str], tables: _Words) -> None:
         self.words = words
+        self.t = tables
         self.pos = 0
 
-    def peek(self) -> str | None:
-        return self.words[self.pos] if self.pos < len(self.words) else None
+    def peek(self, ahead: int = 0) -> str | None:
+        at = self.pos + ahead
+        return self.words[at] if at < len(self.words) else None
 
     def take(self, *options: str) -> str | None:
         word = self.peek()
@@ -198,6 +280,12 @@ class _Parser:
             self.pos += 1
             return word
         return None
+
+    def take_phrase(self, phrase: Sequence[str]) -> bool:
+        if tuple(self.words[self.pos : self.pos + len(phrase)]) == tuple(phrase):
+            self.pos += len(phrase)
+            return True
+        return False
 
     def expect(self, *options: str) -> str:
         word = self.take(*options)
@@ -210,12 +298,19 @@ class _Parser:
     def expression(self) -> Desc:
         self.take("the", "a")
         word = self.take(*ORDINALS)
-        shape, attrs = self.noun_phrase()
         ordinal = None
+        if word is None and self.t.prefixes and self.peek() in self.t.prefixes and self.peek(1) is not None:
+            ordinal = (1, self.t.prefixes[self.expect(*self.t.prefixes)])
+        shape, attrs = self.noun_phrase()
         if word is not None:
             self.expect("from")
             self.expect("the")
             ordinal = (ORDINALS.index(word) + 1, self.expect(*DIRECTIONS))
+        elif ordinal is None and self.t.prefixes:
+            for direction, phrase in SUPERLATIVE_SUFFIXES.items():
+                if self.take_phrase(phrase):
+                    ordinal = (1, direction)
+                    break
         negations: list[tuple[str, str]] = []
         relations: list[tuple[str, Desc]] = []
         first = True
@@ -225,8 +320,8 @@ class _Parser:
             self.take("that", "which")
             self.take("is")
             if self.take("not"):
-                word = self.expect(*_ADJECTIVE_OF)
-                negations.append(_ADJECTIVE_OF[word])
+                word = self.expect(*self.t.adjectives)
+                negations.append(self.t.adjectives[word])
             else:
                 relation = self.relation()
                 self.expect("the")
@@ -237,24 +332,44 @@ class _Parser:
         relations.sort(key=lambda r: (RELATIONS.index(r[0]), r[1].shape, r[1].attrs))
         return Desc(shape, attrs, tuple(negations), tuple(relations), ordinal)
 
+    def noun_at(self, pos: int) -> tuple[tuple[str, ...], str] | None:
+        for phrase, noun in self.t.nouns:
+            if tuple(self.words[pos : pos + len(phrase)]) == phrase:
+                return phrase, noun
+        return None
+
     def noun_phrase(self) -> tuple[str, tuple[tuple[str, str], ...]]:
         values: dict[str, str] = {}
-        while self.peek() in _ADJECTIVE_OF:
-            attr, value = _ADJECTIVE_OF[self.expect(*_ADJECTIVE_OF)]
+        while self.peek() in self.t.adjectives:
+            # a word that is an adjective and a noun ("orange") is the noun when no noun phrase follows it
+            if self.noun_at(self.pos) and not (
+                self.peek(1) in self.t.adjectives or self.noun_at(self.pos + 1)
+            ):
+                break
+            attr, value = self.t.adjectives[self.expect(*self.t.adjectives)]
             if attr in values:
                 raise GrammarError(f"two {attr} words")
             values[attr] = value
-        shape = _SHAPE_OF[self.expect(*_SHAPE_OF)]
+        found = self.noun_at(self.pos)
+        if found is None:
+            raise GrammarError(f"expected a noun at word {self.pos + 1} of {' '.join(self.words)!r}")
+        self.pos += len(found[0])
+        shape = found[1]
         if self.take("with"):
             if "pattern" in values:
                 raise GrammarError("two pattern words")
-            values["pattern"] = _PATTERN_NOUN_OF[self.expect(*_PATTERN_NOUN_OF)]
+            values["pattern"] = self.t.pattern_nouns[self.expect(*self.t.pattern_nouns)]
+        if self.t.lex.color_after and self.peek() == "in" and self.peek(1) in self.t.adjectives:
+            self.pos += 1
+            attr, value = self.t.adjectives[self.expect(*self.t.adjectives)]
+            if attr != "color" or attr in values:
+                raise GrammarError(f"'in' takes one colour word in {' '.join(self.words)!r}")
+            values[attr] = value
         return shape, tuple((a, values[a]) for a in ATTRIBUTES if a in values)
 
     def relation(self) -> str:
         for phrase, relation in _RELATION_PHRASES:
-            if tuple(self.words[self.pos : self.pos + len(phrase)]) == phrase:
-                self.pos += len(phrase)
+            if self.take_phrase(phrase):
                 return relation
         raise GrammarError(f"expected 'not' or a relation at word {self.pos + 1} of {' '.join(self.words)!r}")
 
@@ -281,15 +396,33 @@ def relation_value(obj: Obj, landmark: Obj, relation: str) -> float:
     return UNCLEAR
 
 
+def match_value(obj: Obj, shape: str, attrs: Sequence[tuple[str, str]]) -> float:
+    """Does `obj` fit the noun phrase? NO on another noun or a known other value; UNCLEAR if a value asked
+    for is UNKNOWN for it."""
+    if obj.shape != shape:
+        return NO
+    value = YES
+    for attr, wanted in attrs:
+        own = obj.attribute(attr)
+        if own == UNKNOWN:
+            value = UNCLEAR
+        elif own != wanted:
+            return NO
+    return value
+
+
 def matches(obj: Obj, shape: str, attrs: Sequence[tuple[str, str]]) -> bool:
-    return obj.shape == shape and all(obj.attribute(a) == v for a, v in attrs)
+    return match_value(obj, shape, attrs) == YES
 
 
 def truth(desc: Desc, objs: Sequence[Obj]) -> list[float] | None:
     """Three-valued truth of `desc` without its ordinal, per object; None if a landmark is not unique."""
-    values = [YES if matches(o, desc.shape, desc.attrs) else NO for o in objs]
+    values = [match_value(o, desc.shape, desc.attrs) for o in objs]
     for attr, value in desc.negations:
-        values = [v if o.attribute(attr) != value else NO for v, o in zip(values, objs)]
+        values = [
+            NO if o.attribute(attr) == value else min(v, UNCLEAR) if o.attribute(attr) == UNKNOWN else v
+            for v, o in zip(values, objs)
+        ]
     for relation, landmark_desc in desc.relations:
         landmark = resolve(landmark_desc, objs)
         if landmark is None:
@@ -326,37 +459,48 @@ def resolve(desc: Desc, objs: Sequence[Obj]) -> int | None:
     if desc.ordinal is None:
         return _unique(values)
     k, direction = desc.ordinal
-    if any(v == UNCLEAR for v in values):
+    noun = [match_value(o, desc.shape, desc.attrs) for o in objs]
+    if any(v == UNCLEAR for v in values) or any(v == UNCLEAR for v in noun):
         return None
     # the ordinal counts among the objects that pass every clause ...
     filtered = rank([i for i, v in enumerate(values) if v == YES], objs, direction, k)
     # ... or among the objects of the noun phrase, the clauses then describing the one counted; both
     # readings must agree
-    counted = rank([i for i, o in enumerate(objs) if matches(o, desc.shape, desc.attrs)], objs, direction, k)
+    counted = rank([i for i, v in enumerate(noun) if v == YES], objs, direction, k)
     return filtered if filtered is not None and filtered == counted else None
 
 
-def min_level(target: int, objs: Sequence[Obj]) -> int:
+def min_level(target: int, objs: Sequence[Obj], lex: Lexicon = SYNTH_LEXICON) -> int:
     """The lowest level at which some description identifies `target` (4 if levels 1-3 cannot)."""
     obj = objs[target]
     if resolve(Desc(obj.shape), objs) == target:
         return 1
-    full = tuple((a, obj.attribute(a)) for a in ATTRIBUTES)
-    if resolve(Desc(obj.shape, full), objs) == target:
+    full = full_desc(obj, lex)
+    if resolve(full, objs) == target:
         return 2
-    for j in unique_landmarks(objs):
+    if lex.superlatives and any(
+        resolve(Desc(obj.shape, attrs, ordinal=(1, d)), objs) == target
+        for attrs in ((), full.attrs)
+        for d in DIRECTIONS
+    ):
+        return 2
+    for j in unique_landmarks(objs, lex):
         if j == target:
             continue
         for relation in RELATIONS:
-            if resolve(Desc(obj.shape, full, relations=((relation, full_desc(objs[j])),)), objs) == target:
+            desc = Desc(obj.shape, full.attrs, relations=((relation, full_desc(objs[j], lex)),))
+            if resolve(desc, objs) == target:
                 return 3
     return 4
 
 
-def full_desc(obj: Obj) -> Desc:
-    return Desc(obj.shape, tuple((a, obj.attribute(a)) for a in ATTRIBUTES))
+def full_desc(obj: Obj, lex: Lexicon = SYNTH_LEXICON) -> Desc:
+    """The object's noun with every attribute value the lexicon can say."""
+    return Desc(
+        obj.shape, tuple((a, obj.attribute(a)) for a in ATTRIBUTES if lex.worded(a, obj.attribute(a)))
+    )
 
 
-def unique_landmarks(objs: Sequence[Obj]) -> list[int]:
-    """Objects a level-1/2 description can name (no twin with the same shape and attributes)."""
-    return [j for j, o in enumerate(objs) if resolve(full_desc(o), objs) == j]
+def unique_landmarks(objs: Sequence[Obj], lex: Lexicon = SYNTH_LEXICON) -> list[int]:
+    """Objects a level-1/2 description can name (no twin with the same noun and attributes)."""
+    return [j for j, o in enumerate(objs) if resolve(full_desc(o, lex), objs) == j]

@@ -1,0 +1,1 @@
+"""Referring expressions made from instance-segmentation sets (`lgformer data from-instances`)."""
