@@ -30,6 +30,7 @@ class ModelConfig:
     window: int = 12  # Swin window size (the released checkpoints use 12)
     backbone_weights: str | None = None  # official Swin .pth, or "package" for EfficientNet-Lite2
     text_encoder: str = "bert-base-uncased"  # local BERT-layout folder, hub id, or "minilm" (offline)
+    text_dropout: float | None = None  # BERT's hidden and attention dropout; None: its config's (0.1)
     max_tokens: int = 20  # wordpieces incl. [CLS]/[SEP]; the decoder's key table has this many rows
     fusion: str = "vlba"  # vlba (bidirectional, the paper) | pwam (LAVT's one-way module, Table 4)
     fusion_heads: list[int] = field(default_factory=lambda: [1, 1, 1, 1])
@@ -226,6 +227,8 @@ def apply_override(cfg: Config, item: str) -> Config:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+        value = raw.strip()  # YAML 1.1 reads on/off/yes/no as booleans: the field's type decides (amp=off)
     nested: dict[str, Any] = {}
     node = nested
     parts = key.strip().split(".")
@@ -258,6 +261,9 @@ def _deep_update(
     return out
 
 
+_WORDS_OF_BOOL = {"yes": True, "on": True, "no": False, "off": False}
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -284,6 +290,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return float(value)
         except ValueError:
             pass
+    if tp is bool and isinstance(value, str) and value.lower() in _WORDS_OF_BOOL:
+        return _WORDS_OF_BOOL[value.lower()]
     if tp is bool and not isinstance(value, bool):
         raise LGFormerError(f"{where}: expected true/false, got {value!r}")
     if tp is int and (isinstance(value, bool) or not isinstance(value, int)):

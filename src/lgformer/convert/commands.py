@@ -1,10 +1,10 @@
-"""`lgformer convert official` and `lgformer verify-official`."""
+"""`lgformer convert official`, `lgformer verify-official` and `lgformer verify-official-training`."""
 
 from __future__ import annotations
 
 import argparse
 
-from lgformer.cli import add_device_argument
+from lgformer.cli import add_device_argument, add_overrides_argument
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,6 +27,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     ver.add_argument("--variant", required=True, choices=["tiny-w7", "small-w7", "base-w12", "large-w12"])
     add_device_argument(ver)
     ver.set_defaults(handler=_verify_official)
+
+    vt = sub.add_parser(
+        "verify-official-training",
+        help="the authors' recorded training steps taken by our training code (exit 0 iff all checks pass)",
+    )
+    vt.add_argument("golden", help="training golden .safetensors (shared/reference/official-training)")
+    vt.add_argument("--variant", required=True, choices=["tiny-w7", "small-w7", "base-w12", "large-w12"])
+    vt.add_argument("--write", default=None, help="also store our run in the golden's format to this file")
+    vt.add_argument(
+        "--device-batch",
+        type=int,
+        default=None,
+        help="micro-batch per process (default: the batch split over processes; smaller = accumulation)",
+    )
+    vt.add_argument(
+        "--steps",
+        type=int,
+        default=3,
+        help="take only the first 1-3 recorded steps and run their checks (default: all 3)",
+    )
+    add_overrides_argument(vt, "config override, e.g. train.freeze_bert_embeddings=false (repeatable)")
+    add_device_argument(vt)
+    vt.set_defaults(handler=_verify_official_training)
 
 
 def _convert_official(args: argparse.Namespace) -> int:
@@ -58,3 +81,25 @@ def _verify_official(args: argparse.Namespace) -> int:
     worst = max(diffs.values())
     print(f"max_abs_diff={worst:.3e}")
     return 0 if worst <= TOLERANCE else 1
+
+
+def _verify_official_training(args: argparse.Namespace) -> int:
+    from lgformer.convert.verify_training import candidate, compare, read_golden, write_candidate
+
+    golden, meta = read_golden(args.golden, args.variant)
+    result = candidate(
+        golden, args.variant, args.device, args.device_batch, tuple(args.overrides), args.steps
+    )
+    if result is None:  # not the first process
+        return 0
+    tensors, cand_meta = result
+    if args.write:
+        write_candidate(args.write, tensors, cand_meta)
+    checks = compare(tensors, cand_meta, golden, meta)
+    for check in checks:
+        print(check.line())
+    passed = all(c.passed for c in checks)
+    if args.steps < 3:
+        print(f"(only the checks of the first {args.steps} step(s) ran: --steps {args.steps})")
+    print(f"training_golden={'PASS' if passed else 'FAIL'}")
+    return 0 if passed else 1

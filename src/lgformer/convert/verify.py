@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from lgformer import config as config_mod
-from lgformer.convert.official import from_official, to_official
+from lgformer.config import ModelConfig
+from lgformer.convert.official import from_official, official_name, to_official
 from lgformer.errors import LGFormerError
 from lgformer.model.build import build_model
 from lgformer.model.lgformer import LGFormer
@@ -40,18 +41,22 @@ def recipe_value(key: str, shape: tuple[int, ...]) -> torch.Tensor:
     return std * torch.randn(shape, generator=g)
 
 
-def build_recipe_model(variant: str) -> LGFormer:
-    """Our model for `variant` carrying the recipe weights, loaded through the authors' layout."""
+def build_recipe_model(
+    variant: str, text_encoder: bool = False, model_cfg: ModelConfig | None = None
+) -> LGFormer:
+    """Our model for `variant` (or `model_cfg`) carrying the recipe weights, loaded through the authors'
+    layout: every parameter, the text encoder's too with `text_encoder` (the training golden)."""
     if variant not in VARIANTS:
         raise LGFormerError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
     preset, window = VARIANTS[variant]
-    cfg = config_mod.preset(preset).model
+    cfg = model_cfg or config_mod.preset(preset).model
     cfg.window = window
     model = build_model(cfg, pretrained=False)
     official = to_official(model.state_dict())
-    for key, value in official.items():
-        if not key.startswith("text_encoder.") and not key.endswith("relative_position_index"):
-            official[key] = recipe_value(key, tuple(value.shape))
+    for name, _ in model.named_parameters():
+        key = official_name(name)
+        if text_encoder or not key.startswith("text_encoder."):
+            official[key] = recipe_value(key, tuple(official[key].shape))
     model.load_state_dict(from_official(official, model))
     return model.eval()
 

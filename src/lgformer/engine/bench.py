@@ -236,24 +236,25 @@ def _parts(
 def train_step(
     model: nn.Module, cfg: Config, x: dict[str, torch.Tensor], dtype: torch.dtype | None, device: torch.device
 ) -> Callable[[], None]:
-    """One optimiser step of the training recipe: forward at 1/4 scale, loss, backward (scaled under fp16,
-    as the authors' AMP), clip, AdamW."""
-    from lgformer.engine.train import freeze, optimizer_update, param_groups, set_train_mode
-    from lgformer.model.loss import mask_loss
+    """One optimiser step of the training recipe (the trainer's own functions): forward at 1/4 scale, loss,
+    backward (scaled under fp16, as the authors' AMP), clip, AdamW."""
+    from lgformer.engine.train import (
+        backward_batches,
+        build_optimizer,
+        freeze,
+        optimizer_update,
+        set_train_mode,
+    )
 
     tc, m = cfg.train, cfg.model
     freeze(model, tc)
     set_train_mode(model, tc)
-    optimizer = torch.optim.AdamW(param_groups(model, tc), lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = build_optimizer(model, tc)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    batch = {"image": x["image"], "text_mask": x["mask"], "ids": x["ids"], "mask": x["target"]}
 
     def step() -> None:
-        with autocast(device, dtype):
-            logits = model(
-                x["image"], x["mask"], ids=x["ids"], upsample=False, all_outputs=m.loss_all_outputs
-            )
-            loss = mask_loss(logits, x["target"], m.loss_pos_weight, m.loss_all_outputs, m.loss_resolution)
-        (loss if scaler is None else scaler.scale(loss)).backward()
+        backward_batches(model, iter([batch]), 1, m, device, dtype, scaler)
         optimizer_update(model, optimizer, scaler, tc.clip_grad)
 
     return step

@@ -18,6 +18,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from lgformer import config as config_mod
-from lgformer.config import Config, TrainConfig
+from lgformer.config import Config, ModelConfig, TrainConfig
 from lgformer.engine import distributed as D
 from lgformer.engine.checkpoint import (
     atomic_write,
@@ -80,6 +81,51 @@ def freeze(model: nn.Module, tc: TrainConfig) -> None:
         model.text_encoder.requires_grad_(False)
     elif tc.freeze_bert_embeddings:
         model.text_encoder.bert.embeddings.requires_grad_(False)
+
+
+def build_optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over `param_groups`; betas (0.9, 0.999), eps 1e-8 as the authors. The fused kernel (CPU and GPU)
+    is the fastest update."""
+    return torch.optim.AdamW(param_groups(model, tc), lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, step: int, total: int, tc: TrainConfig) -> float:
+    """Set every group's rate for optimizer step `step` (0 first) of `total`; returns the schedule factor."""
+    factor = lr_factor(step, total, tc.warmup_steps, tc.poly_power)
+    for g in optimizer.param_groups:
+        g["lr"] = g["initial_lr"] * factor
+    return factor
+
+
+def backward_batches(
+    net: nn.Module,
+    batches: Iterator[dict[str, Any]],
+    accum: int,
+    m: ModelConfig,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> torch.Tensor:
+    """Forward and backward of `accum` micro-batches, each loss divided by `accum` so the gradients are the
+    mean over them (DDP then averages over processes, synchronising on the last one only); returns the
+    summed loss of this process, detached."""
+    from lgformer.model.loss import mask_loss
+
+    ddp = net if isinstance(net, DistributedDataParallel) else None
+    loss_sum = torch.zeros((), device=device)
+    for j in range(accum):
+        batch = next(batches)
+        with ddp.no_sync() if ddp is not None and j < accum - 1 else contextlib.nullcontext():
+            with autocast(device, dtype):
+                image, text_mask, ids = (batch[k].to(device) for k in ("image", "text_mask", "ids"))
+                logits = net(image, text_mask, ids=ids, upsample=False, all_outputs=m.loss_all_outputs)
+                loss = mask_loss(
+                    logits, batch["mask"].to(device), m.loss_pos_weight, m.loss_all_outputs, m.loss_resolution
+                )
+                loss = loss / accum
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        loss_sum += loss.detach()
+    return loss_sum
 
 
 def optimizer_update(
@@ -297,9 +343,7 @@ class Trainer:
         freeze(self.model, tc)
         # A frozen pretrained text encoder is not stored: checkpoints reload it from its source.
         self.exclude = ("text_encoder.",) if tc.pretrained and tc.freeze_text_encoder else ()
-        # betas (0.9, 0.999), eps 1e-8 as the authors; the fused kernel (CPU and GPU) is the fastest update.
-        groups = param_groups(self.model, tc)
-        self.optimizer = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
+        self.optimizer = build_optimizer(self.model, tc)
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
         self.step, self.best, self.saved_step = 0, None, None
         self.seconds_before = 0.0  # time of the sessions before a resume
@@ -443,33 +487,14 @@ class Trainer:
 
     def _optimizer_step(self, batches: Any) -> float:
         """One update from `accum` micro-batches; returns the loss averaged over the global batch."""
-        from lgformer.model.loss import mask_loss
-
-        tc, m, dev = self.tc, self.cfg.model, self.device
-        factor = lr_factor(self.step, self.total, tc.warmup_steps, tc.poly_power)
-        self.lr = tc.lr * factor  # the new parts' rate, for the log
-        for g in self.optimizer.param_groups:
-            g["lr"] = g["initial_lr"] * factor
+        tc = self.tc
+        self.lr = tc.lr * set_lr(
+            self.optimizer, self.step, self.total, tc
+        )  # the new parts' rate, for the log
         set_train_mode(self.model, tc)
-        net = self.ddp or self.model
-        loss_sum = torch.zeros((), device=dev)
-        for j in range(self.accum):
-            batch = next(batches)
-            last = j == self.accum - 1
-            with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
-                with autocast(dev, self.dtype):
-                    image, text_mask, ids = (batch[k].to(dev) for k in ("image", "text_mask", "ids"))
-                    logits = net(image, text_mask, ids=ids, upsample=False, all_outputs=m.loss_all_outputs)
-                    loss = mask_loss(
-                        logits,
-                        batch["mask"].to(dev),
-                        m.loss_pos_weight,
-                        m.loss_all_outputs,
-                        m.loss_resolution,
-                    )
-                    loss = loss / self.accum
-                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            loss_sum += loss.detach()
+        loss_sum = backward_batches(
+            self.ddp or self.model, batches, self.accum, self.cfg.model, self.device, self.dtype, self.scaler
+        )
         value = float(D.all_reduce_sum(loss_sum)) / self.world.size
         if not math.isfinite(value):
             where = "none" if self.saved_step is None else f"{self.out / 'last'} (step {self.saved_step})"

@@ -36,6 +36,10 @@ def validate(cfg: ModelConfig) -> None:
             raise LGFormerError(f"model.{name}={getattr(cfg, name)!r}; valid: {', '.join(valid)}")
     if len(cfg.fusion_heads) != 4:
         raise LGFormerError(f"model.fusion_heads needs 4 entries (one per stage), got {cfg.fusion_heads}")
+    for name in ("drop_path", "text_dropout"):
+        rate = getattr(cfg, name)
+        if rate is not None and not 0 <= rate < 1:
+            raise LGFormerError(f"model.{name}={rate}; it must be in [0, 1)")
     if not 0 <= cfg.encoder_fp32_stages <= 4:
         raise LGFormerError(f"model.encoder_fp32_stages={cfg.encoder_fp32_stages}; valid: 0 to 4")
     if cfg.query == "learnable" and cfg.num_queries < 1:
@@ -99,7 +103,7 @@ def build_model(cfg: ModelConfig, pretrained: bool = True, init: bool = True) ->
         with initialisers_off():
             return build_model(cfg, pretrained)
     trunk = build_trunk(cfg, pretrained)
-    text_encoder = TextEncoder.build(cfg.text_encoder, pretrained=pretrained)
+    text_encoder = TextEncoder.build(cfg.text_encoder, pretrained=pretrained, dropout=cfg.text_dropout)
     text_dim = text_encoder.dim
     image_encoder = MultiModalBackbone(
         trunk, text_dim, cfg.fusion, cfg.fusion_heads, fp32_stages=cfg.encoder_fp32_stages

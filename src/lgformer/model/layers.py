@@ -31,6 +31,9 @@ ONEDNN = (
     and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 )
 
+# oneDNN's bf16 products need AVX-512 (or AVX-NE-CONVERT); elsewhere bf16 autocast keeps `F.linear`
+ONEDNN_BF16 = ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
 # weights prepacked for oneDNN (`_packed_weight`); LGFORMER_PACK_WEIGHTS=0 saves their memory instead
 PACK_WEIGHTS = (
     ONEDNN
@@ -84,7 +87,8 @@ def _onednn_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
         return None
     if torch.is_autocast_enabled("cpu"):
         floating = x.dtype in (torch.float32, torch.bfloat16)
-        return torch.bfloat16 if floating and torch.get_autocast_dtype("cpu") == torch.bfloat16 else None
+        bf16 = floating and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        return torch.bfloat16 if bf16 and ONEDNN_BF16 else None
     return torch.float32 if x.dtype == weight.dtype == torch.float32 else None
 
 

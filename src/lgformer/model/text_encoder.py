@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -308,14 +308,18 @@ class TextEncoder(nn.Module):
         self.dim: int = bert.config.hidden_size
 
     @classmethod
-    def build(cls, name: str, pretrained: bool = True) -> TextEncoder:
+    def build(cls, name: str, pretrained: bool = True, dropout: float | None = None) -> TextEncoder:
         """Load `name` (folder, hub id or 'minilm'); with `pretrained=False` only its config is used
-        (random weights), falling back to bert-base's config for `bert-base-uncased` when offline."""
+        (random weights), falling back to bert-base's config for `bert-base-uncased` when offline.
+        `dropout` replaces the config's hidden and attention-probability dropout rates."""
         random_base = name == BERT_BASE and not pretrained  # a cached config, else `BertConfig`'s defaults
         config_file = find_file(name, ("config.json",), download=not random_base)
         if config_file is None and not random_base:
             raise LGFormerError(_missing_message(name, "no config.json"))
-        bert = Bert(BertConfig.load(config_file) if config_file else BertConfig())
+        config = BertConfig.load(config_file) if config_file else BertConfig()
+        if dropout is not None:
+            config = replace(config, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+        bert = Bert(config)
         if pretrained:
             weights = find_file(name, WEIGHT_FILES)
             if weights is None:
