@@ -21,9 +21,10 @@ import numpy as np
 from PIL import Image
 
 from lgformer.data.dataset import ReferDataset
+from lgformer.data.files import atomic_write
 from lgformer.data.masks import decode_segmentation
 from lgformer.data.sources import load_jsonl, referent_mask
-from lgformer.engine.checkpoint import atomic_write, load_model
+from lgformer.engine.checkpoint import load_model
 from lgformer.engine.evaluate import evaluate_model, evaluate_predictions, report
 from lgformer.model.text_encoder import Tokenizer
 from lgformer.predictor import resolve_checkpoint

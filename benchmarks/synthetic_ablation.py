@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from lgformer.cli import add_device_argument, add_overrides_argument
-from lgformer.engine.checkpoint import atomic_write
+from lgformer.data.files import atomic_write
 
 VARIANTS: dict[str, list[str]] = {
     "linguistic": [],

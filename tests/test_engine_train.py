@@ -101,13 +101,13 @@ def test_resume_mid_epoch_gives_identical_weights(tmp_path, synth, deterministic
 
 def test_resume_with_another_set_of_trainable_parameters_is_a_clear_error(tmp_path):
     """A trainer state written by a version that trained other parameters is refused in one line."""
-    from lgformer.engine.checkpoint import load_training_state, save_training_state
+    from lgformer.engine.checkpoint import TRAINER_STATE, load_training_state
 
     cfg = _lite(MINI_DATA, SMALL, "train.batch_size=2 train.max_steps=1 train.val_split=null")
     train(cfg, tmp_path / "run")
     state = load_training_state(tmp_path / "run" / "last")
     state["optimizer"]["param_groups"][0]["params"].append(10**6)
-    save_training_state(tmp_path / "run" / "last", state)
+    torch.save(state, tmp_path / "run" / "last" / TRAINER_STATE)
     with pytest.raises(
         LGFormerError, match=r"last: optimizer state does not fit this model's trainable parameters"
     ):

@@ -26,7 +26,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from lgformer.app.render import overlay, save_png
-from lgformer.engine.checkpoint import atomic_write
+from lgformer.data.files import atomic_write
 from lgformer.predictor import Segmenter, read_image
 
 SYNTH_SEED = 0  # the benchmark seed of the default model's training data; its `test` split is held out

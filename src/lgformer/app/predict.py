@@ -16,7 +16,8 @@ from typing import Any
 
 from lgformer import config as config_mod
 from lgformer.app.render import mask_image, overlay, save_png
-from lgformer.engine.checkpoint import atomic_write, read_config
+from lgformer.data.files import atomic_write
+from lgformer.engine.checkpoint import read_config
 from lgformer.model.text_encoder import Tokenizer
 from lgformer.predictor import InputWarning, Segmenter, encode_sentences, read_image, resolve_checkpoint
 

@@ -33,8 +33,8 @@ from PIL import Image
 from torch import Tensor, nn
 
 from lgformer.config import Config
+from lgformer.data.files import atomic_write
 from lgformer.data.images import image_tensor
-from lgformer.engine.checkpoint import atomic_write
 from lgformer.errors import LGFormerError
 from lgformer.model import deformable_attention
 from lgformer.model.text_encoder import Tokenizer

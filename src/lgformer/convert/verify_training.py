@@ -31,9 +31,9 @@ from lgformer import config as config_mod
 from lgformer.config import Config
 from lgformer.convert.official import infer_preset, official_name
 from lgformer.convert.verify import VARIANTS, build_recipe_model
+from lgformer.data.files import atomic_write
 from lgformer.engine import distributed as D
 from lgformer.engine import train as T
-from lgformer.engine.checkpoint import atomic_write
 from lgformer.errors import LGFormerError
 from lgformer.safe_load import load_safetensors_file
 

@@ -1,15 +1,14 @@
 """Our checkpoint format: a folder with `model.safetensors` and `config.json`. Every command loads it.
 
 `config.json` holds the full config and `weights_exclude`, the name prefixes whose tensors are not
-stored because they come from a pretrained source (e.g. a frozen MiniLM from its package). Writes are
-atomic: each file goes to a temporary name in the folder, then is renamed.
+stored because they come from a pretrained source (e.g. a frozen MiniLM from its package). A checkpoint is
+written whole into a temporary folder and swapped in (`lgformer.data.files.atomic_folder`): a kill at any
+moment leaves the old or the new checkpoint complete.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,27 +18,14 @@ from torch import nn
 
 from lgformer import config as config_mod
 from lgformer.config import Config
+from lgformer.data.files import atomic_folder, crash_point
 from lgformer.errors import LGFormerError
 from lgformer.safe_load import load_safetensors_file, load_torch_file
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+TRAINER_STATE = "trainer_state.pt"
 FORMAT_VERSION = 1
-
-
-def atomic_write(path: str | Path, write: Any) -> None:
-    """Call `write(tmp_path)` then rename onto `path`, so readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints and outputs are ordinary files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_model(
@@ -49,8 +35,13 @@ def save_model(
     dtype: torch.dtype | None = None,
     exclude: tuple[str, ...] = (),
     extra: dict[str, Any] | None = None,
+    training_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write weights (optionally cast to `dtype`, minus tensors under `exclude`) and config."""
+    """Write weights (optionally cast to `dtype`, minus tensors under `exclude`), config and, for a run's
+    `last`, the resumable training state, as one folder swapped in whole (`atomic_folder`).
+
+    `training_state` must hold only tensors and plain containers/numbers/strings, so that it loads back with
+    `torch.load(weights_only=True)` (no arbitrary unpickling)."""
     directory = Path(directory)
     tensors = {}
     for key, value in model.state_dict().items():
@@ -61,9 +52,14 @@ def save_model(
             value = value.to(dtype)
         tensors[key] = value.contiguous().cpu()
     meta = {"format_version": FORMAT_VERSION, "weights_exclude": list(exclude), **(extra or {})}
-    atomic_write(directory / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     body = json.dumps({**meta, "config": config_mod.to_dict(cfg)}, indent=2)
-    atomic_write(directory / CONFIG, lambda tmp: Path(tmp).write_text(body))
+    with atomic_folder(directory) as tmp:
+        if training_state is not None:
+            torch.save(training_state, tmp / TRAINER_STATE)
+            crash_point("state-written")
+        save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
+        crash_point("weights-written")
+        (tmp / CONFIG).write_text(body)
     return directory
 
 
@@ -113,17 +109,6 @@ def load_model(
         )
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=False)
     return model.to(device).eval(), cfg
-
-
-TRAINER_STATE = "trainer_state.pt"
-
-
-def save_training_state(directory: str | Path, state: dict[str, Any]) -> None:
-    """Write the resumable training state (optimizer, step, RNG, ...) beside the weights.
-
-    `state` must hold only tensors and plain containers/numbers/strings, so that it loads back with
-    `torch.load(weights_only=True)` (no arbitrary unpickling)."""
-    atomic_write(Path(directory) / TRAINER_STATE, lambda tmp: torch.save(state, tmp))
 
 
 def load_training_state(directory: str | Path) -> dict[str, Any]:

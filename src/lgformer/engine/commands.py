@@ -83,12 +83,13 @@ def _train(args: argparse.Namespace) -> int:
     from lgformer import config as config_mod
     from lgformer.engine import distributed
     from lgformer.engine.checkpoint import read_config
-    from lgformer.engine.train import train
+    from lgformer.engine.train import recover_run, train
     from lgformer.errors import LGFormerError
 
     if args.resume is not None:
         if args.out is not None and args.out != args.resume:
             raise LGFormerError("--resume DIR continues the run in DIR; do not also pass a different --out")
+        recover_run(args.resume)
         # The run's own config unless --config names one (it must describe the same model).
         cfg = read_config(args.resume / "last")[0] if args.config is None else config_mod.load(args.config)
         for item in args.overrides:
@@ -181,7 +182,7 @@ def _eval(args: argparse.Namespace) -> int:
     title = f"{data.dataset} ({data.split_by}) — {source}"
     body = reports[args.split[0]] if len(reports) == 1 else reports
     if args.out is not None:
-        from lgformer.engine.checkpoint import atomic_write
+        from lgformer.data.files import atomic_write
 
         text = json.dumps(
             {"source": source, "dataset": data.dataset, "split_by": data.split_by, "reports": reports},

@@ -31,15 +31,9 @@ from torch.utils.data import DataLoader
 
 from lgformer import config as config_mod
 from lgformer.config import Config, ModelConfig, TrainConfig
+from lgformer.data.files import atomic_write, recover_folder
 from lgformer.engine import distributed as D
-from lgformer.engine.checkpoint import (
-    atomic_write,
-    load_model,
-    load_training_state,
-    read_config,
-    save_model,
-    save_training_state,
-)
+from lgformer.engine.checkpoint import load_model, load_training_state, read_config, save_model
 from lgformer.engine.evaluate import evaluate_model
 from lgformer.errors import LGFormerError
 from lgformer.precision import autocast, autocast_dtype
@@ -301,6 +295,15 @@ class Log:
         self.last_plot = time.monotonic()
 
 
+def recover_run(out: Path) -> None:
+    """Finish or undo the checkpoint swap a killed save left in run folder `out` (on the first process)."""
+    if D.world().main:
+        for name in ("last", "best"):
+            note = recover_folder(out / name)
+            if note:
+                print(note)
+
+
 class Trainer:
     """One run in `out`: a new one from `cfg`, or (`resume=True`) the run in `out` continued from
     `out/last` with its optimizer, step, best score and RNG states. `fit()` trains to the end."""
@@ -312,6 +315,7 @@ class Trainer:
 
         self.cfg, self.tc, self.out = cfg, cfg.train, Path(out)
         tc = self.tc
+        recover_run(self.out)
         if resume:
             _check_same_model(read_config(self.out / "last")[0], cfg, self.out / "last")
         elif (self.out / "last").exists():
@@ -551,8 +555,14 @@ class Trainer:
                 "rng": rng,
                 "train_seconds": self.seconds,
             }
-            save_training_state(self.out / "last", state)
-            save_model(self.out / "last", self.model, self.cfg, exclude=self.exclude, extra=meta)
+            save_model(
+                self.out / "last",
+                self.model,
+                self.cfg,
+                exclude=self.exclude,
+                extra=meta,
+                training_state=state,
+            )
         self.saved_step = self.step
         D.barrier()
 
