@@ -122,6 +122,9 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from lgformer.data.files import check_output_folder
+
+    check_output_folder(args.out)
     from lgformer.app.predict import predict_files
 
     summary = predict_files(
@@ -149,8 +152,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from lgformer.app import demo
+    from lgformer.data.files import check_output_folder
     from lgformer.predictor import Segmenter
 
+    check_output_folder(args.out)
     checkpoint = args.checkpoint
     if args.train:
         checkpoint = demo.train_default(
@@ -181,6 +186,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _export_onnx(args: argparse.Namespace) -> int:
+    from lgformer.data.files import check_output_file
+
+    check_output_file(args.out)
     from lgformer.convert.onnx import OPSET, export_onnx, synthetic_check_input
     from lgformer.predictor import Segmenter, encode_sentences, read_image
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from lgformer.cli import add_device_argument, add_overrides_argument
+from lgformer.data.files import check_output_file, check_output_folder
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -58,6 +59,7 @@ def _convert_official(args: argparse.Namespace) -> int:
     from lgformer.engine.checkpoint import save_model
     from lgformer.model.build import build_model
 
+    check_output_folder(args.out)
     state = load_official_checkpoint(args.checkpoint)
     preset, window = infer_preset(state)
     cfg = config_mod.preset(preset)
@@ -85,6 +87,9 @@ def _verify_official(args: argparse.Namespace) -> int:
 
 def _verify_official_training(args: argparse.Namespace) -> int:
     from lgformer.convert.verify_training import candidate, compare, read_golden, write_candidate
+
+    if args.write:
+        check_output_file(args.write, "--write")
 
     golden, meta = read_golden(args.golden, args.variant)
     result = candidate(

@@ -215,10 +215,12 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from lgformer.data.files import check_output_file
     from lgformer.data.sources import export_jsonl
 
     if args.root.endswith(".csv"):
         raise LGFormerError(f"{args.root}: a sentence CSV has no images or masks to export")
+    check_output_file(args.out)
     count = export_jsonl(_referents(args), args.out)
     print(f"wrote {count:,} referents to {args.out}")
     return 0
@@ -227,9 +229,11 @@ def _export(args: argparse.Namespace) -> int:
 def _synth(args: argparse.Namespace) -> int:
     import time
 
+    from lgformer.data.files import check_output_folder
     from lgformer.data.synth.generate import generate
     from lgformer.data.synth.sheet import render_sheet
 
+    check_output_folder(args.out)
     start = time.perf_counter()
     counts = generate(
         args.out,
@@ -253,8 +257,10 @@ def _synth(args: argparse.Namespace) -> int:
 def _from_instances(args: argparse.Namespace) -> int:
     import time
 
+    from lgformer.data.files import check_output_folder
     from lgformer.data.instances.generate import from_instances
 
+    check_output_folder(args.out)
     start = time.perf_counter()
     counts = from_instances(
         args.instances,

@@ -81,6 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from lgformer import config as config_mod
+    from lgformer.data.files import check_output_folder
     from lgformer.engine import distributed
     from lgformer.engine.checkpoint import read_config
     from lgformer.engine.train import recover_run, train
@@ -99,7 +100,7 @@ def _train(args: argparse.Namespace) -> int:
         if args.config is None or args.out is None:
             raise LGFormerError("give --config and --out for a new run, or --resume DIR")
         cfg = config_mod.load(args.config, args.overrides)
-        out = args.out
+        out = check_output_folder(args.out)
     try:
         result = train(
             cfg, out, resume=args.resume is not None, device=args.device, stop_after=args.stop_after
@@ -125,6 +126,10 @@ def _eval(args: argparse.Namespace) -> int:
 
     if (args.checkpoint is None) == (args.predictions is None):
         raise LGFormerError("give exactly one of --checkpoint DIR or --predictions DIR")
+    if args.out is not None:
+        from lgformer.data.files import check_output_folder
+
+        check_output_folder(args.out)
     w, dev = distributed.setup(args.device)
     if args.checkpoint is not None:
         from lgformer.predictor import resolve_checkpoint
