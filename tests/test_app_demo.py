@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import save_lite_checkpoint
+from conftest import SHARED, save_lite_checkpoint
 from PIL import Image
 
 from lgformer.app import shipped
@@ -23,7 +23,7 @@ def checkpoint(tmp_path_factory) -> Path:
 def test_demo_scores_every_level_and_draws_the_gallery(checkpoint, tmp_path, capsys):
     out = tmp_path / "demo"
     argv = ["demo", "--checkpoint", str(checkpoint), "--out", str(out), "--eval-refs", "12", "--scenes", "4"]
-    assert main([*argv, "--device", "cpu", "--workers", "1"]) == 0
+    assert main([*argv, "--real", "none", "--device", "cpu", "--workers", "1"]) == 0
     printed = capsys.readouterr().out
     for level in (
         "1 (shape)",
@@ -44,6 +44,32 @@ def test_demo_scores_every_level_and_draws_the_gallery(checkpoint, tmp_path, cap
         assert (out / tile["file"]).is_file() and tile["file"] in page
     gallery = Image.open(out / "gallery.png")
     assert gallery.width > 1000 and gallery.height > 320
+
+
+def test_demo_shows_real_photos_first(checkpoint, tmp_path, capsys):
+    """With real sentences at hand (here 6 referents of coco-subset's refcoco-real.jsonl), the demo scores
+    them at the photos' own size and draws every referent before the synthetic scenes."""
+    real = SHARED / "data" / "coco-subset" / "refcoco-real.jsonl"
+    lines = []
+    for line in real.read_text().splitlines()[:6]:
+        record = json.loads(line)
+        record["image"] = str(real.parent / record["image"])
+        lines.append(json.dumps(record))
+    subset = tmp_path / "real.jsonl"
+    subset.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "demo"
+    argv = ["demo", "--checkpoint", str(checkpoint), "--out", str(out), "--eval-refs", "4", "--scenes", "1"]
+    assert main([*argv, "--real", str(subset), "--device", "cpu", "--workers", "1"]) == 0
+    printed = capsys.readouterr().out
+    sentences = sum(len(json.loads(line)["sentences"]) for line in lines)
+    assert re.search(rf"real photos: {sentences} RefCOCO sentences .* oIoU \d+\.\d", printed)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["real"]["sentences"] == sentences and summary["real"]["photos"] >= 1
+    real_tiles = [t for t in summary["gallery"] if t["level"] == "real"]
+    assert len(real_tiles) == 6 and summary["gallery"][:6] == real_tiles  # real photos first
+    page = (out / "index.html").read_text()
+    assert page.index("Real photos") < page.index("Synthetic scenes")
+    assert all((out / t["file"]).is_file() and t["file"] in page for t in real_tiles)
 
 
 def test_demo_without_the_default_model_says_how_to_get_it(tmp_path, capsys, monkeypatch):

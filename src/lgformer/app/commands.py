@@ -61,6 +61,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--eval-refs", type=int, default=96, help="held-out objects to score (default %(default)s)"
     )
     p.add_argument(
+        "--real",
+        type=Path,
+        default=None,
+        help="JSONL of real photos and sentences to score and draw first (default: coco-subset's "
+        "refcoco-real.jsonl beside the repository, when it is there; 'none' to leave them out)",
+    )
+    p.add_argument(
         "--scenes",
         type=int,
         default=8,
@@ -168,6 +175,10 @@ def _demo(args: argparse.Namespace) -> int:
             overrides=tuple(args.overrides),
         )
         print(f"retrained model: {checkpoint} (copy it to {SHIPPED[DEFAULT_MODEL]} to make it the default)")
+    real = args.real if args.real is not None else demo.REAL_SENTENCES
+    if str(real) == "none" or (args.real is None and not real.is_file()):
+        print("real photos: left out (no refcoco-real.jsonl beside the repository; pass --real FILE)")
+        real = None
     seg = Segmenter.from_pretrained(checkpoint, args.device)
     summary = demo.run_demo(
         seg,
@@ -175,9 +186,16 @@ def _demo(args: argparse.Namespace) -> int:
         eval_refs=args.eval_refs,
         scenes=args.scenes,
         workers=args.workers,
+        real=real,
     )
     out = args.out.resolve()
     print(f"\nmodel: {checkpoint}")
+    if summary["real"]:
+        r = summary["real"]
+        print(
+            f"real photos: {r['sentences']} RefCOCO sentences ({r['file']}), original protocol: "
+            f"oIoU {r['oIoU']:.1f}, mIoU {r['mIoU']:.1f}, P@0.5 {r['P@0.5']:.1f}"
+        )
     print(f"held-out synthetic split (test split of seed {demo.SYNTH_SEED}), oIoU / mIoU in %:")
     print("\n".join("  " + line for line in demo.level_table(summary)))
     print(f"\ngallery: {out / 'gallery.png'}\npage:    {out / 'index.html'}\noverlays: {out / 'overlays'}")

@@ -1,11 +1,14 @@
 """`lgformer demo`: the system working end to end on a fresh machine, with no weights to supply.
 
 1. load the default `lite` model shipped in the package (or `--checkpoint DIR`);
-2. generate the held-out synthetic split with the data package's generator: the `test` split of the seed
+2. real photos first, where the real RefCOCO sentences of coco-subset are at hand (`--real`, by default the
+   repository's `../shared/data/coco-subset/refcoco-real.jsonl`): score them (`original` protocol) and draw
+   every photo with the first sentence of each of its referents;
+3. generate the held-out synthetic split with the data package's generator: the `test` split of the seed
    the default model was trained with (scenes derive from (seed, split, index), so it is disjoint from the
    training and validation scenes);
-3. measure oIoU per complexity level on it with the engine's evaluator (`resized` protocol);
-4. segment a handful of its scenes (two per level by default, an expression for each of their referred
+4. measure oIoU per complexity level on it with the engine's evaluator (`resized` protocol);
+5. segment a handful of its scenes (two per level by default, an expression for each of their referred
    objects) through the public `Segmenter` and write the overlays, a one-page gallery PNG and an HTML page.
 
 `--train` first retrains the default model from scratch with the recipe below (the engine's trainer, lite
@@ -33,10 +36,42 @@ SYNTH_SEED = 0  # the benchmark seed of the default model's training data; its `
 SYNTH_SIZE = 320
 LEVELS = {1: "shape", 2: "attributes", 3: "one relation", 4: "ordinal, negation or two relations"}
 TILE = 320
+REAL_IN_PNG = 6  # real-photo overlays on the one-page gallery (all of them are on the HTML page)
+# the real RefCOCO sentences on the coco-subset `eval` photos, beside a clone of the repository
+REAL_SENTENCES = (
+    Path(__file__).resolve().parents[4] / "shared" / "data" / "coco-subset" / "refcoco-real.jsonl"
+)
 
 # The recipe of the default model (`--train`, with the step and data counts of `lgformer demo --help`): the
 # lite preset on synthetic data.
 TRAIN_SETTINGS = ("data.image_size=256", "train.val_every=500", "train.log_every=25")
+
+
+def run_real(seg: Segmenter, sentences: Path, out: Path) -> tuple[dict[str, Any], list[dict]]:
+    """Score `seg` on the real sentences of a JSONL file (`original` protocol, every split together) and
+    draw each photo with the first sentence of each of its referents; returns the scores and the tiles."""
+    from lgformer.data.dataset import ReferDataset
+    from lgformer.data.sources import load_jsonl
+    from lgformer.engine.evaluate import evaluate_model, report
+
+    referents = load_jsonl(sentences)
+    dataset = ReferDataset(
+        referents, train=False, image_size=seg.cfg.data.image_size, gt_rule="union", tokenizer=seg.tokenizer
+    )
+    counts = evaluate_model(
+        seg.model, dataset, seg.device, protocol="original", dtype=seg.dtype, progress=True
+    )
+    scores = report(counts, dataset, "original")
+    tiles = _gallery_tiles(seg, referents, len(referents), "union", out / "overlays-real")
+    keys = ("oIoU", "mIoU", "P@0.5", "P@0.7", "P@0.9")
+    photos = len({ref.image for ref in referents})
+    summary = {
+        "sentences": len(dataset),
+        "photos": photos,
+        "file": str(sentences),
+        **{k: scores[k] for k in keys},
+    }
+    return summary, tiles
 
 
 def run_demo(
@@ -46,14 +81,17 @@ def run_demo(
     eval_refs: int,
     scenes: int,
     workers: int = 1,
+    real: Path | None = None,
 ) -> dict[str, Any]:
-    """Score `seg` on `eval_refs` objects of the held-out synthetic split and draw the gallery of its first
-    `scenes` scenes (scene i is of level 1 + i % 4) under `out`; returns the summary."""
+    """Score `seg` on the real sentences of `real` (when given) and on `eval_refs` objects of the held-out
+    synthetic split, and draw the gallery: the real photos, then the first `scenes` synthetic scenes (scene i
+    is of level 1 + i % 4), under `out`; returns the summary."""
     from lgformer.data.dataset import build_dataset
     from lgformer.data.synth.generate import generate
     from lgformer.engine.evaluate import evaluate_model, report
 
     start = time.perf_counter()
+    real_scores, real_tiles = run_real(seg, real, out) if real is not None else (None, [])
     data = out / "data"
     generate(data, {"test": eval_refs}, SYNTH_SEED, SYNTH_SIZE, workers)
     config = dataclasses.replace(seg.cfg.data, root=str(data), dataset="synth", image_dir=None)
@@ -62,15 +100,17 @@ def run_demo(
     scores = report(counts, dataset, "resized")
     tiles = _gallery_tiles(seg, dataset.referents, scenes, config.gt_rule, out / "overlays")
     summary = {
+        "real": real_scores,
         "held_out": {"split": "test", "seed": SYNTH_SEED, "refs": eval_refs, "expressions": len(dataset)},
         "oIoU": scores["oIoU"],
         "mIoU": scores["mIoU"],
         "by_level": scores.get("by_level", {}),
-        "gallery": [{k: v for k, v in t.items() if k != "image"} for t in tiles],
+        "gallery": [{k: v for k, v in t.items() if k != "image"} for t in real_tiles + tiles],
         "seconds": round(time.perf_counter() - start, 1),
     }
-    save_png(out / "gallery.png", _gallery_png(tiles, summary))
-    atomic_write(out / "index.html", lambda tmp: Path(tmp).write_text(_gallery_html(tiles, summary)))
+    save_png(out / "gallery.png", _gallery_png(real_tiles[:REAL_IN_PNG] + tiles, summary))
+    page = _gallery_html(real_tiles, tiles, summary)
+    atomic_write(out / "index.html", lambda tmp: Path(tmp).write_text(page))
     atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
     return summary
 
@@ -92,15 +132,16 @@ def _gallery_tiles(seg: Segmenter, referents: list, scenes: int, rule: str, fold
             truth = referent_mask(ref, rule)
             union = (pred.mask | truth).sum()
             iou = float((pred.mask & truth).sum() / union) if union else 0.0
-            note = f"level {ref.level} ({LEVELS.get(ref.level, '?')})  IoU {iou:.2f}"
+            kind = f"level {ref.level} ({LEVELS.get(ref.level, '?')})" if ref.level else "real sentence"
+            note = f"{kind}  IoU {iou:.2f}"
             image = overlay(picture, pred.mask, pred.sentence, note, truth=truth)
             path = save_png(folder / f"{refs[0].image.stem}_{k}.png", image)
             tiles.append(
                 {
                     "image": image,
-                    "file": f"overlays/{path.name}",
+                    "file": f"{folder.name}/{path.name}",
                     "sentence": pred.sentence,
-                    "level": ref.level,
+                    "level": ref.level or "real",
                     "iou": round(iou, 4),
                     "score": round(pred.score, 4),
                 }
@@ -132,6 +173,11 @@ def _gallery_png(tiles: list[dict], summary: dict[str, Any], columns: int = 6) -
         f"{summary['held_out']['expressions']} expressions (test split of seed {SYNTH_SEED}), in %:"
     )
     table = [("level", "expressions", "oIoU", "mIoU")]
+    if summary["real"]:
+        r = summary["real"]
+        table.append(
+            ("real photos: RefCOCO sentences", str(r["sentences"]), f"{r['oIoU']:.1f}", f"{r['mIoU']:.1f}")
+        )
     table += [(n, str(k), f"{o:.1f}", f"{m:.1f}") for n, k, o, m in level_rows(summary)]
     stops = (20, 360, 470, 550)  # column x positions (the default font is proportional)
     top = 16 + 24 + 21 * len(table) + 10
@@ -149,16 +195,33 @@ def _gallery_png(tiles: list[dict], summary: dict[str, Any], columns: int = 6) -
     return sheet
 
 
-def _gallery_html(tiles: list[dict], summary: dict[str, Any]) -> str:
+def _figures(tiles: list[dict]) -> str:
+    return "".join(
+        f"<figure><img src='{t['file']}' alt='overlay'><figcaption>&ldquo;{html.escape(t['sentence'])}&rdquo;"
+        f"<br>{'level ' if t['level'] != 'real' else ''}{t['level']}, IoU {t['iou']:.2f}, "
+        f"score {t['score']:.2f}</figcaption></figure>"
+        for t in tiles
+    )
+
+
+def _real_html(real: dict[str, Any] | None, tiles: list[dict]) -> str:
+    if real is None:
+        return ""
+    return f"""<h2>Real photos</h2>
+<p>{real["sentences"]} real RefCOCO / RefCOCO+ / RefCOCOg sentences on {real["photos"]} COCO photos the model
+never trained on, scored at the photos' own size (<code>original</code> protocol): oIoU {real["oIoU"]:.1f},
+mIoU {real["mIoU"]:.1f}, P@0.5 {real["P@0.5"]:.1f}. Below, the first sentence of each referent.</p>
+{_figures(tiles)}
+<h2>Synthetic scenes</h2>
+"""
+
+
+def _gallery_html(real_tiles: list[dict], tiles: list[dict], summary: dict[str, Any]) -> str:
     rows = "".join(
         f"<tr><td>{html.escape(n)}</td><td>{k}</td><td>{o:.1f}</td><td>{m:.1f}</td></tr>"
         for n, k, o, m in level_rows(summary)
     )
-    figures = "".join(
-        f"<figure><img src='{t['file']}' alt='overlay'><figcaption>&ldquo;{html.escape(t['sentence'])}&rdquo;"
-        f"<br>level {t['level']}, IoU {t['iou']:.2f}, score {t['score']:.2f}</figcaption></figure>"
-        for t in tiles
-    )
+    figures = _figures(tiles)
     held = summary["held_out"]
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>LGFormer demo</title><style>
@@ -168,7 +231,8 @@ figure {{ display: inline-block; margin: 6px; width: {TILE}px; vertical-align: t
 figure img {{ width: {TILE}px; }} figcaption {{ font-size: 13px; }}
 </style></head><body>
 <h1>LGFormer demo</h1>
-<p>Red: the model's mask; green outline: the ground truth. Held-out synthetic split:
+<p>Red: the model's mask; green outline: the ground truth.</p>
+{_real_html(summary["real"], real_tiles)}<p>Held-out synthetic split:
 {held["expressions"]} expressions of {held["refs"]} objects (test split of seed {held["seed"]}),
 scored with the engine's evaluator (in %).</p>
 <table><tr><th>level</th><th>expressions</th><th>oIoU</th><th>mIoU</th></tr>{rows}</table>

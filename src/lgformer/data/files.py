@@ -131,14 +131,18 @@ def recover_folder(path: str | Path) -> str | None:
 
 
 def check_output_folder(path: str | Path, what: str = "--out") -> Path:
-    """Before any work: `path` must be a folder that exists or can be made, and that can be written."""
+    """Before any work: `path` must be a folder, or a place where one can be made, that can be written.
+    Nothing is left behind: a probe folder is made in the nearest existing ancestor and removed."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise LGFormerError(f"{what} {path}: is a file, expected a folder")
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise LGFormerError(f"{what} {path}: {existing} is a file, not a folder")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".lgformer-probe-")
-        probe.close()
+        os.rmdir(tempfile.mkdtemp(prefix=".lgformer-probe-", dir=existing))
     except OSError as exc:
         raise LGFormerError(f"{what} {path}: cannot write there ({exc.strerror or exc})") from None
     return path
