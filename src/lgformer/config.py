@@ -90,6 +90,21 @@ class TrainConfig:
     save_every: int = 0  # steps between `last` checkpoints besides validations and epoch ends; 0: only those
     log_every: int = 10  # steps between log lines
 
+    def __post_init__(self) -> None:
+        at_least = {
+            "epochs": 1, "max_steps": 1, "batch_size": 1, "device_batch": 1, "warmup_steps": 0, "workers": 0,
+            "val_every": 0, "save_every": 0, "log_every": 1, "weight_decay": 0, "lr_pretrained": 0,
+            "poly_power": 0,
+        }  # fmt: skip
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise LGFormerError(f"train.{name}={value}; it must be at least {low}")
+        for name in ("lr", "clip_grad"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise LGFormerError(f"train.{name}={value}; it must be positive")
+
 
 @dataclass
 class Config:

@@ -10,7 +10,9 @@ version checks are off (no network calls).
 
 from __future__ import annotations
 
+import signal
 import tempfile
+import threading
 import uuid
 import warnings
 from pathlib import Path
@@ -108,8 +110,14 @@ def build_app(seg: Segmenter, workdir: Path, max_upload_mb: float) -> Any:
     return app
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # the server stops as on Ctrl-C, and the temporary folder is removed
+
+
 def serve(seg: Segmenter, host: str = "127.0.0.1", port: int = 7860, max_upload_mb: float = 20.0) -> None:
-    """Serve the page until interrupted."""
+    """Serve the page until interrupted (Ctrl-C or SIGTERM: the server closes, its temporary folder goes)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
     with tempfile.TemporaryDirectory(prefix="lgformer-serve-") as tmp:
         workdir = Path(tmp)
         app = build_app(seg, workdir, max_upload_mb)

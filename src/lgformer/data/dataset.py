@@ -52,13 +52,23 @@ class DataConfig:
     # (e.g. "synth:data/synth" beside real photos); validation and evaluation read `root` alone.
     mix: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        check_config(self)
+
+
+MIN_IMAGE_SIZE = 32
+
 
 def check_config(cfg: DataConfig) -> None:
+    """Every field of the `data` section (run when a DataConfig is made)."""
     if cfg.dataset not in DATASETS:
         raise LGFormerError(f"unknown dataset {cfg.dataset!r}; valid datasets: {', '.join(DATASETS)}")
     check_rule(cfg.gt_rule)
-    if cfg.image_size < 1:
-        raise LGFormerError(f"data.image_size={cfg.image_size}; it must be >= 1")
+    if cfg.image_size < MIN_IMAGE_SIZE:
+        raise LGFormerError(
+            f"data.image_size={cfg.image_size}; it must be at least {MIN_IMAGE_SIZE} pixels (the network "
+            "reads the picture down to 1/32 of its size)"
+        )
     for entry in cfg.mix:
         dataset = entry.split(":", 1)[0]
         if ":" not in entry or dataset not in DATASETS or dataset in REFER_DATASETS:
@@ -70,7 +80,6 @@ def check_config(cfg: DataConfig) -> None:
 
 def load_referents(cfg: DataConfig) -> list[Referent]:
     """Every referent of the configured source, all splits."""
-    check_config(cfg)
     return _load_source(cfg.dataset, cfg.root, cfg.split_by, cfg.image_dir)
 
 

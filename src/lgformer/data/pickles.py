@@ -40,6 +40,8 @@ def load_plain_pickle(path: str | Path) -> Any:
         raise LGFormerError(f"{path}: file not found") from None
     try:
         return _text(_PlainDataUnpickler(data, path).load())
+    except RecursionError:
+        raise LGFormerError(f"{path}: refused: nested too deeply for a refs file (a list of dicts)") from None
     except (
         pickle.UnpicklingError,
         EOFError,

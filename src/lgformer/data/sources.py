@@ -103,7 +103,7 @@ def load_refer(
         raise LGFormerError(
             f"{refs_path}: file not found (in {folder}: {', '.join(found) or 'no refs files'})"
         )
-    instances = _read_json(instances_path)
+    instances = read_json(instances_path)
     images = {
         img["id"]: img
         for img in _records(instances, "images", ("id", "file_name", "height", "width"), instances_path)
@@ -159,14 +159,19 @@ def _refer_referent(ref: Any, k: int, path: Path, images: dict, anns: dict, imag
     )
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
+    """A JSON file, every failure one line naming it."""
     try:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
+    except FileNotFoundError:
+        raise LGFormerError(f"{path}: file not found") from None
     except json.JSONDecodeError as exc:
         raise LGFormerError(f"{path}: not valid JSON ({exc})") from None
     except UnicodeDecodeError:
         raise LGFormerError(f"{path}: not UTF-8 text") from None
+    except RecursionError:
+        raise LGFormerError(f"{path}: refused: JSON nested too deeply") from None
 
 
 def _records(instances: Any, key: str, fields: Sequence[str], path: Path) -> list[dict]:
@@ -214,6 +219,8 @@ def _jsonl_referent(line: str, where: str, base: Path, image_root: Path) -> Refe
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         raise LGFormerError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise LGFormerError(f"{where}: refused: JSON nested too deeply") from None
     if not isinstance(record, dict):
         raise LGFormerError(f"{where}: expected a JSON object")
     unknown = sorted(set(record) - set(JSONL_FIELDS))

@@ -35,7 +35,7 @@ from lgformer.data.files import atomic_write
 from lgformer.data.images import load_image
 from lgformer.data.instances.lexicon import color_name, lexicon, size_names
 from lgformer.data.masks import decode_segmentation, encode_rle
-from lgformer.data.sources import INSTANCES
+from lgformer.data.sources import INSTANCES, read_json
 from lgformer.data.synth.describe import describe
 from lgformer.data.synth.generate import deterministic_pickle
 from lgformer.data.synth.grammar import UNKNOWN, Lexicon, Obj, min_level
@@ -77,7 +77,7 @@ class InstanceSet:
         self, instances: str | Path, images: str | Path, splits: str | Path | None, min_area: float
     ) -> None:
         self.path, self.image_dir = Path(instances), Path(images)
-        data = _read_json(self.path)
+        data = read_json(self.path)
         if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in _SECTIONS):
             raise LGFormerError(f"{self.path}: expected a COCO object with lists {', '.join(_SECTIONS)}")
         self.categories: dict[int, str] = {}
@@ -114,7 +114,7 @@ class InstanceSet:
     def _splits(self, splits: str | Path | None) -> list[str]:
         if splits is None:
             return [TRAIN] * len(self.images)
-        table = _read_json(Path(splits))
+        table = read_json(Path(splits))
         if not isinstance(table, dict):
             raise LGFormerError(f"{splits}: expected an object file_name -> split")
         out = []
@@ -148,15 +148,6 @@ class InstanceSet:
 
 
 _SECTIONS = ("images", "annotations", "categories")
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LGFormerError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LGFormerError(f"{path}: not valid JSON ({exc})") from None
 
 
 def _need(record: Any, fields: tuple[str, ...], where: str) -> None:
