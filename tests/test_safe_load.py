@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ def test_tensors_load_and_allowed_globals_pass(tmp_path: Path) -> None:
     ("content", "reason"),
     [
         ("text", "not a torch.save file"),
+        ("random", r"not a torch.save file \(neither a zip archive nor a pickle\)"),
         ("truncated", "corrupt or truncated torch.save file"),
         ("code", r"refused to run pickle code \(.*system"),
     ],
@@ -35,6 +37,8 @@ def test_bad_files_are_refused_with_the_reason(tmp_path: Path, content: str, rea
     torch.save({"w": torch.zeros(3), "hook": os.system}, path)
     if content == "text":
         path.write_text("hello, this is not a checkpoint\n")
+    elif content == "random":  # not called pickle code, whatever opcodes the bytes happen to spell
+        path.write_bytes(b"\x13" + bytes(random.Random(0).randrange(256) for _ in range(5000)))
     elif content == "truncated":
         path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(LGFormerError, match=rf"^{path}: cannot load weights: {reason}"):

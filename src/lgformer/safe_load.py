@@ -20,6 +20,15 @@ def load_torch_file(path: str | Path, what: str, allowed_globals: Sequence[type]
     """`torch.load(path, weights_only=True)` on the CPU; `allowed_globals` are the only extra classes a file
     may name. Any failure (a pickle global, not a torch file, a truncated one) raises LGFormerError."""
     try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError as exc:
+        raise LGFormerError(f"{path}: cannot load {what}: {exc.strerror or exc}") from None
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # a zip archive, or a legacy pickle's PROTO opcode
+        raise LGFormerError(
+            f"{path}: cannot load {what}: not a torch.save file (neither a zip archive nor a pickle)"
+        )
+    try:
         with torch.serialization.safe_globals(list(allowed_globals)), warnings.catch_warnings():
             # torch's note on protocol-4 pickles says nothing actionable; a refusal follows if it matters
             warnings.filterwarnings("ignore", message="Detected pickle protocol")

@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "<image>_<k>_overlay.png and predictions.json into --out.",
     )
     _model_arguments(p)
-    p.add_argument("--image", type=Path, action="append", required=True, help="image file (repeatable)")
+    p.add_argument("--image", action="append", required=True, help="image file (repeatable)")
     p.add_argument("--text", action="append", required=True, help="referring expression (repeatable)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument(
@@ -129,14 +129,17 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from lgformer.data.files import check_output_folder
-
-    check_output_folder(args.out)
     from lgformer.app.predict import predict_files
+    from lgformer.data.files import check_output_folder
+    from lgformer.errors import LGFormerError
 
+    urls = [image for image in args.image if "://" in image]
+    if urls:
+        raise LGFormerError(f"--image {urls[0]}: a URL; lgformer reads local files only (download it first)")
+    check_output_folder(args.out)
     summary = predict_files(
         args.checkpoint,
-        args.image,
+        [Path(image) for image in args.image],
         args.text,
         args.out,
         threshold=args.threshold,

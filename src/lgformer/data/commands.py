@@ -96,8 +96,9 @@ def _source_arguments(parser: argparse.ArgumentParser, split_help: str) -> None:
     )
     parser.add_argument(
         "--dataset",
-        default="refcoco",
-        help="refcoco | refcoco+ | refcocog | refclef | jsonl | synth | instances",
+        default=None,
+        help="refcoco | refcoco+ | refcocog | refclef | jsonl | synth | instances (default: jsonl for a "
+        ".jsonl root, else refcoco)",
     )
     parser.add_argument("--split-by", default="unc", help="refs(<split-by>).p (default %(default)s)")
     parser.add_argument("--split", default=None, help=split_help)
@@ -106,11 +107,12 @@ def _source_arguments(parser: argparse.ArgumentParser, split_help: str) -> None:
 
 def _referents(args: argparse.Namespace) -> list:
     from lgformer.data.dataset import DataConfig, load_referents, select_split
-    from lgformer.data.sources import load_sentence_csv
+    from lgformer.data.sources import dataset_of, load_sentence_csv
 
     if args.root.endswith(".csv"):
         referents = load_sentence_csv(args.root)
     else:
+        args.dataset = dataset_of(args.root, args.dataset, "refcoco")  # reported as read
         cfg = DataConfig(
             root=args.root, dataset=args.dataset, split_by=args.split_by, image_dir=args.image_dir
         )

@@ -61,6 +61,13 @@ class Referent:
     level: int = 0
 
 
+def dataset_of(root: str | None, dataset: str | None, default: str | None = None) -> str | None:
+    """`--dataset` as given, else `jsonl` for a `.jsonl` root, else `default`."""
+    if dataset is not None:
+        return dataset
+    return JSONL if root is not None and str(root).endswith(".jsonl") else default
+
+
 def default_image_dir(root: Path, dataset: str) -> Path:
     if dataset == "refclef":
         return root / "images" / "saiapr_tc-12"

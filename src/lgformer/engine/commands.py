@@ -118,6 +118,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     from lgformer import config as config_mod
     from lgformer.data.dataset import DataConfig, build_dataset
+    from lgformer.data.sources import dataset_of
     from lgformer.engine import distributed
     from lgformer.engine.checkpoint import load_model
     from lgformer.engine.evaluate import MaskWriter, evaluate_model, evaluate_predictions, markdown, report
@@ -137,12 +138,12 @@ def _eval(args: argparse.Namespace) -> int:
         model, cfg = load_model(resolve_checkpoint(args.checkpoint), dev, tuple(args.overrides))
         data = cfg.data
     else:
-        if args.root is None or args.dataset is None:
-            raise LGFormerError("--predictions needs --root and --dataset")
+        if args.root is None or dataset_of(args.root, args.dataset) is None:
+            raise LGFormerError("--predictions needs --root and --dataset (a .jsonl root needs no --dataset)")
         model, cfg, data = None, None, DataConfig()
     flags = {
         "root": args.root,
-        "dataset": args.dataset,
+        "dataset": dataset_of(args.root, args.dataset),
         "split_by": args.split_by,
         "image_dir": args.image_dir,
         "image_size": args.image_size,
