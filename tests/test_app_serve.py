@@ -5,6 +5,7 @@ expression shows a visible message and the server keeps serving."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -25,8 +26,9 @@ from lgformer import config as config_mod
 from lgformer.engine.checkpoint import save_model
 from lgformer.model.build import build_model
 
-# Debian's browser (`make test` installs chromium + chromium-driver); never a downloaded one.
-CHROMIUM, DRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+# Debian's browser (`make test` installs chromium + chromium-driver), found on PATH; never a downloaded one.
+CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+NO_BROWSER = "chromium and chromedriver are not on PATH (`make test` installs Debian's chromium-driver)"
 PHOTO = PHOTOS / "COCO_train2014_000000460370.jpg"
 FLAGS = (
     "--headless",
@@ -54,7 +56,13 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def scratch(tmp_path_factory) -> Path:
+    """Where gradio's uploads and the server's own temporary folder go (its TMPDIR)."""
+    return tmp_path_factory.mktemp("scratch")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, scratch):
     """`lgformer serve` on a free loopback port: lite checkpoint (untrained heads), 1 MB upload limit."""
     cfg = config_mod.load("lite", ["data.image_size=128"])
     checkpoint = tmp_path_factory.mktemp("lite")
@@ -63,7 +71,6 @@ def server(tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = tmp_path_factory.mktemp("log") / "serve.log"
-    scratch = tmp_path_factory.mktemp("scratch")  # gradio uploads and the server's own temporary folder
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_TEMP_DIR": str(scratch), "TMPDIR": str(scratch)}
     argv = [
         sys.executable,
@@ -101,11 +108,13 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
+    if CHROMIUM is None or DRIVER is None:
+        pytest.skip(NO_BROWSER)
     options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
+    options.binary_location = CHROMIUM
     for flag in (*FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
         options.add_argument(flag)
-    driver = webdriver.Chrome(service=webdriver.ChromeService(str(DRIVER)), options=options)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(DRIVER), options=options)
     yield driver
     driver.quit()
 
@@ -222,3 +231,13 @@ def test_binds_to_loopback_only(server):
         if line.split()[3] == "0A" and int(line.split()[1].split(":")[1], 16) == port
     ]
     assert listening and all(addr.startswith("0100007F:") for addr in listening)
+
+
+def test_sigterm_stops_the_server_and_removes_its_temporary_folder(server, scratch):
+    """Last in this file: SIGTERM (what a service manager sends) closes the server as Ctrl-C does, and the
+    folder it keeps the masks and examples in goes with it."""
+    _, proc = server
+    assert list(scratch.glob("lgformer-serve-*"))  # the running server's folder
+    proc.terminate()
+    proc.wait(timeout=60)
+    assert not list(scratch.glob("lgformer-serve-*"))
