@@ -76,7 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     inst.add_argument("--per-object", type=int, default=2, help="refs per object (default %(default)s)")
     inst.add_argument("--seed", type=int, default=0)
     inst.add_argument(
-        "--copy-paste", type=int, default=2, help="copy-pasted variants per train photo (default %(default)s)"
+        "--copy-paste", type=int, default=0, help="copy-pasted variants per train photo (default %(default)s)"
     )
     inst.add_argument("--no-flip", action="store_true", help="no mirrored variant of the train photos")
     inst.add_argument(
@@ -84,6 +84,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=0.005,
         help="drop instances below this share of the picture (default %(default)s)",
+    )
+    inst.add_argument(
+        "--min-referent-area",
+        type=float,
+        default=0.02,
+        help="describe only objects of at least this share of the picture; smaller ones stay distractors "
+        "and landmarks (default %(default)s)",
     )
     inst.set_defaults(handler=_from_instances)
 
@@ -274,6 +281,7 @@ def _from_instances(args: argparse.Namespace) -> int:
         flip=not args.no_flip,
         copy_paste=args.copy_paste,
         min_area=args.min_area,
+        min_referent_area=args.min_referent_area,
     )
     levels = ", ".join(f"{k}: {v:,}" for k, v in counts.items() if k.startswith("level"))
     print(

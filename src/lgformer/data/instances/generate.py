@@ -196,13 +196,20 @@ def scene_objects(picture: Picture) -> list[Obj]:
 
 
 def refer_refs(
-    objs: list[Obj], lex: Lexicon, rng: np.random.Generator, per_object: int
+    objs: list[Obj],
+    lex: Lexicon,
+    rng: np.random.Generator,
+    per_object: int,
+    referents: list[bool] | None = None,
 ) -> list[tuple[int, int, list[str]]]:
-    """(object index, level, sentences) for up to `per_object` refs of every object, each at another level
-    from the lowest that identifies it, the levels this picture has fewest of first."""
+    """(object index, level, sentences) for up to `per_object` refs of every object (of those `referents`
+    marks; all by default; the others are distractors and landmarks), each at another level from the lowest
+    that identifies it, the levels this picture has fewest of first."""
     counts: Counter[int] = Counter()
     refs = []
     for i in rng.permutation(len(objs)).tolist():
+        if referents is not None and not referents[i]:
+            continue
         levels = list(range(min_level(i, objs, lex), 5))
         ties = rng.random(len(levels))
         made = 0
@@ -297,13 +304,17 @@ def from_instances(
     per_object: int = 2,
     seed: int = 0,
     flip: bool = True,
-    copy_paste: int = 2,
+    copy_paste: int = 0,
     min_area: float = 0.005,
+    min_referent_area: float = 0.02,
 ) -> dict[str, int]:
     """Write the referring dataset (see the module docstring); returns counts of images, objects, refs
     and sentences."""
-    if per_object < 1 or copy_paste < 0 or not 0 <= min_area < 1:
-        raise LGFormerError("from-instances: --per-object >= 1, --copy-paste >= 0, 0 <= --min-area < 1")
+    if per_object < 1 or copy_paste < 0 or not 0 <= min_area < 1 or not 0 <= min_referent_area < 1:
+        raise LGFormerError(
+            "from-instances: --per-object >= 1, --copy-paste >= 0, 0 <= --min-area < 1, "
+            "0 <= --min-referent-area < 1"
+        )
     source = InstanceSet(instances, images, splits, min_area)
     lex = lexicon(sorted(set(source.categories.values())))
     out = Path(out)
@@ -325,7 +336,9 @@ def from_instances(
         for number, variant in enumerate(variants):
             rng = np.random.default_rng([seed, index, number])
             objs = scene_objects(variant)
-            refs = refer_refs(objs, lex, rng, per_object)
+            area = variant.pixels.shape[0] * variant.pixels.shape[1]
+            large = [bool(inst.mask.sum() >= min_referent_area * area) for inst in variant.instances]
+            refs = refer_refs(objs, lex, rng, per_object, large)
             if number == 0:
                 atomic_write(
                     image_dir / picture.file_name, (source.image_dir / picture.file_name).read_bytes()
