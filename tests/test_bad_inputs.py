@@ -81,6 +81,11 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     instances["annotations"][0]["category_id"] = 999
     (d / "bad-category.json").write_text(json.dumps(instances))
     (d / "empty-predictions").mkdir()
+    for record in real:  # square masks for photos that are not square
+        for k in range(len(record["sentences"])):
+            path = d / "square-predictions" / f"{record['id']}:{k}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("L", (50, 50), 255).save(path)
     return d
 
 
@@ -128,6 +133,7 @@ CASES = [
     ("stats-jsonl-deep", "data stats --root {d}/deep.jsonl", 2, "nested too deeply"),
     ("stats-jsonl-mask-size", "data stats --root {d}/mask-size.jsonl", 2, "RLE size [3, 3] differs"),
     ("stats-jsonl-ok", "data stats --root {d}/ok.jsonl --tokenizer minilm", 0, ""),
+    ("eval-stretched-predictions", "eval --predictions {d}/square-predictions --root {d}/ok.jsonl --split val --protocol original", 0, "another aspect ratio"),
     ("export-out-is-folder", "data export-jsonl --root {d}/ok.jsonl --out {d}", 2, "is a folder, expected a file name"),
     ("synth-too-small", "data synth --out {out} --train 3 --size 10", 2, "too small"),
     ("synth-out-is-file", "data synth --out {d}/afile --train 3", 2, "is a file, expected a folder"),
@@ -157,6 +163,8 @@ def test_bad_input(files: Path, tmp_path: Path, case: tuple[str, str, int, str])
     if code:
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and words in lines[0], done.stderr
+    else:  # succeeds, with the warning named where there is one
+        assert words in done.stderr, done.stderr
     # nothing half-written: no output folder for a refusal, and never a temporary file left behind
     if code and out.exists():
         assert not list(out.iterdir()), sorted(p.name for p in out.iterdir())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import warnings
 from pathlib import Path
 
 from lgformer.cli import add_device_argument, add_dtype_argument, add_overrides_argument
@@ -121,7 +123,14 @@ def _eval(args: argparse.Namespace) -> int:
     from lgformer.data.sources import dataset_of
     from lgformer.engine import distributed
     from lgformer.engine.checkpoint import load_model
-    from lgformer.engine.evaluate import MaskWriter, evaluate_model, evaluate_predictions, markdown, report
+    from lgformer.engine.evaluate import (
+        MaskWriter,
+        ScoringWarning,
+        evaluate_model,
+        evaluate_predictions,
+        markdown,
+        report,
+    )
     from lgformer.errors import LGFormerError
     from lgformer.precision import autocast_dtype
 
@@ -173,13 +182,17 @@ def _eval(args: argparse.Namespace) -> int:
                 sink=writer,
             )
         else:
-            counts = evaluate_predictions(
-                args.predictions,
-                dataset,
-                protocol=args.protocol,
-                missing_as_empty=args.missing_as_empty,
-                progress=True,
-            )
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ScoringWarning)
+                counts = evaluate_predictions(
+                    args.predictions,
+                    dataset,
+                    protocol=args.protocol,
+                    missing_as_empty=args.missing_as_empty,
+                    progress=True,
+                )
+            for warning in caught:
+                print(f"lgformer eval: warning: {warning.message}", file=sys.stderr)
         reports[split] = report(counts, dataset, args.protocol)
     distributed.cleanup()
     if not w.main:

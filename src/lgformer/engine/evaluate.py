@@ -13,6 +13,7 @@ integer counts are summed by index, so the result does not depend on the number 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -120,6 +121,10 @@ def ground_truth(dataset: ReferDataset, index: int, protocol: str) -> np.ndarray
     return mask if protocol == "original" else mask_tensor(mask, dataset.image_size).numpy() > 0.5
 
 
+class ScoringWarning(UserWarning):
+    """Predictions were scored, but not as they were given (e.g. stretched to their image's shape)."""
+
+
 def evaluate_predictions(
     directory: str | Path,
     dataset: ReferDataset,
@@ -146,11 +151,15 @@ def evaluate_predictions(
     counts = IoUCounts(len(dataset))
     indices = D.shard(len(dataset), D.world())
     bar = _progress(len(indices), f"score {protocol}") if progress else None
+    stretched = 0
     for index in indices:
         gt = ground_truth(dataset, index, protocol)
         path = directory / f"{ids[index]}.png"
         if path.is_file():
             pred = read_mask_png(path, str(path))
+            if protocol == "original" and pred.shape != gt.shape:
+                ratio = (pred.shape[0] * gt.shape[1]) / (pred.shape[1] * gt.shape[0])
+                stretched += abs(ratio - 1) > 0.01
             if pred.shape != gt.shape:
                 resized = Image.fromarray(pred.astype(np.uint8)).resize(gt.shape[::-1], Image.NEAREST)
                 pred = np.asarray(resized) > 0
@@ -162,6 +171,13 @@ def evaluate_predictions(
             bar.update(1)
     if bar is not None:
         bar.close()
+    if stretched:
+        warnings.warn(
+            f"{directory}: {stretched} prediction PNG(s) have another aspect ratio than their image; "
+            "they were stretched to it",
+            ScoringWarning,
+            stacklevel=2,
+        )
     counts.all_reduce()
     return counts
 
