@@ -19,6 +19,8 @@ import pytest
 from conftest import MINI, PHOTOS, SHARED, bomb_png_header
 from PIL import Image
 
+from lgformer.app.shipped import DEFAULT_MODEL, SHIPPED
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 PHOTO = PHOTOS / "COCO_train2014_000000157714.jpg"
 COCO = SHARED / "data" / "coco-subset"
@@ -49,7 +51,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Image.new("RGB", (8, 8)).save(d / "tiny.png")
     (d / "no-config").mkdir()
     corrupt = d / "corrupt-ckpt"
-    shutil.copytree(SHARED.parent / "main" / "src" / "lgformer" / "assets" / "lite-synth", corrupt)
+    shutil.copytree(SHIPPED[DEFAULT_MODEL], corrupt)
     (corrupt / "model.safetensors").write_bytes((corrupt / "model.safetensors").read_bytes()[:5000])
     (d / "random.pth").write_bytes(b"\x13" + bytes(range(256)) * 20)
     with open(d / "evil.pth", "wb") as handle:

@@ -62,3 +62,21 @@ def test_converted_model_runs_in_its_dtype(fp32, dtype, iou):
         sentences = [s.text for s in ref.sentences]
         for a, b in zip(fp32.predict(ref.image, sentences), converted.predict(ref.image, sentences)):
             assert (a.mask & b.mask).sum() / (a.mask | b.mask).sum() >= iou, (ref.image, a.sentence)
+
+
+def test_the_shipped_files_hold_no_machine_path():
+    """The shipped config records how the model was made, never where: no absolute path in any value."""
+    import json
+
+    from lgformer.app.shipped import DEFAULT_MODEL, SHIPPED
+
+    def strings(value):
+        if isinstance(value, dict):
+            return [s for v in value.values() for s in strings(v)]
+        if isinstance(value, list):
+            return [s for v in value for s in strings(v)]
+        return [value] if isinstance(value, str) else []
+
+    config = json.loads((SHIPPED[DEFAULT_MODEL] / "config.json").read_text())
+    absolute = [s for s in strings(config) if s.startswith("/") or ":/" in s.split(" ")[0]]
+    assert not absolute, absolute
