@@ -61,9 +61,9 @@ def test_png_rle_and_polygon_masks_agree(folder: Path) -> None:
     assert (poly_mask & mask).sum() / (poly_mask | mask).sum() > 0.8
     assert referents[2].level == 2 and referents[2].sentences[1].sent_id == "poly:1"
     dataset = build_dataset(
-        DataConfig(root=str(folder / "data.jsonl"), dataset="jsonl", image_size=16), "train", False
+        DataConfig(root=str(folder / "data.jsonl"), dataset="jsonl", image_size=32), "train", False
     )
-    assert len(dataset) == 4 and dataset[0]["mask"].shape == (16, 16) and dataset[0]["ref_id"] == "png"
+    assert len(dataset) == 4 and dataset[0]["mask"].shape == (32, 32) and dataset[0]["ref_id"] == "png"
 
 
 @pytest.mark.parametrize(
