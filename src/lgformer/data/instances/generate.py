@@ -37,7 +37,7 @@ from lgformer.data.instances.lexicon import color_name, lexicon, size_names
 from lgformer.data.masks import decode_segmentation, encode_rle
 from lgformer.data.sources import INSTANCES, read_json
 from lgformer.data.synth.describe import describe
-from lgformer.data.synth.generate import deterministic_pickle
+from lgformer.data.synth.generate import deterministic_pickle, refer_ref
 from lgformer.data.synth.grammar import UNKNOWN, Lexicon, Obj, min_level
 from lgformer.errors import LGFormerError
 
@@ -424,25 +424,22 @@ class _Writer:
                 }
             )
         for obj_index, lvl, texts in refs:
-            sent_ids = list(range(self.sentences, self.sentences + len(texts)))
+            category = category_ids[picture.instances[obj_index].category]
+            self.refs.append(
+                refer_ref(
+                    len(self.refs),
+                    image_id,
+                    ann_ids[obj_index],
+                    category,
+                    picture.split,
+                    lvl,
+                    texts,
+                    picture.file_name,
+                    self.sentences,
+                )
+            )
             self.sentences += len(texts)
             self.levels[lvl] += 1
-            self.refs.append(
-                {
-                    "sent_ids": sent_ids,
-                    "file_name": picture.file_name,
-                    "ann_id": ann_ids[obj_index],
-                    "ref_id": len(self.refs),
-                    "image_id": image_id,
-                    "split": picture.split,
-                    "sentences": [
-                        {"tokens": t.split(), "raw": t, "sent_id": s, "sent": t}
-                        for t, s in zip(texts, sent_ids)
-                    ],
-                    "category_id": category_ids[picture.instances[obj_index].category],
-                    "level": lvl,
-                }
-            )
 
     def finish(self, folder: Path, seed: int) -> None:
         instances = {

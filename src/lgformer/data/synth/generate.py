@@ -198,25 +198,23 @@ class _Writer:
                 }
             )
         for obj_index, texts in scene.refs:
-            sent_ids = list(range(self.sentences, self.sentences + len(texts)))
-            self.sentences += len(texts)
             ann_id = ann_ids[obj_index]
+            category = SHAPES.index(scene.objs[obj_index].shape) + 1
+            file_name = f"{Path(scene.file_name).stem}_{ann_id}.jpg"
             self.refs.append(
-                {
-                    "sent_ids": sent_ids,
-                    "file_name": f"{Path(scene.file_name).stem}_{ann_id}.jpg",
-                    "ann_id": ann_id,
-                    "ref_id": len(self.refs),
-                    "image_id": image_id,
-                    "split": scene.split,
-                    "sentences": [
-                        {"tokens": t.split(), "raw": t, "sent_id": s, "sent": t}
-                        for t, s in zip(texts, sent_ids)
-                    ],
-                    "category_id": SHAPES.index(scene.objs[obj_index].shape) + 1,
-                    "level": scene.level,
-                }
+                refer_ref(
+                    len(self.refs),
+                    image_id,
+                    ann_id,
+                    category,
+                    scene.split,
+                    scene.level,
+                    texts,
+                    file_name,
+                    self.sentences,
+                )
             )
+            self.sentences += len(texts)
 
     def finish(self, folder: Path) -> None:
         instances = {
@@ -227,6 +225,35 @@ class _Writer:
         }
         atomic_write(folder / "instances.json", json.dumps(instances, separators=(",", ":")))
         atomic_write(folder / "refs(synth).p", deterministic_pickle(self.refs))
+
+
+def refer_ref(
+    ref_id: int,
+    image_id: int,
+    ann_id: int,
+    category_id: int,
+    split: str,
+    level: int,
+    texts: list[str],
+    file_name: str,
+    first_sent_id: int,
+) -> dict:
+    """One REFER ref record (the fields, in the order, of the REFER release), its sentences numbered from
+    `first_sent_id`."""
+    sent_ids = list(range(first_sent_id, first_sent_id + len(texts)))
+    return {
+        "sent_ids": sent_ids,
+        "file_name": file_name,
+        "ann_id": ann_id,
+        "ref_id": ref_id,
+        "image_id": image_id,
+        "split": split,
+        "sentences": [
+            {"tokens": t.split(), "raw": t, "sent_id": s, "sent": t} for t, s in zip(texts, sent_ids)
+        ],
+        "category_id": category_id,
+        "level": level,
+    }
 
 
 def deterministic_pickle(value: object) -> bytes:
