@@ -62,7 +62,12 @@ def scratch(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, scratch):
+def serve_log(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("log") / "serve.log"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, scratch, serve_log):
     """`lgformer serve` on a free loopback port: lite checkpoint (untrained heads), 1 MB upload limit."""
     cfg = config_mod.load("lite", ["data.image_size=128"])
     checkpoint = tmp_path_factory.mktemp("lite")
@@ -70,7 +75,7 @@ def server(tmp_path_factory, scratch):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    log = tmp_path_factory.mktemp("log") / "serve.log"
+    log = serve_log
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_TEMP_DIR": str(scratch), "TMPDIR": str(scratch)}
     argv = [
         sys.executable,
@@ -231,6 +236,17 @@ def test_binds_to_loopback_only(server):
         if line.split()[3] == "0A" and int(line.split()[1].split(":")[1], 16) == port
     ]
     assert listening and all(addr.startswith("0100007F:") for addr in listening)
+
+
+def test_a_threshold_outside_0_1_through_the_api_is_a_message_not_a_traceback(server, serve_log):
+    """The page's API takes any number for the slider: the client is told, the server log stays clean."""
+    from gradio_client import Client, handle_file
+
+    url, _ = server
+    client = Client(url, verbose=False)
+    with pytest.raises(Exception, match=r"threshold 5(\.0)? must be strictly between 0 and 1"):
+        client.predict(handle_file(str(PHOTO)), "the train", 5, api_name="/segment")
+    assert "Traceback" not in serve_log.read_text()
 
 
 def test_sigterm_stops_the_server_and_removes_its_temporary_folder(server, scratch):

@@ -97,6 +97,9 @@ def build_app(seg: Segmenter, workdir: Path, max_upload_mb: float) -> Any:
                     label="Expression", placeholder="the red circle left of the square", elem_id="sentence"
                 )
                 threshold = gr.Slider(0.05, 0.95, value=0.5, step=0.05, label="Threshold (probability)")
+                # what the API sends reaches `Segmenter.predict`, which refuses a threshold outside (0, 1) in
+                # a notice: gradio's own bounds check would log a traceback for it
+                threshold.preprocess = float
                 button = gr.Button("Segment", variant="primary", elem_id="segment")
             with gr.Column():
                 result = gr.Image(label="Overlay", type="pil", interactive=False, elem_id="overlay")

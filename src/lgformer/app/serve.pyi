@@ -1,0 +1,139 @@
+"""`lgformer serve`: a Gradio page: upload an image (or pick an example), type an expression, see the overlay
+and the mask, download the mask PNG.
+
+The upload is a plain file field, so that our decoder (`load_image`: corrupt files, decompression bombs) and
+not Gradio's sees every file, and its message is what the user reads: a bad upload or expression raises
+`gr.Error` (a visible notice) and the server keeps serving. Uploads above `max_upload_mb` are refused by
+Gradio itself and checked again here. The server binds to loopback unless told otherwise; analytics and
+version checks are off (no network calls).
+"""
+
+from __future__ import annotations
+
+import signal
+import tempfile
+import threading
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+from lgformer.app.render import mask_image, overlay, save_png
+from lgformer.errors import LGFormerError
+from lgformer.predictor import InputWarning, Segmenter, read_image
+
+TITLE = "LGFormer: referring image segmentation"
+EXAMPLE_SEED = 7
+EXAMPLE_SIZE = 320
+
+
+def write_examples(folder: Path) -> list[list[str]]:
+    """One synthetic scene per complexity level (from the data package's generator) with one of its
+    expressions: [image path, sentence] rows for `gr.Examples`."""
+    from lgformer.data.synth.generate import make_scene
+
+    rows = []
+    for index in range(4):  # scene i is made for level 1 + i % 4
+        scene = make_scene(EXAMPLE_SEED, "test", index, EXAMPLE_SIZE, 1)
+        path = folder / f"level{scene.level}.jpg"
+        path.write_bytes(scene.jpeg)
+        rows.append([str(path), scene.refs[0][1][0]])
+    return rows
+
+
+def build_app(seg: Segmenter, workdir: Path, max_upload_mb: float) -> Any:
+    """The Gradio Blocks page around `seg`; examples and mask downloads are written under `workdir`."""
+    try:
+        import gradio as gr
+    except ImportError:
+        raise LGFormerError("the web page needs gradio: pip install 'lgformer[serve]'") from None
+
+    limit = int(max_upload_mb * 1024 * 1024)
+from gradio.events import Dependency
+
+    class _Threshold(gr.Slider):
+        """The slider, passing what the API sends as it is: `Segmenter.predict` refuses a threshold outside
+        (0, 1) and the page shows it as a notice (gradio's own bounds check would log a traceback)."""
+
+        def preprocess(self, payload: float) -> float:
+            return payload
+
+    def notice(message: str) -> Exception:
+        """A visible error notice; a user's bad input is no server fault, so no traceback in the log."""
+        return gr.Error(message, print_exception=False)
+
+    def read(path: str | None) -> Any:
+        if path is None:
+            return None
+        file = Path(path)
+        try:
+            if file.stat().st_size > limit:
+                size = file.stat().st_size / 2**20
+                raise LGFormerError(f"{file.name}: {size:.1f} MB is over the {max_upload_mb:g} MB limit")
+            return read_image(file)
+        except LGFormerError as exc:
+            raise notice(str(exc).replace(str(file), file.name)) from None  # the user's name, not ours
+
+    def segment(path: str | None, sentence: str, threshold: float) -> tuple[Any, Any, str, str]:
+        if path is None:
+            raise notice("upload an image first (or pick an example below)")
+        picture = read(path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", InputWarning)
+            try:
+                pred = seg.predict(picture, sentence, threshold)
+            except LGFormerError as exc:
+                raise notice(str(exc)) from None
+        notes = [str(w.message) for w in caught]
+        for note in notes:
+            gr.Warning(note)
+        summary = f"score {pred.score:.2f}, {100 * pred.mask.mean():.1f}% of the image"
+        mask = mask_image(pred.mask)
+        mask_path = save_png(
+            workdir / uuid.uuid4().hex / f"{Path(path).stem}_mask.png", mask
+        )  # one per request
+        status = "\n".join([f"**{summary}**, box (x, y, w, h) {pred.bbox}", *(f"- {n}" for n in notes)])
+        return overlay(picture, pred.mask, sentence, summary), mask, str(mask_path), status
+
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
+        gr.Markdown(f"# {TITLE}\nUpload an image, describe one object in it, press **Segment**.")
+        with gr.Row():
+            with gr.Column():
+                upload = gr.File(label="Image", file_types=["image"], type="filepath", elem_id="upload")
+                preview = gr.Image(label="Your image", interactive=False, type="pil", elem_id="preview")
+                sentence = gr.Textbox(
+                    label="Expression", placeholder="the red circle left of the square", elem_id="sentence"
+                )
+                threshold = _Threshold(0.05, 0.95, value=0.5, step=0.05, label="Threshold (probability)")
+                button = gr.Button("Segment", variant="primary", elem_id="segment")
+            with gr.Column():
+                result = gr.Image(label="Overlay", type="pil", interactive=False, elem_id="overlay")
+                mask = gr.Image(label="Mask", type="pil", interactive=False, image_mode="L", elem_id="mask")
+                download = gr.File(label="Mask PNG", elem_id="download")
+                status = gr.Markdown(elem_id="status")
+        gr.Examples(write_examples(workdir), inputs=[upload, sentence], label="Examples (synthetic scenes)")
+        upload.change(read, inputs=upload, outputs=preview)
+        for trigger in (button.click, sentence.submit):
+            trigger(segment, inputs=[upload, sentence, threshold], outputs=[result, mask, download, status])
+    return app
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # the server stops as on Ctrl-C, and the temporary folder is removed
+
+
+def serve(seg: Segmenter, host: str = "127.0.0.1", port: int = 7860, max_upload_mb: float = 20.0) -> None:
+    """Serve the page until interrupted (Ctrl-C or SIGTERM: the server closes, its temporary folder goes)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+    with tempfile.TemporaryDirectory(prefix="lgformer-serve-") as tmp:
+        workdir = Path(tmp)
+        app = build_app(seg, workdir, max_upload_mb)
+        app.queue().launch(
+            server_name=host,
+            server_port=port,
+            max_file_size=f"{int(max_upload_mb * 1024)}kb",
+            allowed_paths=[str(workdir)],
+            show_error=True,
+            share=False,
+        )
