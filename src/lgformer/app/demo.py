@@ -26,7 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from lgformer.app.render import overlay, save_png
 from lgformer.data.files import atomic_write
@@ -191,7 +191,7 @@ def _gallery_png(tiles: list[dict], summary: dict[str, Any], columns: int = 6) -
             draw.text((x, 40 + 21 * r), cell, fill=colour, font=font)
     for k, tile in enumerate(tiles):
         x, y = 6 + (k % columns) * (TILE + 6), top + (k // columns) * (TILE + 6)
-        sheet.paste(tile["image"].resize((TILE, TILE), Image.BILINEAR), (x, y))
+        sheet.paste(ImageOps.pad(tile["image"], (TILE, TILE), Image.BILINEAR, color=(255, 255, 255)), (x, y))
     return sheet
 
 
