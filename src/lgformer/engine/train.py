@@ -368,13 +368,9 @@ class Trainer:
         """Fine-tuning: every weight from checkpoint `source`, whose network must be this config's."""
         from lgformer.predictor import resolve_checkpoint
 
-        start, start_cfg = load_model(resolve_checkpoint(source))
-        differ = [k for k, v in vars(start_cfg.model).items() if getattr(self.cfg.model, k) != v]
-        if differ:
-            raise LGFormerError(
-                f"train.init_from={source}: its model config differs from this run's in {', '.join(differ)}"
-            )
-        self.model.load_state_dict(start.state_dict())
+        folder = resolve_checkpoint(source)
+        _check_same_model(read_config(folder)[0], self.cfg, folder)
+        self.model.load_state_dict(load_model(folder)[0].state_dict())
 
     def _describe(self) -> None:
         tc = self.tc
