@@ -49,7 +49,7 @@ class LGFormer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.pixel_decoder.level_embed.dtype
+        return self.head.mlp[0].weight.dtype  # every box's parameters share it
 
     def forward(
         self,
