@@ -31,8 +31,10 @@ MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "refcoco-mini"
 
 
 def agreement(fp32: Segmenter, bf16: Segmenter, referents: list[Referent]) -> dict[str, float | int]:
-    """Segment every sentence of `referents` with both segmenters; IoU statistics of the two masks."""
-    inter = union = agree = pixels = same = 0
+    """Segment every sentence of `referents` with both segmenters; IoU statistics of the two masks, of their
+    foregrounds (`IoU`, pooled) and of their backgrounds (`background_IoU`, pooled: a mask that covers
+    most of the image is compared on the side it leaves out)."""
+    inter = union = back_inter = back_union = agree = pixels = same = 0
     ious = []
     for ref in referents:
         picture = read_image(ref.image)
@@ -40,6 +42,7 @@ def agreement(fp32: Segmenter, bf16: Segmenter, referents: list[Referent]) -> di
         for a, b in zip(fp32.predict(picture, sentences), bf16.predict(picture, sentences)):
             i, u = int((a.mask & b.mask).sum()), int((a.mask | b.mask).sum())
             inter, union = inter + i, union + u
+            back_inter, back_union = back_inter + a.mask.size - u, back_union + a.mask.size - i
             ious.append(i / u if u else 1.0)
             agree += int((a.mask == b.mask).sum())
             pixels += a.mask.size
@@ -47,6 +50,7 @@ def agreement(fp32: Segmenter, bf16: Segmenter, referents: list[Referent]) -> di
     return {
         "sentences": len(ious),
         "IoU": inter / union if union else 1.0,
+        "background_IoU": back_inter / back_union if back_union else 1.0,
         "mean_IoU": float(np.mean(ious)),
         "min_IoU": float(np.min(ious)),
         "pixel_agreement": agree / pixels,
@@ -93,11 +97,12 @@ def main() -> None:
     if args.json:
         print(json.dumps(results, indent=2))
         return
-    header = ("sentences", "IoU", "mean", "worst", "pixels", "identical")
+    header = ("sentences", "IoU", "background", "mean", "worst", "pixels", "identical")
     print(f"{'source':<16} " + " ".join(f"{h:>{max(7, len(h))}}" for h in header))
     for name, r in results.items():
         print(
-            f"{name:<16} {r['sentences']:>9} {r['IoU']:>7.4f} {r['mean_IoU']:>7.4f} {r['min_IoU']:>7.4f} "
+            f"{name:<16} {r['sentences']:>9} {r['IoU']:>7.4f} {r['background_IoU']:>10.4f} "
+            f"{r['mean_IoU']:>7.4f} {r['min_IoU']:>7.4f} "
             f"{r['pixel_agreement']:>7.5f} {r['identical']:>9.1%}"
         )
 

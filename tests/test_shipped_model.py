@@ -44,7 +44,7 @@ def test_bf16_masks_agree_with_fp32_masks(fp32, held_out):
     bf16 = Segmenter.from_pretrained("lite", device="cpu", dtype="bfloat16")
     for name, refs in (("refcoco-mini", script.mini_referents()), ("synthetic val", held_out)):
         result = script.agreement(fp32, bf16, refs)
-        assert result["IoU"] >= 0.98, (name, result)
+        assert min(result["IoU"], result["background_IoU"]) >= 0.98, (name, result)
 
 
 @pytest.mark.parametrize(

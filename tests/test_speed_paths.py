@@ -15,6 +15,7 @@ from conftest import OFFICIAL, load_benchmark
 from torch import nn
 
 from lgformer.cli import main
+from lgformer.engine.metrics import two_sided_iou
 from lgformer.model import layers
 from lgformer.model.deformable_attention import _bag_sample, ms_deform_attn_sample
 from lgformer.model.fusion import _merge_heads, _split_heads, attend_normalised, instance_norm_tokens
@@ -29,7 +30,9 @@ NEEDS_ONEDNN_BF16 = pytest.mark.skipif(
 
 @pytest.mark.parametrize("decoder_fp32", [True, False])
 def test_bf16_masks_agree_with_fp32_golden(decoder_fp32: bool) -> None:
-    """Issue 6: under bf16 autocast the recipe model's masks (logit > 0) match the fp32 golden masks."""
+    """Issue 6: under bf16 autocast the recipe model's masks (logit > 0) match the fp32 golden masks. The
+    golden masks cover 99.4% of their pixels, so agreement is the IoU of the smaller side: an all-object
+    prediction scores 0 (pixel agreement would give it 0.994)."""
     from safetensors.torch import load_file
 
     from lgformer.convert.verify import build_recipe_model
@@ -40,8 +43,9 @@ def test_bf16_masks_agree_with_fp32_golden(decoder_fp32: bool) -> None:
     model.pixel_decoder.fp32 = decoder_fp32
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(data["image"], data["text_mask"], text_features=data["text_features"])
-    agree = ((logits[:, -1].float() > 0) == (data["logits_6"][:, 0] > 0)).float().mean().item()
-    assert agree >= 0.98
+    golden = data["logits_6"][:, 0] > 0
+    assert two_sided_iou(torch.ones_like(golden), golden) == 0.0  # what pixel agreement let pass
+    assert two_sided_iou(logits[:, -1].float() > 0, golden) >= 0.9  # measured 0.961 (0.920 bf16 decoder)
 
 
 @pytest.mark.parametrize("preset", ["lite", "official-swin-t"])

@@ -22,6 +22,19 @@ def intersection_union(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.
     return inter, union
 
 
+def two_sided_iou(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
+    """How far two boolean masks agree: the smaller of the IoU of their foregrounds and of their
+    backgrounds (1 for two empty sides). Pixel agreement is near 1 for any mask whose minority side is
+    small, and one-sided IoU for a mask that covers most of the image; this falls to 0 when either
+    prediction is all foreground or all background and the other is not."""
+    a, b = torch.as_tensor(a).bool(), torch.as_tensor(b).bool()
+    sides = []
+    for x, y in ((a, b), (~a, ~b)):
+        union = int((x | y).sum())
+        sides.append(int((x & y).sum()) / union if union else 1.0)
+    return min(sides)
+
+
 def summarize(inter: np.ndarray, union: np.ndarray) -> dict[str, float | int]:
     """Metrics of a set of sentences from their I and U. A sentence with U = 0 (empty prediction and
     empty ground truth) has IoU 0, as the authors count it; oIoU of an empty total union is 0."""
