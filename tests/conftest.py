@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import struct
+import sys
 import zlib
 from functools import cache
 from pathlib import Path
@@ -23,6 +24,7 @@ def load_benchmark(name: str):
     """The script `benchmarks/<name>.py` as a module (the scripts are not part of the package)."""
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the script runs
     spec.loader.exec_module(module)
     return module
 

@@ -35,8 +35,23 @@ def test_default_model_segments_held_out_shapes_and_attributes(fp32, held_out):
         for pred in fp32.predict(ref.image, [s.text for s in ref.sentences]):
             inter[ref.level] += int((pred.mask & truth).sum())
             union[ref.level] += int((pred.mask | truth).sum())
-    assert set(inter) == {1, 2, 3, 4}
-    assert inter[1] / union[1] >= 0.85 and inter[2] / union[2] >= 0.8, {k: inter[k] / union[k] for k in inter}
+    scores = {level: inter[level] / union[level] for level in sorted(inter)}
+    # measured 0.955 / 0.941 / 0.926 / 0.580 (19 / 27 / 24 / 18 sentences); level 4 varies most
+    floors = {1: 0.9, 2: 0.88, 3: 0.85, 4: 0.45}
+    assert scores.keys() == floors.keys()
+    assert all(scores[level] >= floor for level, floor in floors.items()), scores
+
+
+def test_default_model_reads_the_word_that_changes_the_object(fp32):
+    """Sentences one word apart (left/right, above/below, a colour, a size, an ordinal) that name two objects
+    of a held-out scene get two masks, each on its own object (`benchmarks/grounding.py`). A model blind to
+    the words grounds no pair."""
+    script = load_benchmark("grounding")
+    result = script.grounding(fp32, script.held_out_pairs(24))
+    # measured over 24 scenes: 62% of 47 pairs, colour 100% (over 40 scenes: 60% of 83; colour 100%,
+    # size 91%, left/right 60%, above/below 61%, ordinals 14%)
+    assert result["all"]["pairs"] >= 40 and result["all"]["grounded"] >= 0.4, result
+    assert result["colour"]["grounded"] >= 0.8, result
 
 
 def test_bf16_masks_agree_with_fp32_masks(fp32, held_out):
