@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from lgformer.app.demo import SYNTH_SEED, SYNTH_SIZE
-from lgformer.cli import add_overrides_argument
+from lgformer.arguments import add_overrides_argument
 from lgformer.data.sources import Referent, load_refer
 from lgformer.data.synth.generate import generate
 from lgformer.errors import LGFormerError

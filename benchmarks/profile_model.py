@@ -25,7 +25,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from lgformer import config as config_mod
-from lgformer.cli import add_dtype_argument, add_overrides_argument
+from lgformer.arguments import add_dtype_argument, add_overrides_argument
 from lgformer.engine import bench
 from lgformer.errors import LGFormerError
 from lgformer.model.build import build_model

@@ -20,14 +20,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from lgformer.checkpoint import load_model
 from lgformer.data.dataset import ReferDataset
-from lgformer.data.files import atomic_write
 from lgformer.data.masks import decode_segmentation
 from lgformer.data.sources import load_jsonl, referent_mask
-from lgformer.engine.checkpoint import load_model
 from lgformer.engine.evaluate import evaluate_model, evaluate_predictions, report
-from lgformer.model.text_encoder import Tokenizer
+from lgformer.files import atomic_write
 from lgformer.predictor import resolve_checkpoint
+from lgformer.text.tokenizer import Tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-subset"
 PROTOCOLS = ("original", "resized")

@@ -40,7 +40,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from lgformer.cli import add_overrides_argument
+from lgformer.arguments import add_overrides_argument
 from lgformer.precision import autocast, autocast_dtype, precision_name
 
 VARIANTS = [

@@ -24,8 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from lgformer.cli import add_device_argument, add_overrides_argument
-from lgformer.data.files import atomic_write
+from lgformer.arguments import add_device_argument, add_overrides_argument
+from lgformer.files import atomic_write
 
 VARIANTS: dict[str, list[str]] = {
     "linguistic": [],
@@ -74,12 +74,12 @@ def ensure_data(args: argparse.Namespace) -> Path:
 def run_variant(name: str, args: argparse.Namespace, data: Path) -> dict:
     """Train (or continue, or skip when finished) one variant, then evaluate its `last` checkpoint."""
     from lgformer import config as config_mod
+    from lgformer.checkpoint import load_model, load_training_state
     from lgformer.data.dataset import build_dataset
     from lgformer.engine import distributed
-    from lgformer.engine.checkpoint import load_model, load_training_state
     from lgformer.engine.evaluate import evaluate_model, report
     from lgformer.engine.train import train
-    from lgformer.model.text_encoder import Tokenizer
+    from lgformer.text.tokenizer import Tokenizer
 
     overrides = [
         f"data.root={data}",

@@ -44,7 +44,7 @@ def save_lite_checkpoint(folder: Path, *overrides: str) -> Path:
     """A lite checkpoint (pretrained encoders, untrained heads: fine for mechanics) stored like the shipped
     one, MiniLM left out; `overrides` such as "data.image_size=128" keep it small."""
     from lgformer import config as config_mod
-    from lgformer.engine.checkpoint import save_model
+    from lgformer.checkpoint import save_model
     from lgformer.model.build import build_model
 
     cfg = config_mod.load("lite", list(overrides))

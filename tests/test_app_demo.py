@@ -11,7 +11,7 @@ import pytest
 from conftest import SHARED, save_lite_checkpoint
 from PIL import Image
 
-from lgformer.app import shipped
+from lgformer import shipped
 from lgformer.cli import main
 
 

@@ -110,7 +110,7 @@ def test_long_and_non_ascii_expressions_warn_and_succeed(checkpoint, tmp_path, c
 
 
 def test_missing_default_model_says_how_to_get_it(tmp_path, capsys, monkeypatch):
-    from lgformer.app import shipped
+    from lgformer import shipped
 
     monkeypatch.setitem(shipped.SHIPPED, "lite", tmp_path / "absent")
     assert main(["predict", "--image", str(MAN), "--text", "a man", "--out", str(tmp_path / "o")]) == 2

@@ -23,7 +23,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from lgformer import config as config_mod
-from lgformer.engine.checkpoint import save_model
+from lgformer.checkpoint import save_model
 from lgformer.model.build import build_model
 
 # Debian's browser (`make test` installs chromium + chromium-driver), found on PATH; never a downloaded one.

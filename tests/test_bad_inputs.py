@@ -19,7 +19,7 @@ import pytest
 from conftest import MINI, PHOTOS, SHARED, bomb_png_header
 from PIL import Image
 
-from lgformer.app.shipped import DEFAULT_MODEL, SHIPPED
+from lgformer.shipped import DEFAULT_MODEL, SHIPPED
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 PHOTO = PHOTOS / "COCO_train2014_000000157714.jpg"

@@ -12,7 +12,7 @@ import pytest
 from conftest import MINI
 from safetensors.torch import load_file
 
-from lgformer.data.files import CRASH_ENV
+from lgformer.files import CRASH_ENV
 
 OVERRIDES = [
     f"data.root={MINI}", "data.dataset=refcoco", "data.split_by=unc", "train.train_split=val",

@@ -14,10 +14,10 @@ from PIL import Image
 
 from lgformer.data import DataConfig, build_dataset, collate
 from lgformer.data.dataset import ReferDataset
-from lgformer.data.images import IMAGENET_MEAN, IMAGENET_STD
 from lgformer.data.masks import decode_segmentation
 from lgformer.data.sources import export_jsonl, load_jsonl, load_refer, referent_mask
 from lgformer.errors import LGFormerError
+from lgformer.model.common import IMAGENET_MEAN, IMAGENET_STD
 
 # (refcoco ref, refcoco+ ref, image id, exact mask pixels) from the fixture's README
 REFERENTS = [(10553, 10520, 460370, 39418), (36437, 36329, 157714, 100564), (18836, 18772, 363252, 12760)]
@@ -141,7 +141,7 @@ def test_training_draws_one_reproducible_sentence_per_ref(mini: Path) -> None:
 
 
 def test_collate_stacks_tensors_and_keeps_ids(mini: Path) -> None:
-    from lgformer.model.text_encoder import Tokenizer
+    from lgformer.text.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(max_tokens=20)
     dataset = build_dataset(

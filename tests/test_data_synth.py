@@ -33,7 +33,7 @@ from lgformer.data.synth.grammar import (
     vocabulary,
 )
 from lgformer.data.synth.scene import MIN_VISIBLE, shape_mask, visible_masks
-from lgformer.data.text import length_bucket
+from lgformer.text.lengths import length_bucket
 
 COUNTS = {"train": 24, "val": 12, "test": 12}
 
@@ -134,7 +134,7 @@ def test_cli_and_sample_sheet(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
 
 
 def test_vocabulary_is_single_wordpieces() -> None:
-    from lgformer.model.text_encoder import Tokenizer
+    from lgformer.text.tokenizer import Tokenizer
 
     tokenizer = Tokenizer()
     words = sorted(vocabulary())

@@ -11,7 +11,8 @@ import torch
 from conftest import PHOTOS
 
 from lgformer.errors import LGFormerError
-from lgformer.model.efficientnet import IMAGENET_MEAN, IMAGENET_STD, EfficientNetLite2, _conv, conv_bn
+from lgformer.model.common import IMAGENET_MEAN, IMAGENET_STD
+from lgformer.model.efficientnet import EfficientNetLite2, _conv, conv_bn
 
 TEDDY_BEAR, STREET_SIGN = 850, 919  # ImageNet class indices
 

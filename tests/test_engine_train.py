@@ -12,9 +12,9 @@ from conftest import MINI, synth_benchmark
 from safetensors.torch import load_file
 
 from lgformer import config as config_mod
+from lgformer.checkpoint import read_config
 from lgformer.cli import main
 from lgformer.config import Config
-from lgformer.engine.checkpoint import read_config
 from lgformer.engine.train import batch_split, lr_factor, param_groups, train
 from lgformer.errors import LGFormerError
 from lgformer.model.build import build_model
@@ -101,7 +101,7 @@ def test_resume_mid_epoch_gives_identical_weights(tmp_path, synth, deterministic
 
 def test_resume_with_another_set_of_trainable_parameters_is_a_clear_error(tmp_path):
     """A trainer state written by a version that trained other parameters is refused in one line."""
-    from lgformer.engine.checkpoint import TRAINER_STATE, load_training_state
+    from lgformer.checkpoint import TRAINER_STATE, load_training_state
 
     cfg = _lite(MINI_DATA, SMALL, "train.batch_size=2 train.max_steps=1 train.val_split=null")
     train(cfg, tmp_path / "run")

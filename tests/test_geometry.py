@@ -25,7 +25,8 @@ from torch import nn
 
 from lgformer import config as config_mod
 from lgformer.cli import main
-from lgformer.data.images import IMAGENET_MEAN, IMAGENET_STD, image_tensor, load_image
+from lgformer.data.images import image_tensor, load_image
+from lgformer.model.common import IMAGENET_MEAN, IMAGENET_STD
 from lgformer.model.head import MaskHead
 from lgformer.model.lgformer import LGFormer
 from lgformer.model.text_encoder import TextEncoder
@@ -119,7 +120,7 @@ class Broken(nn.Module):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A checkpoint folder of the paint model (its config and head; loading it is patched to the boxes)."""
-    from lgformer.engine.checkpoint import save_model
+    from lgformer.checkpoint import save_model
 
     model, cfg = paint_model()
     return save_model(tmp_path_factory.mktemp("ckpt") / "paint", model, cfg)
@@ -128,7 +129,8 @@ def checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture()
 def loads_paint_model(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every command that loads a checkpoint gets the paint model (`load_model` builds the real boxes)."""
-    monkeypatch.setattr("lgformer.engine.checkpoint.load_model", lambda *args, **kwargs: paint_model())
+    for where in ("lgformer.checkpoint.load_model", "lgformer.predictor.load_model"):
+        monkeypatch.setattr(where, lambda *args, **kwargs: paint_model())
 
 
 def test_segmenter_puts_the_mask_where_it_must_be(painted):
@@ -178,7 +180,7 @@ def test_onnx_graph_puts_the_mask_where_it_must_be(painted, tmp_path):
     import onnxruntime
 
     from lgformer.convert.onnx import export_onnx
-    from lgformer.model.text_encoder import Tokenizer
+    from lgformer.text.tokenizer import Tokenizer
 
     path, expected = painted
     model, cfg = paint_model()

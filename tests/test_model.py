@@ -149,7 +149,7 @@ def test_batch_equals_samples(preset):
 def test_lite_preset_loads_pretrained_encoders_offline_and_trains():
     cfg = config_mod.preset("lite")
     model = build_model(cfg.model, pretrained=True)
-    from lgformer.model.text_encoder import Tokenizer
+    from lgformer.text.tokenizer import Tokenizer
 
     ids, mask = Tokenizer(cfg.model.text_encoder)(["the red star left of the blue ring", "ring"])
     image = torch.randn(2, 3, 96, 96)
@@ -218,7 +218,7 @@ def test_checkpoints_load_without_random_initialisation(tmp_path, monkeypatch, e
     parameter, and an excluded text encoder is loaded whole from its source (as the shipped lite model's).
     No initialiser runs, the network computes exactly what the saved one computes, and the initialisers
     are back afterwards, also when building fails."""
-    from lgformer.engine.checkpoint import load_model, save_model
+    from lgformer.checkpoint import load_model, save_model
     from lgformer.errors import LGFormerError
     from lgformer.model.build import INITIALISERS, initialisers_off
 

@@ -11,10 +11,10 @@ import torch
 from conftest import OFFICIAL
 
 from lgformer import config as config_mod
+from lgformer.checkpoint import load_model
 from lgformer.cli import main
 from lgformer.convert.official import from_official, infer_preset, load_official_checkpoint, to_official
 from lgformer.convert.verify import build_recipe_model
-from lgformer.engine.checkpoint import load_model
 from lgformer.errors import LGFormerError
 from lgformer.model.build import build_model
 

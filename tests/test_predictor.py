@@ -14,8 +14,8 @@ from conftest import PHOTOS, bomb_png_header
 from PIL import Image
 
 from lgformer import config as config_mod
-from lgformer.app import shipped
-from lgformer.engine.checkpoint import save_model
+from lgformer import shipped
+from lgformer.checkpoint import save_model
 from lgformer.errors import LGFormerError
 from lgformer.model.build import build_model
 from lgformer.predictor import InputWarning, Segmenter

@@ -83,7 +83,7 @@ def test_the_shipped_files_hold_no_machine_path():
     """The shipped config records how the model was made, never where: no absolute path in any value."""
     import json
 
-    from lgformer.app.shipped import DEFAULT_MODEL, SHIPPED
+    from lgformer.shipped import DEFAULT_MODEL, SHIPPED
 
     def strings(value):
         if isinstance(value, dict):

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from lgformer.errors import LGFormerError
 from lgformer.model import text_encoder as te
+from lgformer.text import tokenizer as tk
 
 SENTENCES = SHARED / "data" / "refer-sentences"
 
@@ -39,7 +40,7 @@ def _sentences() -> list[str]:
 def vocab_only(tmp_path: Path) -> Path:
     """MiniLM's tokenizer as an older BERT folder has it: vocab.txt and tokenizer_config.json only."""
     for name in ("vocab.txt", "tokenizer_config.json"):
-        shutil.copy(te.minilm_path() / name, tmp_path / name)
+        shutil.copy(tk.minilm_path() / name, tmp_path / name)
     return tmp_path
 
 
@@ -48,10 +49,10 @@ def test_tokenizer_matches_transformers_on_every_refer_sentence(vocab_only: Path
 
     sentences = _sentences()
     assert len(sentences) > 60000
-    expected = AutoTokenizer.from_pretrained(str(te.minilm_path()))(sentences, truncation=False)["input_ids"]
-    assert te.Tokenizer(te.MINILM).encode(sentences) == expected  # from tokenizer.json
-    assert te.Tokenizer(str(vocab_only)).encode(sentences) == expected  # from vocab.txt
-    ids, mask = te.Tokenizer(te.MINILM, max_tokens=20)(["a " * 30 + "dog", "dog"])
+    expected = AutoTokenizer.from_pretrained(str(tk.minilm_path()))(sentences, truncation=False)["input_ids"]
+    assert tk.Tokenizer(tk.MINILM).encode(sentences) == expected  # from tokenizer.json
+    assert tk.Tokenizer(str(vocab_only)).encode(sentences) == expected  # from vocab.txt
+    ids, mask = tk.Tokenizer(tk.MINILM, max_tokens=20)(["a " * 30 + "dog", "dog"])
     assert ids[0].tolist() == [101] + [1037] * 19 and mask[0].all()  # sliced: the [SEP] is lost
     assert ids[1, :3].tolist() == [101, 3899, 102] and mask[1].tolist() == [1] * 3 + [0] * 17
 
@@ -59,13 +60,13 @@ def test_tokenizer_matches_transformers_on_every_refer_sentence(vocab_only: Path
 def test_bert_is_transformers_bert_on_minilm(monkeypatch: pytest.MonkeyPatch) -> None:
     """Products through F.linear: the same bits as `BertModel` in eval and the same gradients; through
     oneDNN (the default on x86 CPUs) the same up to summation order."""
-    ours = te.TextEncoder.build(te.MINILM).eval()
-    reference = _reference_bert(te.minilm_path())
+    ours = te.TextEncoder.build(tk.MINILM).eval()
+    reference = _reference_bert(tk.minilm_path())
     assert ours.dim == 384
     assert {k: v.shape for k, v in ours.bert.state_dict().items()} == {
         k: v.shape for k, v in reference.state_dict().items()
     }
-    ids, mask = te.Tokenizer(te.MINILM)(["the man on the left holding a phone", "zebra"])
+    ids, mask = tk.Tokenizer(tk.MINILM)(["the man on the left holding a phone", "zebra"])
     expected = reference(input_ids=ids, attention_mask=mask).last_hidden_state
     torch.testing.assert_close(ours(ids, mask), expected, atol=2e-4, rtol=1e-4)
 
@@ -86,7 +87,7 @@ def test_bert_is_transformers_bert_on_minilm(monkeypatch: pytest.MonkeyPatch) ->
 def test_random_bert_base_has_bert_base_names_and_init() -> None:
     from transformers import BertConfig, BertModel
 
-    ours = te.TextEncoder.build(te.BERT_BASE, pretrained=False).bert
+    ours = te.TextEncoder.build(tk.BERT_BASE, pretrained=False).bert
     reference = BertModel(BertConfig(), add_pooling_layer=False)
     assert {k: v.shape for k, v in ours.state_dict().items()} == {
         k: v.shape for k, v in reference.state_dict().items()
@@ -98,7 +99,7 @@ def test_random_bert_base_has_bert_base_names_and_init() -> None:
 def test_bert_folder_forms_load(tmp_path: Path, vocab_only: Path) -> None:
     """A pytorch_model.bin as the hub's bert-base-uncased stores it ("bert." prefix, LayerNorm gamma/beta,
     pooler and pre-training heads) gives the same encoder as MiniLM's safetensors."""
-    state = load_file(te.minilm_path() / "model.safetensors")
+    state = load_file(tk.minilm_path() / "model.safetensors")
     legacy = {
         "bert."
         + k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
@@ -106,9 +107,9 @@ def test_bert_folder_forms_load(tmp_path: Path, vocab_only: Path) -> None:
     }
     legacy["cls.predictions.bias"] = torch.zeros(3)
     torch.save(legacy, vocab_only / "pytorch_model.bin")
-    shutil.copy(te.minilm_path() / "config.json", vocab_only / "config.json")
+    shutil.copy(tk.minilm_path() / "config.json", vocab_only / "config.json")
     ours = te.TextEncoder.build(str(vocab_only))
-    expected = te.TextEncoder.build(te.MINILM)
+    expected = te.TextEncoder.build(tk.MINILM)
     for (name, p), q in zip(ours.state_dict().items(), expected.state_dict().values()):
         assert torch.equal(p, q), name
 
@@ -122,7 +123,7 @@ def test_bad_bert_folders_are_one_line_errors(tmp_path: Path, vocab_only: Path) 
     with pytest.raises(LGFormerError) as info:
         te.TextEncoder.build(str(vocab_only))
     assert "no config.json" in _one_line(info) and str(vocab_only) in str(info.value)
-    config = json.loads((te.minilm_path() / "config.json").read_text())
+    config = json.loads((tk.minilm_path() / "config.json").read_text())
     (vocab_only / "config.json").write_text(json.dumps(config))
     with pytest.raises(LGFormerError) as info:
         te.TextEncoder.build(str(vocab_only))
@@ -141,7 +142,7 @@ def test_bad_bert_folders_are_one_line_errors(tmp_path: Path, vocab_only: Path) 
         te.TextEncoder.build(str(vocab_only))
     assert "pytorch_model.bin" in _one_line(info)
     with pytest.raises(LGFormerError) as info:
-        te.Tokenizer(str(tmp_path / "nothing"))
+        tk.Tokenizer(str(tmp_path / "nothing"))
     assert "not found or incomplete" in _one_line(info)
 
 
@@ -154,22 +155,22 @@ def test_hub_ids_come_from_the_cache_and_offline_misses_are_one_line_errors(
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    te._load_tokenizer.cache_clear()
-    monkeypatch.setattr(te, "_load_tokenizer", te._load_tokenizer.__wrapped__)  # no cached tokenizers
+    tk._load_tokenizer.cache_clear()
+    monkeypatch.setattr(tk, "_load_tokenizer", tk._load_tokenizer.__wrapped__)  # no cached tokenizers
     with pytest.raises(LGFormerError) as info:
         te.TextEncoder.build("someone/bert-uncased-small")
     message = _one_line(info)
     assert "'someone/bert-uncased-small' is not a local folder and could not be fetched" in message
     assert "config.json not cached and the hub not reachable" in message
     with pytest.raises(LGFormerError):
-        te.TextEncoder.build(te.BERT_BASE)
-    assert te.TextEncoder.build(te.BERT_BASE, pretrained=False).dim == 768  # offline: bert-base's config
+        te.TextEncoder.build(tk.BERT_BASE)
+    assert te.TextEncoder.build(tk.BERT_BASE, pretrained=False).dim == 768  # offline: bert-base's config
     snapshot = tmp_path / "models--bert-base-uncased" / "snapshots" / "0123abc"
     snapshot.mkdir(parents=True)
     (tmp_path / "models--bert-base-uncased" / "refs").mkdir()
     (tmp_path / "models--bert-base-uncased" / "refs" / "main").write_text("0123abc")
     for name in ("config.json", "model.safetensors", "vocab.txt", "tokenizer_config.json"):
-        shutil.copy(te.minilm_path() / name, snapshot / name)  # MiniLM standing in for bert-base-uncased
-    cached = te.TextEncoder.build(te.BERT_BASE)
+        shutil.copy(tk.minilm_path() / name, snapshot / name)  # MiniLM standing in for bert-base-uncased
+    cached = te.TextEncoder.build(tk.BERT_BASE)
     assert cached.dim == 384
-    assert te.Tokenizer(te.BERT_BASE).encode(["the dog"]) == [[101, 1996, 3899, 102]]
+    assert tk.Tokenizer(tk.BERT_BASE).encode(["the dog"]) == [[101, 1996, 3899, 102]]

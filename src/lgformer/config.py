@@ -1,7 +1,7 @@
 """Configs as dataclasses: presets by name, YAML files, dotted `key=value` overrides.
 
 A `Config` holds one section per area: `model` (the network), `data` (the dataset and its transforms,
-`lgformer.data.dataset.DataConfig`) and `train` (the optimisation recipe). Every command that takes a
+`DataConfig`) and `train` (the optimisation recipe). Every command that takes a
 config accepts a preset name or a YAML file plus `--set section.key=value` overrides; unknown keys and
 wrongly typed values are errors that list what is valid. A YAML file starts from `base:` (a preset name or
 another YAML file, relative to this one), then overlays its sections.
@@ -18,7 +18,6 @@ from typing import Any
 
 import yaml
 
-from lgformer.data.dataset import DataConfig
 from lgformer.errors import LGFormerError
 
 
@@ -57,6 +56,62 @@ class ModelConfig:
     # What stays fp32 under bf16/fp16 autocast (plain fp32 runs are unaffected):
     decoder_fp32: bool = True  # the whole pixel decoder, as the authors; False: it follows autocast
     encoder_fp32_stages: int = 0  # leading image-encoder stages (trunk stage + fusion + gates + norm), 0-4
+
+
+# Dataset names (`data.dataset`): the REFER release's, our generated REFER-layout sets, the JSONL format
+REFER_DATASETS = ("refcoco", "refcoco+", "refcocog", "refclef")
+SYNTH = "synth"
+INSTANCES = "instances"  # `lgformer data from-instances`
+GENERATED = (SYNTH, INSTANCES)  # our own REFER-layout sets: refs(<name>).p, images under images/<name>
+JSONL = "jsonl"
+DATASETS = (*REFER_DATASETS, *GENERATED, JSONL)
+GT_RULES = ("exactly_one", "union")  # how a polygon annotation becomes a mask (data/masks.py)
+
+
+def check_rule(rule: str) -> None:
+    if rule not in GT_RULES:
+        raise LGFormerError(f"unknown gt_rule {rule!r}; valid rules: {', '.join(GT_RULES)}")
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how items are made (the `data` section of the project config)."""
+
+    root: str = "data"  # DATA_ROOT (REFER layout), a JSONL file, or a synthetic-benchmark folder
+    dataset: str = "refcoco"  # refcoco | refcoco+ | refcocog | refclef | jsonl | synth | instances
+    split_by: str = "unc"  # refs(<split_by>).p; not used by jsonl; synth and instances: their own name
+    image_dir: str | None = None  # override of the image folder (jsonl: base of the image paths)
+    gt_rule: str = "exactly_one"  # polygons: exactly_one (authors' sum == 1 quirk) | union
+    all_sentences: bool = False  # training: every sentence per epoch instead of one random per ref
+    image_size: int = 480
+    # Training only: more sources whose training-split referents join the training set, as "DATASET:ROOT"
+    # (e.g. "synth:data/synth" beside real photos); validation and evaluation read `root` alone.
+    mix: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check_data_config(self)
+
+
+MIN_IMAGE_SIZE = 32
+
+
+def check_data_config(cfg: DataConfig) -> None:
+    """Every field of the `data` section (run when a DataConfig is made)."""
+    if cfg.dataset not in DATASETS:
+        raise LGFormerError(f"unknown dataset {cfg.dataset!r}; valid datasets: {', '.join(DATASETS)}")
+    check_rule(cfg.gt_rule)
+    if cfg.image_size < MIN_IMAGE_SIZE:
+        raise LGFormerError(
+            f"data.image_size={cfg.image_size}; it must be at least {MIN_IMAGE_SIZE} pixels (the network "
+            "reads the picture down to 1/32 of its size)"
+        )
+    for entry in cfg.mix:
+        dataset = entry.split(":", 1)[0]
+        if ":" not in entry or dataset not in DATASETS or dataset in REFER_DATASETS:
+            raise LGFormerError(
+                f"data.mix: {entry!r}: expected DATASET:ROOT with DATASET one of "
+                f"{', '.join(d for d in DATASETS if d not in REFER_DATASETS)}"
+            )
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Compute precision by name, one table for every command and the API.
+"""Where and in which precision a model runs: the device by name, and the compute precision by name (one
+table for every command and the API).
 
 fp32 is plain float32 (no autocast); bf16 and fp16 are autocast dtypes. torch's names (float32, bfloat16,
 float16) are accepted as well. Importing this module does not import torch (the CLI builds its parser
@@ -42,3 +43,21 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     import torch
 
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def pick_device(device: str = "auto", local_rank: int = 0) -> torch.device:
+    """'auto' (this process's GPU if there is one, else the CPU), 'cpu', 'cuda' (GPU `local_rank`) or
+    'cuda:N'; a GPU is made the current one."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise LGFormerError("--device cuda asked for, but no CUDA GPU is visible")
+        dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device(device)
+        torch.cuda.set_device(dev)
+        return dev
+    if device == "cpu":
+        return torch.device("cpu")
+    raise LGFormerError(f"--device {device!r}; valid: auto, cpu, cuda, cuda:N")

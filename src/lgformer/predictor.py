@@ -24,13 +24,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from lgformer import config as config_mod
-from lgformer.app.shipped import DEFAULT_MODEL, SHIPPED
+from lgformer.checkpoint import load_model, resolve_checkpoint
 from lgformer.config import Config
 from lgformer.data.images import image_tensor, load_image, to_rgb
 from lgformer.errors import LGFormerError
-from lgformer.model.text_encoder import Tokenizer
-from lgformer.precision import autocast, autocast_dtype
+from lgformer.precision import autocast, autocast_dtype, pick_device
+from lgformer.shipped import DEFAULT_MODEL
+from lgformer.text.tokenizer import Tokenizer
 
 MIN_SIDE = 16  # smaller images hold nothing to segment (the network sees them blown up to S x S)
 
@@ -50,35 +50,6 @@ class Prediction:
     probability: np.ndarray  # float32 (H, W), sigmoid of the upsampled logits
     score: float  # mean probability inside the mask (0 for an empty mask)
     bbox: tuple[int, int, int, int] | None  # (x, y, width, height) of the mask in pixels, COCO style
-
-
-def missing_default_message(path: Path) -> str:
-    """What to do when the default model is not installed (used by every command that loads it)."""
-    return (
-        f"the default '{DEFAULT_MODEL}' model is not installed (expected a checkpoint folder at {path}); "
-        "retrain it with `lgformer demo --train` (hours on a CPU), or pass --checkpoint DIR (e.g. the "
-        "authors' weights converted with `lgformer convert official CKPT --out DIR`)"
-    )
-
-
-def resolve_checkpoint(source: str | Path) -> Path:
-    """A checkpoint folder, or the name of a model shipped in the package (`lite`)."""
-    if str(source) in SHIPPED:
-        path = SHIPPED[str(source)]
-        if not (path / "config.json").is_file():
-            raise LGFormerError(missing_default_message(path))
-        return path
-    if str(source) in config_mod.PRESETS:
-        raise LGFormerError(
-            f"preset {source!r} ships no weights; convert the authors' checkpoint with "
-            "`lgformer convert official CKPT --out DIR` and pass DIR"
-        )
-    path = Path(source)
-    if not path.is_dir():
-        raise LGFormerError(
-            f"checkpoint {source!r} is neither a folder nor a shipped model ({', '.join(SHIPPED)})"
-        )
-    return path
 
 
 def read_image(image: ImageInput) -> Image.Image:
@@ -165,10 +136,7 @@ class Segmenter:
         """Load a checkpoint folder or a shipped model name; `overrides` are config `key=value` items
         (e.g. `data.image_size=384` to run at another resolution); `dtype` is the precision: fp32, bf16 or
         fp16 (GPU), or torch's float32, bfloat16, float16."""
-        from lgformer.engine.checkpoint import load_model
-        from lgformer.engine.distributed import setup
-
-        _, dev = setup(device)
+        dev = pick_device(device)
         compute = autocast_dtype(dtype, dev)
         model, cfg = load_model(resolve_checkpoint(source), dev, tuple(overrides))
         return cls(model, cfg, dev, compute)

@@ -1,4 +1,4 @@
-"""`lgformer predict | serve | demo | export onnx`. Heavy imports stay inside the handlers."""
+"""`lgformer predict | serve | demo`. Heavy imports stay inside the handlers."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
-from lgformer.app.shipped import DEFAULT_MODEL, SHIPPED
-from lgformer.cli import add_device_argument, add_dtype_argument, add_overrides_argument
+from lgformer.arguments import add_device_argument, add_dtype_argument, add_overrides_argument
+from lgformer.shipped import DEFAULT_MODEL, SHIPPED
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -92,27 +92,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_overrides_argument(train, "training config override")
     p.set_defaults(handler=_demo)
 
-    p = sub.add_parser("export", help="export a checkpoint to another runtime")
-    export_sub = p.add_subparsers(dest="format", metavar="FORMAT", required=True)
-    p = export_sub.add_parser(
-        "onnx",
-        help="ONNX graph (image, ids, attention_mask) -> logits, checked with ONNX Runtime",
-        description="Opset 18. Inputs: image float32 (batch, 3, S, S) normalised, ids and attention_mask "
-        "int64 (batch, tokens); output: logits float32 (batch, S, S), > 0 = mask. Dynamic axes: batch and "
-        "tokens (2..--max-tokens). The file is written only if ONNX Runtime matches PyTorch within 1e-3.",
-    )
-    p.add_argument(
-        "--checkpoint", default=DEFAULT_MODEL, help="checkpoint folder or shipped model (default %(default)s)"
-    )
-    p.add_argument("--out", type=Path, required=True, help="output .onnx file")
-    p.add_argument(
-        "--size", type=int, default=None, help="input size S (default: the checkpoint's image size)"
-    )
-    p.add_argument("--max-tokens", type=int, default=None, help="longest token axis (default: the model's)")
-    p.add_argument("--check-image", type=Path, help="photo for the parity check (default: a synthetic scene)")
-    p.add_argument("--check-text", help="sentence for the parity check (default: the scene's expression)")
-    p.set_defaults(handler=_export_onnx)
-
 
 def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -130,8 +109,8 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
 
 def _predict(args: argparse.Namespace) -> int:
     from lgformer.app.predict import predict_files
-    from lgformer.data.files import check_output_folder
     from lgformer.errors import LGFormerError
+    from lgformer.files import check_output_folder
 
     urls = [image for image in args.image if "://" in image]
     if urls:
@@ -162,7 +141,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from lgformer.app import demo
-    from lgformer.data.files import check_output_folder
+    from lgformer.files import check_output_folder
     from lgformer.predictor import Segmenter
 
     check_output_folder(args.out)
@@ -203,27 +182,4 @@ def _demo(args: argparse.Namespace) -> int:
     print("\n".join("  " + line for line in demo.level_table(summary)))
     print(f"\ngallery: {out / 'gallery.png'}\npage:    {out / 'index.html'}\noverlays: {out / 'overlays'}")
     print(f"(data, scoring and gallery: {summary['seconds']:.0f} s)")
-    return 0
-
-
-def _export_onnx(args: argparse.Namespace) -> int:
-    from lgformer.data.files import check_output_file
-
-    check_output_file(args.out)
-    from lgformer.convert.onnx import OPSET, export_onnx, synthetic_check_input
-    from lgformer.predictor import Segmenter, encode_sentences, read_image
-
-    if args.check_image is not None:
-        image, sentence = read_image(args.check_image), args.check_text or "the object in the middle"
-    else:
-        image, sentence = synthetic_check_input()
-        sentence = args.check_text or sentence
-    seg = Segmenter.from_pretrained(args.checkpoint, device="cpu")
-    encode_sentences(seg.tokenizer, [sentence])
-    diff = export_onnx(seg.model, seg.cfg, args.out, image, sentence, args.size, args.max_tokens)
-    size = args.size or seg.image_size
-    print(
-        f"wrote {args.out} (opset {OPSET}, input {size}x{size}, dynamic batch and tokens); "
-        f"ONNX Runtime vs PyTorch max abs logit difference {diff:.2e}"
-    )
     return 0

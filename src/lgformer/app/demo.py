@@ -28,9 +28,9 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from lgformer.app.render import overlay, save_png
-from lgformer.data.files import atomic_write
+from lgformer.files import atomic_write
 from lgformer.predictor import Segmenter, read_image
+from lgformer.render import overlay, save_png
 
 SYNTH_SEED = 0  # the benchmark seed of the default model's training data; its `test` split is held out
 SYNTH_SIZE = 320
@@ -286,7 +286,7 @@ def store_like_shipped(
     and its config with `overrides` (fields that do not change the weights, e.g. the precision policy)."""
     import torch
 
-    from lgformer.engine.checkpoint import load_model, read_config, save_model
+    from lgformer.checkpoint import load_model, read_config, save_model
 
     model, cfg = load_model(checkpoint, overrides=overrides)
     _, meta = read_config(checkpoint)

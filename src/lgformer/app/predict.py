@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from lgformer import config as config_mod
-from lgformer.app.render import mask_image, overlay, save_png
-from lgformer.data.files import atomic_write
-from lgformer.engine.checkpoint import read_config
-from lgformer.model.text_encoder import Tokenizer
+from lgformer.checkpoint import read_config
+from lgformer.files import atomic_write
 from lgformer.predictor import InputWarning, Segmenter, encode_sentences, read_image, resolve_checkpoint
+from lgformer.render import mask_image, overlay, save_png
+from lgformer.text.tokenizer import Tokenizer
 
 SUMMARY = "predictions.json"
 

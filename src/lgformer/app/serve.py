@@ -18,9 +18,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from lgformer.app.render import mask_image, overlay, save_png
 from lgformer.errors import LGFormerError
 from lgformer.predictor import InputWarning, Segmenter, read_image
+from lgformer.render import mask_image, overlay, save_png
 
 TITLE = "LGFormer: referring image segmentation"
 EXAMPLE_SEED = 7

@@ -1,11 +1,14 @@
-"""`lgformer convert official`, `lgformer verify-official` and `lgformer verify-official-training`."""
+"""`lgformer convert official`, `lgformer verify-official`, `lgformer verify-official-training` and
+`lgformer export onnx`."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from lgformer.cli import add_device_argument, add_overrides_argument
-from lgformer.data.files import check_output_file, check_output_folder
+from lgformer.arguments import add_device_argument, add_overrides_argument
+from lgformer.files import check_output_file, check_output_folder
+from lgformer.shipped import DEFAULT_MODEL
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,11 +55,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_device_argument(vt)
     vt.set_defaults(handler=_verify_official_training)
 
+    p = sub.add_parser("export", help="export a checkpoint to another runtime")
+    export_sub = p.add_subparsers(dest="format", metavar="FORMAT", required=True)
+    p = export_sub.add_parser(
+        "onnx",
+        help="ONNX graph (image, ids, attention_mask) -> logits, checked with ONNX Runtime",
+        description="Opset 18. Inputs: image float32 (batch, 3, S, S) normalised, ids and attention_mask "
+        "int64 (batch, tokens); output: logits float32 (batch, S, S), > 0 = mask. Dynamic axes: batch and "
+        "tokens (2..--max-tokens). The file is written only if ONNX Runtime matches PyTorch within 1e-3.",
+    )
+    p.add_argument(
+        "--checkpoint", default=DEFAULT_MODEL, help="checkpoint folder or shipped model (default %(default)s)"
+    )
+    p.add_argument("--out", type=Path, required=True, help="output .onnx file")
+    p.add_argument(
+        "--size", type=int, default=None, help="input size S (default: the checkpoint's image size)"
+    )
+    p.add_argument("--max-tokens", type=int, default=None, help="longest token axis (default: the model's)")
+    p.add_argument("--check-image", type=Path, help="photo for the parity check (default: a synthetic scene)")
+    p.add_argument("--check-text", help="sentence for the parity check (default: the scene's expression)")
+    p.set_defaults(handler=_export_onnx)
+
 
 def _convert_official(args: argparse.Namespace) -> int:
     from lgformer import config as config_mod
+    from lgformer.checkpoint import save_model
     from lgformer.convert.official import from_official, infer_preset, load_official_checkpoint
-    from lgformer.engine.checkpoint import save_model
     from lgformer.model.build import build_model
 
     check_output_folder(args.out)
@@ -108,3 +132,26 @@ def _verify_official_training(args: argparse.Namespace) -> int:
         print(f"(only the checks of the first {args.steps} step(s) ran: --steps {args.steps})")
     print(f"training_golden={'PASS' if passed else 'FAIL'}")
     return 0 if passed else 1
+
+
+def _export_onnx(args: argparse.Namespace) -> int:
+    from lgformer.files import check_output_file
+
+    check_output_file(args.out)
+    from lgformer.convert.onnx import OPSET, export_onnx, synthetic_check_input
+    from lgformer.predictor import Segmenter, encode_sentences, read_image
+
+    if args.check_image is not None:
+        image, sentence = read_image(args.check_image), args.check_text or "the object in the middle"
+    else:
+        image, sentence = synthetic_check_input()
+        sentence = args.check_text or sentence
+    seg = Segmenter.from_pretrained(args.checkpoint, device="cpu")
+    encode_sentences(seg.tokenizer, [sentence])
+    diff = export_onnx(seg.model, seg.cfg, args.out, image, sentence, args.size, args.max_tokens)
+    size = args.size or seg.image_size
+    print(
+        f"wrote {args.out} (opset {OPSET}, input {size}x{size}, dynamic batch and tokens); "
+        f"ONNX Runtime vs PyTorch max abs logit difference {diff:.2e}"
+    )
+    return 0

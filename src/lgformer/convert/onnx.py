@@ -33,11 +33,11 @@ from PIL import Image
 from torch import Tensor, nn
 
 from lgformer.config import Config
-from lgformer.data.files import atomic_write
 from lgformer.data.images import image_tensor
 from lgformer.errors import LGFormerError
+from lgformer.files import atomic_write
 from lgformer.model import deformable_attention
-from lgformer.model.text_encoder import Tokenizer
+from lgformer.text.tokenizer import Tokenizer
 
 OPSET = 18
 TOLERANCE = 1e-3  # max abs logit difference, ONNX Runtime vs PyTorch

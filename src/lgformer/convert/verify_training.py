@@ -31,10 +31,10 @@ from lgformer import config as config_mod
 from lgformer.config import Config
 from lgformer.convert.official import infer_preset, official_name
 from lgformer.convert.verify import VARIANTS, build_recipe_model
-from lgformer.data.files import atomic_write
 from lgformer.engine import distributed as D
 from lgformer.engine import train as T
 from lgformer.errors import LGFormerError
+from lgformer.files import atomic_write
 from lgformer.safe_load import load_safetensors_file
 
 RECORDED_TOTAL = 4  # the recorded run's schedule length: len(data_loader_train) * epochs = 4 * 1

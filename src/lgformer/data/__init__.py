@@ -10,18 +10,18 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "DataConfig": "dataset",
-    "ReferDataset": "dataset",
-    "build_dataset": "dataset",
-    "collate": "dataset",
-    "BUCKETS": "text",
-    "count_words": "text",
-    "length_bucket": "text",
-    "load_image": "images",
-    "MAX_PIXELS": "images",
-    "GT_RULES": "masks",
-    "Referent": "sources",
-    "Sentence": "sources",
+    "DataConfig": "lgformer.config",
+    "GT_RULES": "lgformer.config",
+    "ReferDataset": "lgformer.data.dataset",
+    "build_dataset": "lgformer.data.dataset",
+    "collate": "lgformer.data.dataset",
+    "BUCKETS": "lgformer.text.lengths",
+    "count_words": "lgformer.text.lengths",
+    "length_bucket": "lgformer.text.lengths",
+    "load_image": "lgformer.data.images",
+    "MAX_PIXELS": "lgformer.data.images",
+    "Referent": "lgformer.data.sources",
+    "Sentence": "lgformer.data.sources",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -29,4 +29,4 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'lgformer.data' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"lgformer.data.{_EXPORTS[name]}"), name)
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -128,8 +128,8 @@ def _referents(args: argparse.Namespace) -> list:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from lgformer.data.text import BUCKETS, sentence_stats
-    from lgformer.model.text_encoder import Tokenizer
+    from lgformer.text.lengths import BUCKETS, sentence_stats
+    from lgformer.text.tokenizer import Tokenizer
 
     referents = _referents(args)
     sentences = [s.text for ref in referents for s in ref.sentences]
@@ -224,8 +224,8 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from lgformer.data.files import check_output_file
     from lgformer.data.sources import export_jsonl
+    from lgformer.files import check_output_file
 
     if args.root.endswith(".csv"):
         raise LGFormerError(f"{args.root}: a sentence CSV has no images or masks to export")
@@ -238,9 +238,9 @@ def _export(args: argparse.Namespace) -> int:
 def _synth(args: argparse.Namespace) -> int:
     import time
 
-    from lgformer.data.files import check_output_folder
     from lgformer.data.synth.generate import generate
     from lgformer.data.synth.sheet import render_sheet
+    from lgformer.files import check_output_folder
 
     check_output_folder(args.out)
     start = time.perf_counter()
@@ -266,8 +266,8 @@ def _synth(args: argparse.Namespace) -> int:
 def _from_instances(args: argparse.Namespace) -> int:
     import time
 
-    from lgformer.data.files import check_output_folder
     from lgformer.data.instances.generate import from_instances
+    from lgformer.files import check_output_folder
 
     check_output_folder(args.out)
     start = time.perf_counter()

@@ -9,7 +9,6 @@ on (seed, epoch, ref index), so a resumed run sees exactly the sentences an unin
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,65 +16,20 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from lgformer.config import GENERATED, JSONL, DataConfig, check_rule
 from lgformer.data.images import image_tensor, load_image, mask_tensor
-from lgformer.data.masks import check_rule
 from lgformer.data.sources import (
-    DATASETS,
-    GENERATED,
-    JSONL,
-    REFER_DATASETS,
     Referent,
     Sentence,
     load_jsonl,
     load_refer,
     referent_mask,
 )
-from lgformer.data.text import count_words
 from lgformer.errors import LGFormerError
+from lgformer.text.lengths import count_words
 
 if TYPE_CHECKING:
-    from lgformer.model.text_encoder import Tokenizer
-
-
-@dataclass
-class DataConfig:
-    """Where the data is and how items are made (the `data` section of the project config)."""
-
-    root: str = "data"  # DATA_ROOT (REFER layout), a JSONL file, or a synthetic-benchmark folder
-    dataset: str = "refcoco"  # refcoco | refcoco+ | refcocog | refclef | jsonl | synth | instances
-    split_by: str = "unc"  # refs(<split_by>).p; not used by jsonl; synth and instances: their own name
-    image_dir: str | None = None  # override of the image folder (jsonl: base of the image paths)
-    gt_rule: str = "exactly_one"  # polygons: exactly_one (authors' sum == 1 quirk) | union
-    all_sentences: bool = False  # training: every sentence per epoch instead of one random per ref
-    image_size: int = 480
-    # Training only: more sources whose training-split referents join the training set, as "DATASET:ROOT"
-    # (e.g. "synth:data/synth" beside real photos); validation and evaluation read `root` alone.
-    mix: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        check_config(self)
-
-
-MIN_IMAGE_SIZE = 32
-
-
-def check_config(cfg: DataConfig) -> None:
-    """Every field of the `data` section (run when a DataConfig is made)."""
-    if cfg.dataset not in DATASETS:
-        raise LGFormerError(f"unknown dataset {cfg.dataset!r}; valid datasets: {', '.join(DATASETS)}")
-    check_rule(cfg.gt_rule)
-    if cfg.image_size < MIN_IMAGE_SIZE:
-        raise LGFormerError(
-            f"data.image_size={cfg.image_size}; it must be at least {MIN_IMAGE_SIZE} pixels (the network "
-            "reads the picture down to 1/32 of its size)"
-        )
-    for entry in cfg.mix:
-        dataset = entry.split(":", 1)[0]
-        if ":" not in entry or dataset not in DATASETS or dataset in REFER_DATASETS:
-            raise LGFormerError(
-                f"data.mix: {entry!r}: expected DATASET:ROOT with DATASET one of "
-                f"{', '.join(d for d in DATASETS if d not in REFER_DATASETS)}"
-            )
+    from lgformer.text.tokenizer import Tokenizer
 
 
 def load_referents(cfg: DataConfig) -> list[Referent]:

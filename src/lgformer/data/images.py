@@ -23,10 +23,9 @@ import torch
 from PIL import Image, ImageOps
 
 from lgformer.errors import LGFormerError
+from lgformer.model.common import IMAGENET_MEAN, IMAGENET_STD
 
 MAX_PIXELS = 64 * 1024 * 1024  # 8192 x 8192; below PIL's own bomb warning (89.5 M), so PIL never warns first
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 

@@ -16,14 +16,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as coco_mask
 
+from lgformer.config import check_rule
 from lgformer.errors import LGFormerError
-
-GT_RULES = ("exactly_one", "union")
-
-
-def check_rule(rule: str) -> None:
-    if rule not in GT_RULES:
-        raise LGFormerError(f"unknown gt_rule {rule!r}; valid rules: {', '.join(GT_RULES)}")
 
 
 def decode_segmentation(seg: Any, height: int, width: int, rule: str, where: str) -> np.ndarray:

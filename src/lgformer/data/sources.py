@@ -24,17 +24,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from lgformer.data.files import atomic_write
+from lgformer.config import GENERATED, JSONL
 from lgformer.data.masks import decode_segmentation, read_mask_png
 from lgformer.data.pickles import load_plain_pickle
 from lgformer.errors import LGFormerError
+from lgformer.files import atomic_write
 
-REFER_DATASETS = ("refcoco", "refcoco+", "refcocog", "refclef")
-SYNTH = "synth"
-INSTANCES = "instances"  # `lgformer data from-instances`
-GENERATED = (SYNTH, INSTANCES)  # our own REFER-layout sets: refs(<name>).p, images under images/<name>
-JSONL = "jsonl"
-DATASETS = (*REFER_DATASETS, *GENERATED, JSONL)
 JSONL_FIELDS = ("image", "mask", "sentences", "split", "id", "level")
 
 

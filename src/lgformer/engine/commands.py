@@ -1,4 +1,4 @@
-"""`lgformer train` and `lgformer eval`. Heavy imports stay inside the handlers."""
+"""`lgformer train`, `lgformer eval` and `lgformer bench`. Heavy imports stay inside the handlers."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from lgformer.cli import add_device_argument, add_dtype_argument, add_overrides_argument
+from lgformer.arguments import add_device_argument, add_dtype_argument, add_overrides_argument
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -80,14 +80,37 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_device_argument(p)
     p.set_defaults(handler=_eval)
 
+    p = sub.add_parser(
+        "bench",
+        help="time a preset's network: latency, images/s, GFLOP, efficiency vs GEMM, peak memory",
+        description="Random weights. Times the full forward as inference runs it (text encoder included, "
+        "the prediction map only) and each box separately; "
+        "efficiency = roofline / latency, the roofline being each compute dtype's GFLOP at the GEMM rate "
+        "measured in the same process at that dtype.",
+    )
+    p.add_argument("--preset", default="lite", help="preset name or YAML file (default %(default)s)")
+    p.add_argument("--size", type=int, default=None, help="square input size (default: the config's)")
+    p.add_argument("--batch", type=int, default=1, help="images per forward (default %(default)s)")
+    add_dtype_argument(p, "fp32 or autocast dtype (default fp32)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    p.add_argument("--repeat", type=int, default=10, help="timed runs per measurement (default %(default)s)")
+    add_device_argument(p)
+    p.add_argument("--train", action="store_true", help="also time one optimiser step (fwd + bwd + AdamW)")
+    add_overrides_argument(
+        p, "override a config value, e.g. model.decoder_fp32=false (the decoder follows --dtype) (repeatable)"
+    )
+    p.add_argument("--no-parts", dest="parts", action="store_false", help="skip the per-box timings")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(handler=_bench)
+
 
 def _train(args: argparse.Namespace) -> int:
     from lgformer import config as config_mod
-    from lgformer.data.files import check_output_folder
+    from lgformer.checkpoint import read_config
     from lgformer.engine import distributed
-    from lgformer.engine.checkpoint import read_config
     from lgformer.engine.train import recover_run, train
     from lgformer.errors import LGFormerError
+    from lgformer.files import check_output_folder
 
     if args.resume is not None:
         if args.out is not None and args.out != args.resume:
@@ -119,10 +142,10 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
 
     from lgformer import config as config_mod
+    from lgformer.checkpoint import load_model
     from lgformer.data.dataset import DataConfig, build_dataset
     from lgformer.data.sources import dataset_of
     from lgformer.engine import distributed
-    from lgformer.engine.checkpoint import load_model
     from lgformer.engine.evaluate import (
         MaskWriter,
         ScoringWarning,
@@ -137,7 +160,7 @@ def _eval(args: argparse.Namespace) -> int:
     if (args.checkpoint is None) == (args.predictions is None):
         raise LGFormerError("give exactly one of --checkpoint DIR or --predictions DIR")
     if args.out is not None:
-        from lgformer.data.files import check_output_folder
+        from lgformer.files import check_output_folder
 
         check_output_folder(args.out)
     w, dev = distributed.setup(args.device)
@@ -160,7 +183,7 @@ def _eval(args: argparse.Namespace) -> int:
     data = config_mod.merge(data, {k: v for k, v in flags.items() if v is not None}, "eval flags")
     tokenizer = None
     if model is not None:
-        from lgformer.model.text_encoder import Tokenizer
+        from lgformer.text.tokenizer import Tokenizer
 
         tokenizer = Tokenizer(cfg.model.text_encoder, cfg.model.max_tokens)
     reports = {}
@@ -201,7 +224,7 @@ def _eval(args: argparse.Namespace) -> int:
     title = f"{data.dataset} ({data.split_by}) — {source}"
     body = reports[args.split[0]] if len(reports) == 1 else reports
     if args.out is not None:
-        from lgformer.data.files import atomic_write
+        from lgformer.files import atomic_write
 
         text = json.dumps(
             {"source": source, "dataset": data.dataset, "split_by": data.split_by, "reports": reports},
@@ -210,4 +233,28 @@ def _eval(args: argparse.Namespace) -> int:
         atomic_write(args.out / "report.json", lambda tmp: Path(tmp).write_text(text))
         atomic_write(args.out / "report.md", lambda tmp: Path(tmp).write_text(markdown(reports, title)))
     print(json.dumps(body) if args.json else markdown(reports, title))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import json
+
+    from lgformer.engine import bench
+    from lgformer.errors import LGFormerError
+
+    if min(args.batch, args.repeat, *(v for v in (args.size, args.threads) if v is not None)) < 1:
+        raise LGFormerError("--batch, --repeat, --size and --threads must be >= 1")
+    report = bench.run(
+        args.preset,
+        size=args.size,
+        batch=args.batch,
+        dtype=args.dtype,
+        threads=args.threads,
+        repeat=args.repeat,
+        train=args.train,
+        device=args.device,
+        parts=args.parts,
+        overrides=tuple(args.overrides),
+    )
+    print(json.dumps(report, indent=2) if args.json else bench.format_report(report))
     return 0

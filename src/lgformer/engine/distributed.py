@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch.utils.data import Sampler
 
 from lgformer.errors import LGFormerError
+from lgformer.precision import pick_device
 
 
 @dataclass(frozen=True)
@@ -43,17 +44,7 @@ def setup(device: str = "auto") -> tuple[World, torch.device]:
     """Pick the device ('auto': this rank's GPU if there is one, else CPU) and join the process group
     when launched by torchrun. Returns where this process stands and its device."""
     w = world()
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise LGFormerError("--device cuda asked for, but no CUDA GPU is visible")
-        dev = torch.device("cuda", w.local_rank) if device == "cuda" else torch.device(device)
-        torch.cuda.set_device(dev)
-    elif device == "cpu":
-        dev = torch.device("cpu")
-    else:
-        raise LGFormerError(f"--device {device!r}; valid: auto, cpu, cuda, cuda:N")
+    dev = pick_device(device, w.local_rank)
     if w.size > 1 and not dist.is_initialized():
         dist.init_process_group(
             "nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None

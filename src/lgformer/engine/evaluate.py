@@ -25,10 +25,12 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from lgformer.data.images import load_image
 from lgformer.engine import distributed as D
 from lgformer.engine.metrics import METRICS, IoUCounts, intersection_union
 from lgformer.errors import LGFormerError
 from lgformer.precision import autocast
+from lgformer.render import mask_image, overlay, save_png
 
 if TYPE_CHECKING:
     from lgformer.data.dataset import ReferDataset
@@ -185,7 +187,7 @@ def evaluate_predictions(
 def report(counts: IoUCounts, dataset: ReferDataset, protocol: str) -> dict[str, Any]:
     """Metrics overall (in percent), `by_length` over the paper's word buckets and, when the data has
     complexity levels (synthetic benchmark), `by_level`. Empty groups report only `sentences: 0`."""
-    from lgformer.data.text import BUCKETS, count_words, length_bucket
+    from lgformer.text.lengths import BUCKETS, count_words, length_bucket
 
     buckets = np.array([length_bucket(count_words(dataset.sentence(i).text)) for i in range(len(dataset))])
     levels = np.array([dataset.referent(i).level for i in range(len(dataset))])
@@ -228,8 +230,8 @@ def _table(key: str, rows: dict[str, dict[str, Any]]) -> list[str]:
 
 class MaskWriter:
     """`--save-masks`: `<sent_id>.png` (0/255) at the protocol's size, readable back by `--predictions`;
-    `--save-overlays`: the first `limit` items as the original image with prediction (red) and ground
-    truth (green) tinted, the sentence written on top."""
+    `--save-overlays`: the first `limit` items drawn by `lgformer.render.overlay` on the original image,
+    the ground truth outlined."""
 
     def __init__(self, dataset: ReferDataset, masks: Path | None, overlays: Path | None, limit: int) -> None:
         self.dataset = dataset
@@ -243,24 +245,16 @@ class MaskWriter:
     def __call__(self, index: int, pred: np.ndarray) -> None:
         sent_id = self.dataset.sentence(index).sent_id
         if self.masks is not None:
-            Image.fromarray(pred.astype(np.uint8) * 255).save(self.masks / f"{sent_id}.png")
+            save_png(self.masks / f"{sent_id}.png", mask_image(pred))
         if self.overlays is not None and index < self.limit:
-            self._overlay(index, pred).save(self.overlays / f"{sent_id}.png")
-
-    def _overlay(self, index: int, pred: np.ndarray) -> Image.Image:
-        from PIL import ImageDraw
-
-        from lgformer.data.images import load_image
-
-        image = np.asarray(load_image(self.dataset.image_path(index)), dtype=np.float32)
-        h, w = image.shape[:2]
-        gt = self.dataset.original_mask(index)
-        pred = np.asarray(Image.fromarray(pred.astype(np.uint8)).resize((w, h), Image.NEAREST)) > 0
-        for mask, colour in ((gt, (0, 255, 0)), (pred, (255, 0, 0))):
-            image[mask] = 0.55 * image[mask] + 0.45 * np.array(colour, dtype=np.float32)
-        out = Image.fromarray(image.clip(0, 255).astype(np.uint8))
-        draw = ImageDraw.Draw(out)
-        text = self.dataset.sentence(index).text
-        draw.rectangle((0, 0, w, 14), fill=(0, 0, 0))
-        draw.text((3, 1), text, fill=(255, 255, 255))
-        return out
+            image = load_image(self.dataset.image_path(index))
+            pred = np.asarray(Image.fromarray(pred.astype(np.uint8)).resize(image.size, Image.NEAREST)) > 0
+            text = self.dataset.sentence(index).text
+            drawn = overlay(
+                image,
+                pred,
+                text,
+                "prediction filled, ground truth outlined",
+                self.dataset.original_mask(index),
+            )
+            save_png(self.overlays / f"{sent_id}.png", drawn)

@@ -30,12 +30,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from lgformer import config as config_mod
+from lgformer.checkpoint import load_model, load_training_state, read_config, save_model
 from lgformer.config import Config, ModelConfig, TrainConfig
-from lgformer.data.files import atomic_write, recover_folder
 from lgformer.engine import distributed as D
-from lgformer.engine.checkpoint import load_model, load_training_state, read_config, save_model
 from lgformer.engine.evaluate import evaluate_model
 from lgformer.errors import LGFormerError
+from lgformer.files import atomic_write, recover_folder
 from lgformer.precision import autocast, autocast_dtype
 
 AMP_CHOICES = ("auto", "off", "bf16", "fp16")
@@ -311,7 +311,7 @@ class Trainer:
     def __init__(self, cfg: Config, out: str | Path, *, resume: bool = False, device: str = "auto") -> None:
         from lgformer.data.dataset import build_dataset
         from lgformer.model.build import build_model
-        from lgformer.model.text_encoder import Tokenizer
+        from lgformer.text.tokenizer import Tokenizer
 
         self.cfg, self.tc, self.out = cfg, cfg.train, Path(out)
         tc = self.tc

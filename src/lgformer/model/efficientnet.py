@@ -20,11 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lgformer.errors import LGFormerError
+from lgformer.model.common import IMAGENET_MEAN, IMAGENET_STD
 from lgformer.model.layers import Conv1x1, kept_while_unchanged
 from lgformer.safe_load import load_torch_file
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.01  # TensorFlow's 0.99 decay, in PyTorch's convention
 STEM_CHANNELS = 32

@@ -31,15 +31,16 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from lgformer.data.files import atomic_write
+from lgformer.config import INSTANCES
 from lgformer.data.images import load_image
 from lgformer.data.instances.lexicon import color_name, lexicon, size_names
 from lgformer.data.masks import decode_segmentation, encode_rle
-from lgformer.data.sources import INSTANCES, read_json
+from lgformer.data.sources import read_json
 from lgformer.data.synth.describe import describe
 from lgformer.data.synth.generate import deterministic_pickle, refer_ref
 from lgformer.data.synth.grammar import UNKNOWN, Lexicon, Obj, min_level
 from lgformer.errors import LGFormerError
+from lgformer.files import atomic_write
 
 SENTENCES_PER_REF = 3
 KEEP_VISIBLE = 0.7  # a paste must leave every object at least this share of its pixels

@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from lgformer.data.files import atomic_write
 from lgformer.data.masks import encode_rle
 from lgformer.data.synth.describe import describe
 from lgformer.data.synth.grammar import SHAPES, Obj, min_level
 from lgformer.data.synth.scene import encode_jpeg, render_image, sample_objects
 from lgformer.errors import LGFormerError
+from lgformer.files import atomic_write
 
 SPLITS = ("train", "val", "test")
 REFS_PER_SCENE = 3

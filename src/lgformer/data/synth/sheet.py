@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from lgformer.data.files import atomic_write
+from lgformer.config import SYNTH
 from lgformer.data.images import load_image
-from lgformer.data.sources import SYNTH, Referent, load_refer, referent_mask
+from lgformer.data.sources import Referent, load_refer, referent_mask
 from lgformer.errors import LGFormerError
+from lgformer.files import atomic_write
 
 OUTLINES = ((0, 230, 255), (255, 40, 220), (120, 255, 60))
 TILE = 320

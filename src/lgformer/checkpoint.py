@@ -2,7 +2,7 @@
 
 `config.json` holds the full config and `weights_exclude`, the name prefixes whose tensors are not
 stored because they come from a pretrained source (e.g. a frozen MiniLM from its package). A checkpoint is
-written whole into a temporary folder and swapped in (`lgformer.data.files.atomic_folder`): a kill at any
+written whole into a temporary folder and swapped in (`lgformer.files.atomic_folder`): a kill at any
 moment leaves the old or the new checkpoint complete.
 """
 
@@ -18,9 +18,10 @@ from torch import nn
 
 from lgformer import config as config_mod
 from lgformer.config import Config
-from lgformer.data.files import atomic_folder, crash_point
 from lgformer.errors import LGFormerError
+from lgformer.files import atomic_folder, crash_point
 from lgformer.safe_load import load_safetensors_file, load_torch_file
+from lgformer.shipped import DEFAULT_MODEL, SHIPPED
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -61,6 +62,35 @@ def save_model(
         crash_point("weights-written")
         (tmp / CONFIG).write_text(body)
     return directory
+
+
+def missing_default_message(path: Path) -> str:
+    """What to do when the default model is not installed (used by every command that loads it)."""
+    return (
+        f"the default '{DEFAULT_MODEL}' model is not installed (expected a checkpoint folder at {path}); "
+        "retrain it with `lgformer demo --train` (hours on a CPU), or pass --checkpoint DIR (e.g. the "
+        "authors' weights converted with `lgformer convert official CKPT --out DIR`)"
+    )
+
+
+def resolve_checkpoint(source: str | Path) -> Path:
+    """A checkpoint folder, or the name of a model shipped in the package (`lite`)."""
+    if str(source) in SHIPPED:
+        path = SHIPPED[str(source)]
+        if not (path / "config.json").is_file():
+            raise LGFormerError(missing_default_message(path))
+        return path
+    if str(source) in config_mod.PRESETS:
+        raise LGFormerError(
+            f"preset {source!r} ships no weights; convert the authors' checkpoint with "
+            "`lgformer convert official CKPT --out DIR` and pass DIR"
+        )
+    path = Path(source)
+    if not path.is_dir():
+        raise LGFormerError(
+            f"checkpoint {source!r} is neither a folder nor a shipped model ({', '.join(SHIPPED)})"
+        )
+    return path
 
 
 def read_config(directory: str | Path) -> tuple[Config, dict[str, Any]]:

@@ -4,6 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
+ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_MODEL = "lite"
 SHIPPED = {DEFAULT_MODEL: ASSETS / "lite-synth"}  # name -> checkpoint folder

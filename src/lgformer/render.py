@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from lgformer.data.files import atomic_write
+from lgformer.files import atomic_write
 
 TINT = (255, 40, 40)  # the predicted mask, blended in
 OUTLINE = (255, 225, 0)  # its outline: yellow reads on red, on photos and on the synthetic scenes
