@@ -1,4 +1,5 @@
-"""Multi-scale deformable attention (spec §4.4, §9): sampling, gradients, layout, initialisation."""
+"""Multi-scale deformable attention (docs/architecture.md#multi-scale-deformable-attention): sampling,
+gradients, layout, initialisation."""
 
 from __future__ import annotations
 
@@ -93,7 +94,8 @@ def test_sample_float32_matches_reference():
 
 
 def test_sample_equals_grid_sample():
-    """Spec §4.4 step 5: grid_sample(bilinear, zeros, align_corners=False) at 2·loc − 1, per head, level."""
+    """docs/architecture.md#multi-scale-deformable-attention: grid_sample(bilinear, zeros,
+    align_corners=False) at 2·loc − 1, per head, level."""
     value, loc, weights = random_inputs(B=2, Lq=40, heads=3, dh=4, points=3, seed=2)
     B, Lq, heads, levels, points, _ = loc.shape
     starts = [0, 6, 26]

@@ -1,4 +1,5 @@
-"""Swin trunk (spec §3.1, §3.3, §3.6): agreement with a plain reference, key layout, pretrained loading."""
+"""Swin trunk (docs/architecture.md#multi-modal-image-encoder): agreement with a plain reference, key layout,
+pretrained loading."""
 
 from __future__ import annotations
 

@@ -23,7 +23,8 @@ from lgformer.errors import LGFormerError
 
 @dataclass
 class ModelConfig:
-    """Hyper-parameters of the network. Defaults are the authors' Swin-B model (spec §0.1, §12)."""
+    """Hyper-parameters of the network. Defaults are the authors' Swin-B model
+    (docs/architecture.md#conventions-and-configurations)."""
 
     backbone: str = "swin-b"  # swin-t | swin-s | swin-b | swin-l | efficientnet-lite2
     window: int = 12  # Swin window size (the released checkpoints use 12)
@@ -116,7 +117,8 @@ def check_data_config(cfg: DataConfig) -> None:
 
 @dataclass
 class TrainConfig:
-    """Optimisation recipe. Defaults are the authors' (spec §8, §12 row 12): AdamW 5e-5, weight decay 0.01
+    """Optimisation recipe. Defaults are the authors' (docs/architecture.md#training-recipe): AdamW 5e-5,
+    weight decay 0.01
     with the no-decay groups, poly 0.9 per iteration over 40 epochs, global batch 32, BERT embeddings frozen,
     fp16 AMP on GPU (fp32 pixel decoder), deep supervision (the `model.loss_*` fields)."""
 

@@ -1,6 +1,7 @@
 """The Python API: `Segmenter.from_pretrained(...).predict(image, sentence)`.
 
-Preprocessing is exactly the training transform (spec §1.1, §13 item 6): PIL bilinear resize to S x S (S is
+Preprocessing is exactly the training transform (docs/architecture.md#inputs-image-and-ground-truth): PIL
+bilinear resize to S x S (S is
 the checkpoint's `data.image_size`), ImageNet mean/std; the 1/4-scale logits of the last output are upsampled
 bilinearly straight to the original image size (as the engine's `original` evaluation protocol does) and
 thresholded. Sentences are tokenised with the checkpoint's tokenizer and its 20-token slicing rule.

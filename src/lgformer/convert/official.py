@@ -1,4 +1,4 @@
-"""The authors' checkpoint layout <-> ours (spec §11).
+"""The authors' checkpoint layout <-> ours (docs/architecture.md#checkpoint-layout).
 
 `to_official(state_dict)` renames our tensors to the authors' names (1x1 Conv1d weights regain their
 trailing dimension, Swin `relative_position_index` buffers are added); `from_official(state, model)`

@@ -12,7 +12,8 @@ checkpoint's `data.image_size`). Upsampling to a photo's own size is left to the
 Deformable attention: the PyTorch model samples with one weighted `embedding_bag` over the four bilinear
 neighbours (fast on CPU, see `model/deformable_attention.py`); while exporting, that function is swapped for
 its `grid_sample` formulation (bilinear, zeros padding, align_corners=False at grid = 2 loc - 1: the same
-arithmetic, spec §4.4), which maps onto ONNX GridSample. The parity check compares ONNX Runtime with the
+arithmetic, docs/architecture.md#multi-scale-deformable-attention), which maps onto ONNX GridSample. The
+parity check compares ONNX Runtime with the
 unmodified PyTorch model, so it covers the swap.
 """
 

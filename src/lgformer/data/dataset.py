@@ -1,7 +1,8 @@
 """The torch dataset every engine path uses, built from a `DataConfig` (the `data` section of the config).
 
 Evaluation visits every (ref, sentence) pair. A training epoch visits every ref once with one sentence drawn
-at random (the authors' protocol, spec §8), or every pair with `all_sentences`. The random draw depends only
+at random (the authors' protocol, docs/architecture.md#training-recipe), or every pair with `all_sentences`.
+The random draw depends only
 on (seed, epoch, ref index), so a resumed run sees exactly the sentences an uninterrupted run would: call
 `set_epoch(epoch)` before each epoch (and before creating that epoch's DataLoader iterator).
 """

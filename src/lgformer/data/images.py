@@ -72,7 +72,8 @@ def to_rgb(im: Image.Image, path: Path) -> Image.Image:
 
 
 def image_tensor(image: Image.Image, size: int) -> torch.Tensor:
-    """Authors' transform (spec §1.1): PIL bilinear resize to size x size, [0, 1], ImageNet mean/std."""
+    """Authors' transform (docs/architecture.md#inputs-image-and-ground-truth): PIL bilinear resize to size x
+    size, [0, 1], ImageNet mean/std."""
     resized = image.resize((size, size), Image.BILINEAR)
     pixels = torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
@@ -81,7 +82,8 @@ def image_tensor(image: Image.Image, size: int) -> torch.Tensor:
 
 
 def mask_tensor(mask: np.ndarray, size: int) -> torch.Tensor:
-    """Ground truth at the network size (spec §1.3): PIL nearest resize of the 0/1 mask, as float."""
+    """Ground truth at the network size (docs/architecture.md#inputs-image-and-ground-truth): PIL nearest
+    resize of the 0/1 mask, as float."""
     resized = Image.fromarray(mask.astype(np.uint8)).resize((size, size), Image.NEAREST)
     return torch.from_numpy(np.array(resized, dtype=np.uint8)).float()
 

@@ -1,7 +1,8 @@
 """Ground-truth masks: COCO polygons / RLE decoded with pycocotools exactly as the REFER API does, mask PNGs.
 
 REFER's `getMask` decodes every polygon of the annotation separately and sums the binary maps; the authors'
-loader then keeps the pixels where that sum equals 1 (spec §1.3), so pixels covered by two overlapping
+loader then keeps the pixels where that sum equals 1 (docs/architecture.md#inputs-image-and-ground-truth), so
+pixels covered by two overlapping
 polygons of one object become background. `exactly_one` (the default, for metric parity with the paper)
 reproduces that quirk; `union` keeps every covered pixel. An RLE is a single map, identical under both rules.
 """

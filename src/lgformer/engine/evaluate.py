@@ -1,4 +1,5 @@
-"""Evaluation (spec §7): every (ref, sentence) pair, metrics overall, per word-length bucket (paper Table 3)
+"""Evaluation (docs/architecture.md#evaluation-protocol): every (ref, sentence) pair, metrics overall, per
+word-length bucket (paper Table 3)
 and per synthetic complexity level, under one of two protocols named in every report:
 
 - `resized` (the authors' code, default; compares with the paper's Table 1): the prediction at the network

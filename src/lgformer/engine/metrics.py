@@ -1,4 +1,5 @@
-"""Referring-segmentation metrics (spec §7): oIoU, mIoU and precision@0.5..0.9, in percent.
+"""Referring-segmentation metrics (docs/architecture.md#evaluation-protocol): oIoU, mIoU and
+precision@0.5..0.9, in percent.
 
 Everything derives from per-sentence integer counts I = |pred ∧ gt| and U = |pred ∨ gt|. Keeping the
 counts per dataset index (zero where another rank evaluated) makes the sum over ranks exact and the

@@ -1,4 +1,5 @@
-"""Training loop: the authors' recipe (spec §8) on one CPU, one GPU or many processes under torchrun.
+"""Training loop: the authors' recipe (docs/architecture.md#training-recipe) on one CPU, one GPU or many
+processes under torchrun.
 
 One optimizer step consumes one global batch = per-device batch x processes x accumulation steps; the
 data order depends only on the seed and the step (`TrainSampler`), so a run resumed from its `last`
@@ -153,7 +154,8 @@ def set_train_mode(model: nn.Module, tc: TrainConfig) -> None:
 
 
 def param_groups(model: nn.Module, tc: TrainConfig) -> list[dict[str, Any]]:
-    """AdamW groups (spec §8): no weight decay on the trunk's normalisation layers and position tables
+    """AdamW groups (docs/architecture.md#training-recipe): no weight decay on the trunk's normalisation
+    layers and position tables
     and on the stage output norms (the authors' `backbone.norm{i}`); everything else decays. The
     pretrained trunk and text encoder use `lr_pretrained`, the new parts `lr`."""
     trunk_norms = {
@@ -191,7 +193,8 @@ def param_groups(model: nn.Module, tc: TrainConfig) -> list[dict[str, Any]]:
 
 
 def lr_factor(step: int, total: int, warmup: int, power: float) -> float:
-    """Polynomial decay per iteration, lr0 (1 - step/total)^power with step = 0 first (spec §8), times a
+    """Polynomial decay per iteration, lr0 (1 - step/total)^power with step = 0 first
+    (docs/architecture.md#training-recipe), times a
     linear warm-up over the first `warmup` steps."""
     poly = max(0.0, 1.0 - step / total) ** power
     return poly * min(1.0, (step + 1) / warmup) if warmup else poly

@@ -2,7 +2,8 @@
 
 The trunk (Swin or EfficientNet-Lite2) exposes `stages` (each (B,C,H,W) -> (B,C',H',W')) and
 `channels`. After stage i the fusion gives (V_m, L_m); the gated sums update both streams
-(spec §3.2):  X' = X + g(V_m) * V_m,  L' = (L + h(L_m) * L_m) * m.  The decoder receives LN(V_m) (the
+(docs/architecture.md#multi-modal-image-encoder):  X' = X + g(V_m) * V_m,  L' = (L + h(L_m) * L_m) * m.  The
+decoder receives LN(V_m) (the
 fusion *response*) and the last stage's L_m; the next stage consumes X'.
 
 Under autocast, the first `fp32_stages` stages (trunk stage, fusion, gates, output norm) can run in fp32:

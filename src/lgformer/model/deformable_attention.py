@@ -1,4 +1,5 @@
-"""Multi-scale deformable attention (Deformable DETR), pure PyTorch, spec §4.4.
+"""Multi-scale deformable attention (Deformable DETR), pure PyTorch,
+docs/architecture.md#multi-scale-deformable-attention.
 
 Bilinear sampling is exactly `grid_sample(mode='bilinear', padding_mode='zeros', align_corners=False)`
 at `grid = 2·loc − 1`, which is what the authors' CUDA kernel computes. It is implemented as one
@@ -180,7 +181,8 @@ class MSDeformAttn(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Spec §9: zero offset weights with a polar-grid bias, uniform attention, Xavier projections."""
+        """docs/architecture.md#initialisation: zero offset weights with a polar-grid bias, uniform
+        attention, Xavier projections."""
         nn.init.zeros_(self.sampling_offsets.weight)
         theta = torch.arange(self.heads, dtype=torch.float32) * (2.0 * math.pi / self.heads)
         direction = torch.stack([theta.cos(), theta.sin()], -1)

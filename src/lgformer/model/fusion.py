@@ -1,6 +1,7 @@
 """Vision-language fusion after each backbone stage (Fig. 3, "VLBA").
 
-`VLBA` is the paper's bidirectional module (spec §3.4): one shared pixel-word affinity drives both a
+`VLBA` is the paper's bidirectional module (docs/architecture.md#vlba-fusion): one shared pixel-word affinity
+drives both a
 word-to-pixel response (updating the visual stream) and a pixel-to-word response (updating the
 language stream). `PWAM` is LAVT's one-way pixel-word attention, the paper's Table 4 baseline.
 Both take tokens `x` (B, N, C), words `l` (B, T, D) and a float mask `m` (B, T) with 1 for real words.
@@ -38,7 +39,8 @@ def attend_normalised(p: torch.Tensor, x: torch.Tensor, layer: nn.Linear) -> tor
     With many narrow tokens (VLBA's sym_value branch at 1/4 scale: N = 14400, C = 128 -> 768 for Swin-B at
     480) `layer` is not applied to every token. The instance norm is affine per channel (the bias cancels)
     and the rows of P sum to 1, so with x̃ = x − mean_N(x): P·IN(x Wᵀ + b) = (P x̃) Wᵀ / sqrt(var + eps),
-    var_d = w_d Σ w_dᵀ, Σ = x̃ᵀ x̃ / N, in fp32 from centred tokens (two-pass, spec §10.15). That is taken
+    var_d = w_d Σ w_dᵀ, Σ = x̃ᵀ x̃ / N, in fp32 from centred tokens (two-pass,
+    docs/architecture.md#instance-norm-conditioning). That is taken
     when its C·C·(N + D) multiply-adds are under a quarter of the product's N·C·D, so that it also pays
     against a bf16 product; it needs no (N, D) activation and no norm over it.
     """
@@ -110,7 +112,8 @@ class PixelWordAttention(nn.Module):
 
 
 class VLBA(nn.Module):
-    """Vision-language bidirectional attention (spec §3.4). Returns (V_m (B,N,C), L_m (B,T,D))."""
+    """Vision-language bidirectional attention (docs/architecture.md#vlba-fusion). Returns (V_m (B,N,C), L_m
+    (B,T,D))."""
 
     def __init__(self, dim: int, text_dim: int, heads: int = 1) -> None:
         super().__init__()
@@ -158,12 +161,14 @@ class PWAM(nn.Module):
 
 
 class Gate(nn.Sequential):
-    """tanh(W2 ReLU(W1 x)), no biases: the per-token, per-channel residual gate (spec §3.5)."""
+    """tanh(W2 ReLU(W1 x)), no biases: the per-token, per-channel residual gate
+    (docs/architecture.md#gates)."""
 
     def __init__(self, dim: int) -> None:
         super().__init__(Linear(dim, dim, bias=False), nn.ReLU(), Linear(dim, dim, bias=False), nn.Tanh())
         # The authors' constructor zeroes these, but their backbone-wide re-init then draws every Linear
-        # from trunc-normal(0.02): that is the effective init (spec §9); `gate_init: zeros` restores zeros.
+        # from trunc-normal(0.02): that is the effective init (docs/architecture.md#initialisation);
+        # `gate_init: zeros` restores zeros.
         for layer in (self[0], self[2]):
             nn.init.trunc_normal_(layer.weight, std=0.02, a=-2.0, b=2.0)
 

@@ -1,4 +1,4 @@
-"""Prediction head (Fig. 3, "Mask generation"; spec §6).
+"""Prediction head (Fig. 3, "Mask generation"; docs/architecture.md#mask-head).
 
 A 3-layer MLP maps each prototype to a dynamic 1x1 kernel (+ a scalar bias, as the authors do); the
 mask logits are the dot product of that kernel with the 1/4-scale mask features. With K learnable

@@ -343,7 +343,8 @@ def _sine_position_embedding(h: int, w: int, dim: int, device: torch.device) -> 
 
 
 def sine_position_embedding(h: int, w: int, dim: int, device: torch.device) -> torch.Tensor:
-    """DETR sine encoding of an h x w map, flattened row-major: (h*w, dim), y half first (spec §4.2).
+    """DETR sine encoding of an h x w map, flattened row-major: (h*w, dim), y half first
+    (docs/architecture.md#sine-position-encoding).
 
     Always fp32 and cached per size: it depends only on the map size.
     """
@@ -381,7 +382,8 @@ class CrossAttentionLayer(nn.Module):
 def multi_head_attention(
     mha: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None
 ) -> Tensor:
-    """`mha(query, key, value, key_padding_mask)[0]` for a batch-first module without dropout (spec §4.6).
+    """`mha(query, key, value, key_padding_mask)[0]` for a batch-first module without dropout
+    (docs/architecture.md#cross-attention-with-separate-key-and-value-widths).
 
     The same projections, scaled dot-product attention (padded keys at -inf) and output projection, with
     the projections on `linear` and no (L, B, E) round trips. query (B, Lq, E), key/value (B, Lk, kdim).
@@ -519,6 +521,7 @@ class MLP(nn.Sequential):
 
 
 def masked_mean(words: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sentence embedding: mean of real words, (B,T,D), (B,T) -> (B,1,D) (spec §5.1)."""
+    """Sentence embedding: mean of real words, (B,T,D), (B,T) -> (B,1,D)
+    (docs/architecture.md#sentence-query)."""
     m = mask.to(words.dtype).unsqueeze(-1)
     return (words * m).sum(dim=1, keepdim=True) / m.sum(dim=1, keepdim=True).clamp_min(1e-6)

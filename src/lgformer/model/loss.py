@@ -1,4 +1,4 @@
-"""Training loss (spec §8 "Loss", §12 row 3).
+"""Training loss (docs/architecture.md#loss).
 
 Official: sigmoid BCE with pos_weight 1.1 on every output (deep supervision, the initial query
 included), at the input resolution after bilinear upsampling, summed over outputs. Paper (Eq. 12-13):

@@ -1,4 +1,4 @@
-"""Language-guided pixel decoder (Fig. 3, "Pixel decoder"; spec §4).
+"""Language-guided pixel decoder (Fig. 3, "Pixel decoder"; docs/architecture.md#pixel-decoder).
 
 The 1/32, 1/16, 1/8 maps are projected to `dim`, flattened coarse-to-fine and refined by N layers of
 multi-scale deformable self-attention + FFN, then (L2VA) cross-attention from pixels to words + FFN.
@@ -108,7 +108,8 @@ class PixelDecoder(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """The authors' init (spec §9): xavier on projections and transformer weights, MSDA reset."""
+        """The authors' init (docs/architecture.md#initialisation): xavier on projections and transformer
+        weights, MSDA reset."""
         for proj in self.input_proj:
             nn.init.xavier_uniform_(proj[0].weight)
             nn.init.zeros_(proj[0].bias)

@@ -1,4 +1,4 @@
-"""Linguistic prototype generator (Fig. 3, "V2LA"; spec §5).
+"""Linguistic prototype generator (Fig. 3, "V2LA"; docs/architecture.md#prototype-generator).
 
 The query is the pooled sentence (masked mean of the decoder words, projected). Each layer lets it
 attend to one level of the pixel decoder's output, round-robin 1/32, 1/16, 1/8: post-norm

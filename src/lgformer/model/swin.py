@@ -1,4 +1,5 @@
-"""Swin Transformer trunk (Fig. 3, visual backbone without the fusion modules), spec §3.1, §3.3, §3.6.
+"""Swin Transformer trunk (Fig. 3, visual backbone without the fusion modules),
+docs/architecture.md#multi-modal-image-encoder.
 
 Each of the 4 stages maps an NCHW map to an NCHW map: stage 0 is the 4x4 patch embedding, stages
 1..3 start with patch merging; then come the Swin blocks (even blocks W-MSA, odd blocks SW-MSA with
@@ -43,7 +44,8 @@ FP32_SCORES_CHUNK_BYTES = 2 << 20
 
 
 def relative_position_index(window: int) -> Tensor:
-    """(M, M) int64, M = w²: idx(a, b) = (ya - yb + w - 1)(2w - 1) + (xa - xb + w - 1) (spec §3.3)."""
+    """(M, M) int64, M = w²: idx(a, b) = (ya - yb + w - 1)(2w - 1) + (xa - xb + w - 1)
+    (docs/architecture.md#swin-trunk-blocks-and-window-attention)."""
     ys, xs = torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")
     ys, xs = ys.flatten(), xs.flatten()
     dy = ys[:, None] - ys[None, :] + window - 1
@@ -55,7 +57,8 @@ def relative_position_index(window: int) -> Tensor:
 def shift_mask(hp: int, wp: int, window: int, shift: int, device: torch.device) -> Tensor:
     """(nW, M, M) float32: 0 where two tokens of a window share a region label, else -100.
 
-    Labels r = 3·ry + rx come from the *unshifted* padded Hp x Wp grid (spec §3.3). Cached; never
+    Labels r = 3·ry + rx come from the *unshifted* padded Hp x Wp grid
+    (docs/architecture.md#swin-trunk-blocks-and-window-attention). Cached; never
     modify the result in place.
     """
 
@@ -153,7 +156,8 @@ class DropPath(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """(B, 3, H, W) -> (B, ceil(H/4), ceil(W/4), e) channel-last: pad right/bottom, Conv 4x4/4, LN (§3.1)."""
+    """(B, 3, H, W) -> (B, ceil(H/4), ceil(W/4), e) channel-last: pad right/bottom, Conv 4x4/4, LN
+    (docs/architecture.md#swin-trunk-patch-embedding)."""
 
     def __init__(self, in_chans: int, dim: int) -> None:
         super().__init__()
@@ -168,7 +172,8 @@ class PatchEmbed(nn.Module):
 
 
 class PatchMerging(nn.Module):
-    """(B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 2C) channel-last (§3.6).
+    """(B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 2C) channel-last
+    (docs/architecture.md#swin-trunk-patch-merging).
 
     Zero-pad odd H/W (before the LN), concatenate the sub-grids (0,0), (1,0), (0,1), (1,1)
     (row offset first), LN(4C), Linear(4C -> 2C, no bias).
@@ -188,7 +193,8 @@ class PatchMerging(nn.Module):
 
 
 class WindowAttention(nn.Module):
-    """Multi-head self-attention inside w x w windows with relative-position bias (§3.3 step 5)."""
+    """Multi-head self-attention inside w x w windows with relative-position bias
+    (docs/architecture.md#swin-trunk-blocks-and-window-attention)."""
 
     def __init__(self, dim: int, heads: int, window: int) -> None:
         super().__init__()
@@ -405,7 +411,8 @@ class SwinTrunk(nn.Module):
 
 
 def _init_weights(m: nn.Module) -> None:
-    """Spec §9: Linear trunc_normal(0.02) with bias 0, LayerNorm (1, 0), bias tables trunc_normal(0.02)."""
+    """docs/architecture.md#initialisation: Linear trunc_normal(0.02) with bias 0, LayerNorm (1, 0), bias
+    tables trunc_normal(0.02)."""
     if isinstance(m, nn.Linear):
         nn.init.trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:
