@@ -29,7 +29,7 @@ from lgformer.arguments import add_dtype_argument, add_overrides_argument
 from lgformer.engine import bench
 from lgformer.errors import LGFormerError
 from lgformer.model.build import build_model
-from lgformer.precision import autocast, autocast_dtype
+from lgformer.precision import autocast, autocast_dtype, tune_cpu_allocator
 
 
 def main() -> None:
@@ -51,6 +51,7 @@ def main() -> None:
         p.error("--by-module times inference only")
 
     torch.set_num_threads(args.threads)
+    tune_cpu_allocator()  # as every command does (LGFORMER_MALLOC_TUNING=0 leaves it off)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         cfg = config_mod.load(args.preset, args.overrides)

@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable
 
 from lgformer.arguments import add_overrides_argument
-from lgformer.precision import autocast, autocast_dtype, precision_name
+from lgformer.precision import autocast, autocast_dtype, precision_name, tune_cpu_allocator
 
 VARIANTS = [
     "all",
@@ -174,6 +174,7 @@ def _workload(args: argparse.Namespace) -> Callable[[], None]:
     from lgformer.model.build import build_model
 
     torch.set_num_threads(args.threads)
+    tune_cpu_allocator()  # as every command does (LGFORMER_MALLOC_TUNING=0 leaves it off)
     cfg = config_mod.load(args.preset, args.overrides)
     torch.manual_seed(0)
     model = build_model(cfg.model, pretrained=False).eval()

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from lgformer.errors import LGFormerError
+from lgformer.precision import tune_cpu_allocator
 
 Handler = Callable[[argparse.Namespace], int | None]
 
@@ -43,6 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Handler = args.handler
+    tune_cpu_allocator()  # before the first large tensor of any command
     try:
         return int(handler(args) or 0)
     except LGFormerError as exc:

@@ -29,7 +29,7 @@ from lgformer.checkpoint import load_model, resolve_checkpoint
 from lgformer.config import Config
 from lgformer.data.images import image_tensor, load_image, to_rgb
 from lgformer.errors import LGFormerError
-from lgformer.precision import autocast, autocast_dtype, pick_device
+from lgformer.precision import autocast, autocast_dtype, pick_device, tune_cpu_allocator
 from lgformer.shipped import DEFAULT_MODEL
 from lgformer.text.tokenizer import Tokenizer
 
@@ -119,6 +119,8 @@ class Segmenter:
     def __init__(
         self, model: nn.Module, cfg: Config, device: torch.device, dtype: torch.dtype | None = None
     ) -> None:
+        if device.type == "cpu":
+            tune_cpu_allocator()
         self.model = model.eval()
         self.cfg = cfg
         self.device = device

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch.utils.data import Sampler
 
 from lgformer.errors import LGFormerError
-from lgformer.precision import pick_device
+from lgformer.precision import pick_device, tune_cpu_allocator
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,8 @@ def setup(device: str = "auto") -> tuple[World, torch.device]:
     when launched by torchrun. Returns where this process stands and its device."""
     w = world()
     dev = pick_device(device, w.local_rank)
+    if dev.type == "cpu":
+        tune_cpu_allocator()
     if w.size > 1 and not dist.is_initialized():
         dist.init_process_group(
             "nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None

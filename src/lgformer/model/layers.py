@@ -13,7 +13,6 @@ and export) goes through `F.linear` unchanged.
 
 from __future__ import annotations
 
-import ctypes
 import math
 import os
 import platform
@@ -47,30 +46,6 @@ FP32_PACK_ROWS = 512
 T = TypeVar("T")
 
 # glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_HEAP_LIMIT = 1 << 30
-
-
-@cache
-def tune_cpu_allocator() -> bool:
-    """Serve tensors up to 1 GiB from glibc's heap instead of fresh `mmap` pages (Linux, once per process).
-
-    glibc maps every allocation above 32 MB afresh and returns it on free, so each large activation of a
-    forward or backward pass page-faults and zero-fills its memory again: about a third of a CPU training
-    step of the lite preset at batch 8 and ~10% of a Swin-B forward. Raising the mmap and trim thresholds
-    keeps those pages in the heap for reuse; peak resident memory stays about the same. The network calls
-    this on its first CPU forward; set LGFORMER_MALLOC_TUNING=0 to leave the allocator alone. Returns
-    whether the thresholds were set.
-    """
-    if os.environ.get("LGFORMER_MALLOC_TUNING", "1") == "0" or platform.system() != "Linux":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(
-            libc.mallopt(_M_MMAP_THRESHOLD, _HEAP_LIMIT) and libc.mallopt(_M_TRIM_THRESHOLD, _HEAP_LIMIT)
-        )
-    except (OSError, AttributeError):  # not glibc
-        return False
 
 
 def _onednn_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:

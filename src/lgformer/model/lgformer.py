@@ -10,7 +10,7 @@ from torch import nn
 
 from lgformer.model.backbone import MultiModalBackbone
 from lgformer.model.head import MaskHead
-from lgformer.model.layers import drop_packed_weights, tune_cpu_allocator
+from lgformer.model.layers import drop_packed_weights
 from lgformer.model.pixel_decoder import PixelDecoder
 from lgformer.model.prototype_generator import PrototypeGenerator
 from lgformer.model.text_encoder import TextEncoder
@@ -60,8 +60,6 @@ class LGFormer(nn.Module):
         upsample: bool = True,
         all_outputs: bool = True,
     ) -> torch.Tensor:
-        if image.device.type == "cpu":
-            tune_cpu_allocator()
         if text_features is None:
             if ids is None:
                 raise ValueError("pass token `ids` or precomputed `text_features`")
