@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: setup browser test lint demo demo-train clean
+.PHONY: setup browser test test-fast lint demo demo-train clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,10 @@ lint: $(STAMP)
 
 test: lint browser
 	$(OFFLINE) $(BIN)/pytest
+
+# Everything but the end-to-end tests (marked slow): what a contributor runs between edits.
+test-fast: lint
+	$(OFFLINE) $(BIN)/pytest -m "not slow"
 
 demo: $(STAMP)
 	$(OFFLINE) $(BIN)/lgformer demo

@@ -94,3 +94,34 @@ def writable_copy(tmp_path: Path):
         return dst
 
     return copy
+
+
+# Whole files of end-to-end work: training runs, DDP, the browser, ONNX export, the training golden, the
+# command line run as a user runs it. `make test-fast` leaves them out (`-m "not slow"`).
+SLOW_FILES = {
+    "test_app_demo_train.py",
+    "test_app_serve.py",
+    "test_bad_inputs.py",
+    "test_benchmark_ablation.py",
+    "test_crash_safety.py",
+    "test_engine_ddp.py",
+    "test_engine_train.py",
+    "test_onnx.py",
+    "test_shipped_model.py",
+    "test_training_golden.py",
+}
+SHARED_NAMES = ("SHARED", "OFFICIAL", "MINI", "PHOTOS")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark `slow` the files above (and ONNX exports anywhere), and `shared` every test that reads
+    ../shared (a module using its paths, or the `shared_data` fixture)."""
+    for item in items:
+        path = Path(str(item.fspath))
+        if path.name in SLOW_FILES or "onnx" in item.name:
+            item.add_marker(pytest.mark.slow)
+        module = getattr(item, "module", None)
+        if "shared_data" in getattr(item, "fixturenames", ()) or any(
+            name in vars(module) for name in SHARED_NAMES if module is not None
+        ):
+            item.add_marker(pytest.mark.shared)
