@@ -16,11 +16,11 @@ from conftest import PHOTOS
 from lgformer import config as config_mod
 from lgformer.checkpoint import save_model
 from lgformer.cli import main
-from lgformer.convert.onnx import export_onnx, grid_sample_attention
+from lgformer.convert.onnx import export_onnx
 from lgformer.data.images import image_tensor, load_image
 from lgformer.errors import LGFormerError
 from lgformer.model.build import build_model
-from lgformer.model.deformable_attention import ms_deform_attn_sample
+from lgformer.model.deformable_attention import grid_sample_attention, ms_deform_attn_sample
 from lgformer.text.tokenizer import Tokenizer
 
 PHOTO = PHOTOS / "COCO_train2014_000000157714.jpg"

@@ -9,12 +9,11 @@ Dynamic axes: `batch` (any size) and `tokens` (2 up to the export's --max-tokens
 `max_tokens`: the decoder's key table has that many rows). S is fixed at export (--size, default the
 checkpoint's `data.image_size`). Upsampling to a photo's own size is left to the caller (bilinear).
 
-Deformable attention: the PyTorch model samples with one weighted `embedding_bag` over the four bilinear
-neighbours (fast on CPU, see `model/deformable_attention.py`); while exporting, that function is swapped for
-its `grid_sample` formulation (bilinear, zeros padding, align_corners=False at grid = 2 loc - 1: the same
-arithmetic, docs/architecture.md#multi-scale-deformable-attention), which maps onto ONNX GridSample. The
-parity check compares ONNX Runtime with the
-unmodified PyTorch model, so it covers the swap.
+Deformable attention: on CPU the model samples with one weighted `embedding_bag` over the four bilinear
+neighbours (the `bag-sampler` fast path); the export runs with that path off (`fast.disabled`), so the graph
+holds the plain `grid_sample` formulation (docs/architecture.md#multi-scale-deformable-attention), which
+maps onto ONNX GridSample. The parity check compares ONNX Runtime with the model as it runs in PyTorch,
+fast paths on, so it covers the difference.
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
@@ -37,7 +35,7 @@ from lgformer.config import Config
 from lgformer.data.images import image_tensor
 from lgformer.errors import LGFormerError
 from lgformer.files import atomic_write
-from lgformer.model import deformable_attention
+from lgformer.model import fast
 from lgformer.text.tokenizer import Tokenizer
 
 OPSET = 18
@@ -56,24 +54,6 @@ class _Graph(nn.Module):
         return self.model(image, attention_mask, ids=ids, all_outputs=False)[:, 0]
 
 
-def grid_sample_attention(
-    value: Tensor, shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor
-) -> Tensor:
-    """`ms_deform_attn_sample` (same arguments and result) written with `grid_sample`, per level."""
-    B, _, heads, dh = value.shape
-    _, Lq, _, levels, points, _ = locations.shape
-    maps = value.split([h * w for h, w in shapes], dim=1)
-    grids = 2 * locations - 1
-    samples = []
-    for level, (h, w) in enumerate(shapes):
-        v = maps[level].permute(0, 2, 3, 1).reshape(B * heads, dh, h, w)
-        g = grids[:, :, :, level].transpose(1, 2).reshape(B * heads, Lq, points, 2)
-        samples.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
-    stacked = torch.cat(samples, dim=-1)  # (B*heads, dh, Lq, levels*points)
-    attention = weights.transpose(1, 2).reshape(B * heads, 1, Lq, levels * points)
-    return (stacked * attention).sum(-1).view(B, heads * dh, Lq).transpose(1, 2)
-
-
 def _clear_model_caches() -> None:
     """Empty the model's process-wide `lru_cache`s (position tables, Swin window orders and masks). They keep
     the tensors of their first call: one made under `inference_mode` cannot enter the traced graph, and
@@ -89,18 +69,15 @@ def _clear_model_caches() -> None:
 def _export_mode() -> Iterator[None]:
     """Sample the deformable attention with `grid_sample` and quiet the exporter's chatter (torchvision
     not installed, per-op constant folding, pytree deprecations); empty the model's caches on the way out."""
-    original = deformable_attention.ms_deform_attn_sample
-    deformable_attention.ms_deform_attn_sample = grid_sample_attention
     loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
     levels = [logger.level for logger in loggers]
     try:
         for logger in loggers:
             logger.setLevel(logging.ERROR)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), fast.disabled("bag-sampler"):
             warnings.simplefilter("ignore", (UserWarning, FutureWarning, DeprecationWarning))
             yield
     finally:
-        deformable_attention.ms_deform_attn_sample = original
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
         _clear_model_caches()

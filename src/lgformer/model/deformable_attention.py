@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lgformer.model import fast
 from lgformer.model.layers import Linear
 
 
@@ -42,9 +43,34 @@ def ms_deform_attn_sample(
     S, levels = value.shape[1], locations.shape[3]
     if sum(h * w for h, w in shapes) != S or len(shapes) != levels:
         raise ValueError(f"value length {S} and {levels} sampled levels do not match level shapes {shapes}")
-    if torch.is_grad_enabled() and (value.requires_grad or locations.requires_grad or weights.requires_grad):
+    if not fast.enabled("bag-sampler"):
+        return grid_sample_attention(value, shapes, locations, weights)
+    grad = value.requires_grad or locations.requires_grad or weights.requires_grad
+    if torch.is_grad_enabled() and grad and fast.enabled("bag-backward"):
         return _SampleFunction.apply(value, locations, weights, tuple(shapes))
     return _bag_sample(value, shapes, locations, weights)
+
+
+def grid_sample_attention(
+    value: Tensor, shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor
+) -> Tensor:
+    """`ms_deform_attn_sample` (same arguments and result) as the plain formulation: `grid_sample` per level
+    (bilinear, zero padding, `align_corners=False`) at 2·location - 1, weighted and summed. The exporter
+    and the fast path's tests use it."""
+    B, _, heads, dh = value.shape
+    _, Lq, _, levels, points, _ = locations.shape
+    out_dtype, dtype = value.dtype, torch.promote_types(_compute_dtype(value), locations.dtype)
+    value, locations, weights = value.to(dtype), locations.to(dtype), weights.to(dtype)
+    maps = value.split([h * w for h, w in shapes], dim=1)
+    grids = 2 * locations - 1
+    samples = []
+    for level, (h, w) in enumerate(shapes):
+        v = maps[level].permute(0, 2, 3, 1).reshape(B * heads, dh, h, w)
+        g = grids[:, :, :, level].transpose(1, 2).reshape(B * heads, Lq, points, 2)
+        samples.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
+    stacked = torch.cat(samples, dim=-1)  # (B*heads, dh, Lq, levels*points)
+    attention = weights.transpose(1, 2).reshape(B * heads, 1, Lq, levels * points)
+    return (stacked * attention).sum(-1).view(B, heads * dh, Lq).transpose(1, 2).to(out_dtype)
 
 
 def _bag_sample(value: Tensor, shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor) -> Tensor:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lgformer.errors import LGFormerError
+from lgformer.model import fast
 from lgformer.model.common import IMAGENET_MEAN, IMAGENET_STD
 from lgformer.model.layers import Conv1x1, kept_while_unchanged
 from lgformer.safe_load import load_torch_file
@@ -82,7 +83,8 @@ def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tenso
     """bn(conv(x)). In inference (BN in eval mode, no autograd, not tracing) the BN is folded into the conv's
     weight and bias, w·γ/σ and β − μγ/σ, which are kept on `bn` while none of the five tensors changes (an
     in-place update or a move invalidates them): one pass over every activation less."""
-    if bn.training or torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+    tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+    if bn.training or torch.is_grad_enabled() or tracing or not fast.enabled("bn-fold"):
         return bn(conv(x))
 
     def fold() -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,7 +117,9 @@ class Stem(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Channels-last from here on: oneDNN's depthwise convolutions (above all their backward) are several
         # times faster in NHWC, and the fusion modules read NHWC maps as (B, N, C) tokens without a copy.
-        x = torch.addcmul(self.input_shift, x.contiguous(memory_format=torch.channels_last), self.input_scale)
+        if fast.enabled("channels-last"):
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = torch.addcmul(self.input_shift, x, self.input_scale)
         return self.act(conv_bn(self.conv, self.bn, x))
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lgformer.model import fast
 from lgformer.model.layers import Linear, linear
 
 IN_EPS = 1e-5
@@ -46,7 +47,7 @@ def attend_normalised(p: torch.Tensor, x: torch.Tensor, layer: nn.Linear) -> tor
     """
     n, c = x.shape[1:]
     heads, d = p.shape[1], layer.weight.shape[0]
-    if 4 * c * (n + d) >= n * d:
+    if 4 * c * (n + d) >= n * d or not fast.enabled("vlba-fold"):
         return attend_projected(p, x, layer)
     with torch.autocast(x.device.type, enabled=False):
         # (B, C, N): the mean, the centring and Σ run along contiguous rows

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lgformer.model import fast
+
 ONEDNN = (
     platform.machine().lower() in ("x86_64", "amd64")
     and torch.backends.mkldnn.is_available()
@@ -63,8 +65,9 @@ def _onednn_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
     if torch.is_autocast_enabled("cpu"):
         floating = x.dtype in (torch.float32, torch.bfloat16)
         bf16 = floating and torch.get_autocast_dtype("cpu") == torch.bfloat16
-        return torch.bfloat16 if bf16 and ONEDNN_BF16 else None
-    return torch.float32 if x.dtype == weight.dtype == torch.float32 else None
+        return torch.bfloat16 if bf16 and ONEDNN_BF16 and fast.enabled("bf16-onednn") else None
+    fp32 = x.dtype == weight.dtype == torch.float32
+    return torch.float32 if fp32 and fast.enabled("onednn") else None
 
 
 def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str = "none") -> Tensor:
@@ -132,7 +135,8 @@ def _packed_weight(weight: Tensor, dtype: torch.dtype, rows: int) -> Tensor:
     cast each call.
     """
     fp32 = dtype == torch.float32
-    if not (PACK_WEIGHTS and isinstance(weight, nn.Parameter)) or (fp32 and rows < FP32_PACK_ROWS):
+    packed = PACK_WEIGHTS and fast.enabled("prepack") and isinstance(weight, nn.Parameter)
+    if not packed or (fp32 and rows < FP32_PACK_ROWS):
         return weight.to(dtype)
     return kept_while_unchanged(
         weight,
@@ -164,7 +168,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: st
     else:
         w = _packed_weight(weight, dtype, x.shape[:-1].numel())
         b = None if bias is None else bias.to(dtype)
-        return _onednn_linear(x.to(dtype), w, b, activation or "none")
+        if activation is None or fast.enabled("fused-act"):
+            return _onednn_linear(x.to(dtype), w, b, activation or "none")
+        y = _onednn_linear(x.to(dtype), w, b)
     return y if activation is None else ACTIVATIONS[activation](y)
 
 
@@ -270,6 +276,7 @@ class Conv3x3(nn.Conv2d):
             not self.winograd
             or torch.is_grad_enabled()
             or torch.compiler.is_exporting()
+            or not fast.enabled("winograd")
             or _onednn_dtype(x, weight) != torch.float32
         ):
             return super()._conv_forward(x, weight, bias)
@@ -383,12 +390,13 @@ def multi_head_attention(
         mask = mask.masked_fill_(key_padding_mask, float("-inf"))[:, None, None, :]  # (B, 1, 1, Lk)
     lq, (lk, kdim) = query.shape[1], key.shape[1:]
     # multiply-adds: folded 2·Lq·kdim·(E + heads·Lk) against 2·Lk·E·(kdim + Lq)
-    if lq * kdim * (e + heads * lk) < lk * e * (kdim + lq):
+    if fast.enabled("attn-fold") and lq * kdim * (e + heads * lk) < lk * e * (kdim + lq):
         out = _folded_attention(linear(query, wq, bq), key, value, wk, wv, bv, heads, mask)
         return linear(out.flatten(2), mha.out_proj.weight, mha.out_proj.bias)
     k, v = linear(key, wk, bk), linear(value, wv, bv)
     # multiply-adds per query: folded 2·heads·Lk·E against 2·E·(E + Lk)
     fold = query.device.type == "cpu" and not torch.is_grad_enabled() and heads * lk < e
+    fold = fold and fast.enabled("xattn-fold")
     attend = _folded_query_attention if fold else _projected_query_attention
     return attend(query, k, v, wq, bq, mha.out_proj.weight, mha.out_proj.bias, heads, mask)
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lgformer.errors import LGFormerError
+from lgformer.model import fast
 from lgformer.model.layers import Linear, kept_while_unchanged, linear, size_cache
 from lgformer.safe_load import load_torch_file
 
@@ -284,7 +285,8 @@ def _window_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     output out differently from the fused kernel's, which then fails on a later reshape (torch 2.13).
     Training and GPUs keep the fused kernel, which does not store the (windows, heads, c, M) probabilities.
     """
-    if torch.compiler.is_exporting() or (q.device.type == "cpu" and not torch.is_grad_enabled()):
+    inference = q.device.type == "cpu" and not torch.is_grad_enabled() and fast.enabled("window-explicit")
+    if torch.compiler.is_exporting() or inference:
         return _explicit_attention(q, k, v, mask)
     return _fused_attention(q, k, v, mask)
 

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lgformer.errors import LGFormerError
-from lgformer.model.layers import linear
+from lgformer.model import fast
+from lgformer.model.layers import ACTIVATIONS, linear
 from lgformer.safe_load import load_safetensors_file, load_torch_file
 from lgformer.text.tokenizer import BERT_BASE, WEIGHT_FILES, find_file, missing_message
 
@@ -101,7 +102,11 @@ class BertLayer(nn.Module):
 
 
 def _dense(m: nn.Linear, x: Tensor, activation: str | None = None) -> Tensor:
-    return linear(x, m.weight, m.bias, activation)
+    """`m(x)` then `activation`: through `linear` (oneDNN on CPU), or plainly with `bert-onednn` off."""
+    if fast.enabled("bert-onednn"):
+        return linear(x, m.weight, m.bias, activation)
+    y = F.linear(x, m.weight, m.bias)
+    return y if activation is None else ACTIVATIONS[activation](y)
 
 
 class Bert(nn.Module):
