@@ -39,6 +39,7 @@ FAST_PATHS = (
     "channels-last",
     "bag-sampler",
     "bag-backward",
+    "window-order",
     "window-explicit",
     "attn-fold",
     "xattn-fold",

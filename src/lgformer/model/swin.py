@@ -251,6 +251,8 @@ class WindowAttention(nn.Module):
         its key and value are the qkv bias (one extra row the window gather reads), and its output would be
         cropped. Windows with the same real positions are batched together (`window_order`).
         """
+        if not fast.enabled("window-order"):
+            return self.plain_forward(x, shift)
         b, hh, ww, c = x.shape
         h, win = self.heads, self.window
         hp, wp = hh + -hh % win, ww + -ww % win
@@ -274,6 +276,26 @@ class WindowAttention(nn.Module):
             outs.append(out.transpose(2, 3).reshape(b, -1, c))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         return self.proj(gather_rows(out, scatter)).view(b, hh, ww, c)
+
+
+    def plain_forward(self, x: Tensor, shift: int) -> Tensor:
+        """`forward` as the paper draws it: pad to Hp x Wp, roll by -shift, cut into w x w windows, attend
+        inside each with the relative-position bias (plus the shift mask), stitch, roll back, crop."""
+        b, hh, ww, c = x.shape
+        win, heads, m = self.window, self.heads, self.window * self.window
+        x = F.pad(x, (0, 0, 0, -ww % win, 0, -hh % win))
+        hp, wp = x.shape[1:3]
+        x = torch.roll(x, (-shift, -shift), (1, 2))
+        windows = x.view(b, hp // win, win, wp // win, win, c).transpose(2, 3).reshape(b, -1, m, c)
+        q, k, v = self.qkv(windows).unflatten(-1, (3, heads, c // heads)).permute(3, 0, 1, 4, 2, 5)
+        table = self.relative_position_bias_table
+        mask = table[self.relative_position_index.view(-1)].view(m, m, heads).permute(2, 0, 1).unsqueeze(0)
+        if shift:
+            mask = mask + shift_mask(hp, wp, win, shift, x.device).unsqueeze(1)  # (windows, heads, M, M)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))  # (B, n, heads, M, d)
+        out = self.proj(out.transpose(2, 3).reshape(b, -1, m, c))
+        out = out.view(b, hp // win, wp // win, win, win, c).transpose(2, 3).reshape(b, hp, wp, c)
+        return torch.roll(out, (shift, shift), (1, 2))[:, :hh, :ww]
 
 
 def _window_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
