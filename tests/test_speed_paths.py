@@ -17,14 +17,16 @@ from torch import nn
 from lgformer.cli import main
 from lgformer.engine.metrics import two_sided_iou
 from lgformer.errors import LGFormerError
-from lgformer.model import fast, layers
+from lgformer.model import fast
+from lgformer.model.attention import multi_head_attention
 from lgformer.model.deformable_attention import ms_deform_attn_sample
+from lgformer.model.fast import onednn, winograd
 from lgformer.model.fusion import _merge_heads, _split_heads, attend_normalised, instance_norm_tokens
-from lgformer.model.layers import Conv1x1, Conv3x3, Linear, linear, multi_head_attention
+from lgformer.model.layers import Conv1x1, Conv3x3, Linear, linear
 
 GOLDEN = OFFICIAL / "golden_tiny_w7_224.safetensors"
 NEEDS_ONEDNN_BF16 = pytest.mark.skipif(
-    not layers.ONEDNN_BF16,
+    not onednn.ONEDNN_BF16,
     reason="oneDNN's bf16 products need AVX-512 or AVX-NE-CONVERT; this CPU has neither",
 )
 
@@ -113,7 +115,7 @@ def test_linear_under_bf16_autocast_is_autocasts_product(activation: str | None)
     assert w.grad is not None and w.grad.shape == w.shape
 
 
-@pytest.mark.skipif(not layers.PACK_WEIGHTS, reason="oneDNN weight prepacking is an x86 CPU path")
+@pytest.mark.skipif(not onednn.PACK_WEIGHTS, reason="oneDNN weight prepacking is an x86 CPU path")
 @pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, marks=NEEDS_ONEDNN_BF16), torch.float32])
 def test_parameters_are_prepacked_once_and_follow_in_place_updates(dtype: torch.dtype) -> None:
     """In inference (bf16 autocast, or fp32 products of FP32_PACK_ROWS rows or more) a parameter's weight is
@@ -121,7 +123,7 @@ def test_parameters_are_prepacked_once_and_follow_in_place_updates(dtype: torch.
     update of the parameter is picked up."""
     torch.manual_seed(0)
     layer = Linear(48, 32)
-    rows = layers.FP32_PACK_ROWS if dtype == torch.float32 else 7
+    rows = onednn.FP32_PACK_ROWS if dtype == torch.float32 else 7
     x = torch.randn(1, rows, 48)
     attr = "_onednn_fp32" if dtype == torch.float32 else "_onednn_bf16"
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
@@ -146,13 +148,13 @@ def test_parameters_are_prepacked_once_and_follow_in_place_updates(dtype: torch.
             torch.testing.assert_close(flipped.float(), expected(x), **tol)
 
 
-@pytest.mark.skipif(not layers.PACK_WEIGHTS, reason="oneDNN weight prepacking is an x86 CPU path")
+@pytest.mark.skipif(not onednn.PACK_WEIGHTS, reason="oneDNN weight prepacking is an x86 CPU path")
 def test_fp32_weights_are_packed_only_for_large_products() -> None:
     """Blocking every fp32 weight would double the model's weight memory: small products use the weight as
     it is, and the blocked copy gives the same numbers as the plain weight."""
     torch.manual_seed(0)
     layer = Linear(64, 96)
-    small = torch.randn(layers.FP32_PACK_ROWS - 1, 64)
+    small = torch.randn(onednn.FP32_PACK_ROWS - 1, 64)
     with torch.inference_mode():
         plain = linear(small, layer.weight, layer.bias)
         assert not hasattr(layer.weight, "_onednn_fp32")
@@ -161,7 +163,7 @@ def test_fp32_weights_are_packed_only_for_large_products() -> None:
     torch.testing.assert_close(large[:-1], plain, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.skipif(not layers.PACK_WEIGHTS, reason="oneDNN weight prepacking is an x86 CPU path")
+@pytest.mark.skipif(not onednn.PACK_WEIGHTS, reason="oneDNN weight prepacking is an x86 CPU path")
 def test_moving_the_model_drops_its_packed_weights() -> None:
     from lgformer import config as config_mod
     from lgformer.model.build import build_model
@@ -173,7 +175,7 @@ def test_moving_the_model_drops_its_packed_weights() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             model(torch.randn(1, 3, 64, 64), torch.ones_like(ids), ids=ids)
         model(torch.randn(1, 3, 128, 128), torch.ones_like(ids), ids=ids)  # 1/4 map: 1024 rows
-    if layers.ONEDNN_BF16:  # elsewhere bf16 autocast products stay on F.linear: nothing to pack
+    if onednn.ONEDNN_BF16:  # elsewhere bf16 autocast products stay on F.linear: nothing to pack
         assert sum(hasattr(p, "_onednn_bf16") for p in model.parameters()) > 10
     assert any(hasattr(p, "_onednn_fp32") for p in model.parameters())
     model.to(torch.float32)
@@ -261,7 +263,7 @@ def test_conv1x1_matches_conv2d(channels_last: bool) -> None:
 def test_winograd_tile_transforms_give_the_correlation_exactly() -> None:
     """Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d B)]A is the valid 4x4 cross-correlation of a 6x6 tile and a 3x3 kernel, float64."""
     torch.manual_seed(0)
-    matrices = (layers.WINOGRAD_BT, layers.WINOGRAD_G, layers.WINOGRAD_AT)
+    matrices = (winograd.WINOGRAD_BT, winograd.WINOGRAD_G, winograd.WINOGRAD_AT)
     bt, g_t, at = (torch.tensor(m, dtype=torch.float64) for m in matrices)
     d, g = torch.randn(6, 6, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64)
     y = at @ ((g_t @ g @ g_t.T) * (bt @ d @ bt.T)) @ at.T
@@ -286,8 +288,8 @@ def test_conv3x3_matches_conv2d(shape: tuple[int, ...], channels_last: bool) -> 
             y = conv(x)
         ref = F.conv2d(x.double(), conv.weight.double(), padding=1)
         torch.testing.assert_close(y.double(), ref, rtol=0, atol=2e-5)
-        assert y.shape == ref.shape and y.is_contiguous(memory_format=torch.channels_last) == layers.ONEDNN
-        assert (conv._winograd is not None) == layers.ONEDNN
+        assert y.shape == ref.shape and y.is_contiguous(memory_format=torch.channels_last) == onednn.ONEDNN
+        assert (conv._winograd is not None) == onednn.ONEDNN
         with torch.no_grad():
             conv.weight.mul_(-2)
     torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, padding=1))

@@ -21,8 +21,8 @@ from torch import nn
 
 from lgformer.errors import LGFormerError
 from lgformer.model import fast
-from lgformer.model.common import IMAGENET_MEAN, IMAGENET_STD
-from lgformer.model.layers import Conv1x1, kept_while_unchanged
+from lgformer.model.common import IMAGENET_MEAN, IMAGENET_STD, kept_while_unchanged
+from lgformer.model.layers import Conv1x1
 from lgformer.safe_load import load_torch_file
 
 BN_EPS = 1e-3

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lgformer.model.backbone import MultiModalBackbone
+from lgformer.model.fast.onednn import drop_packed_weights
 from lgformer.model.head import MaskHead
-from lgformer.model.layers import drop_packed_weights
 from lgformer.model.pixel_decoder import PixelDecoder
 from lgformer.model.prototype_generator import PrototypeGenerator
 from lgformer.model.text_encoder import TextEncoder

@@ -16,17 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lgformer.model.attention import CrossAttentionLayer
+from lgformer.model.common import size_cache
 from lgformer.model.deformable_attention import MSDeformAttn
-from lgformer.model.layers import (
-    Conv1x1,
-    Conv3x3,
-    CrossAttentionLayer,
-    Linear,
-    linear,
-    masked_mean,
-    sine_position_embedding,
-    size_cache,
-)
+from lgformer.model.layers import Conv1x1, Conv3x3, Linear, linear, masked_mean, sine_position_embedding
 
 LEVELS = 3
 

@@ -13,7 +13,8 @@ import copy
 import torch
 from torch import nn
 
-from lgformer.model.layers import CrossAttentionLayer, Linear, masked_mean, sine_position_embedding
+from lgformer.model.attention import CrossAttentionLayer
+from lgformer.model.layers import Linear, masked_mean, sine_position_embedding
 
 
 class PrototypeGenerator(nn.Module):

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 
 from lgformer.errors import LGFormerError
 from lgformer.model import fast
-from lgformer.model.layers import Linear, kept_while_unchanged, linear, size_cache
+from lgformer.model.common import kept_while_unchanged, size_cache
+from lgformer.model.layers import Linear, linear
 from lgformer.safe_load import load_torch_file
 
 # name -> (embed dim e, depths, heads per stage)

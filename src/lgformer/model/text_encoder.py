@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from lgformer.errors import LGFormerError
 from lgformer.model import fast
-from lgformer.model.layers import ACTIVATIONS, linear
+from lgformer.model.common import ACTIVATIONS
+from lgformer.model.layers import linear
 from lgformer.safe_load import load_safetensors_file, load_torch_file
 from lgformer.text.tokenizer import BERT_BASE, WEIGHT_FILES, find_file, missing_message
 
