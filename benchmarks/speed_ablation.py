@@ -39,6 +39,7 @@ FAST_PATHS = (
     "channels-last",
     "bag-sampler",
     "bag-backward",
+    "short-softmax",
     "window-order",
     "window-explicit",
     "attn-fold",

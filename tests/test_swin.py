@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from conftest import OFFICIAL
 
 from lgformer.errors import LGFormerError
-from lgformer.model import swin
+from lgformer.model.fast import windows
 from lgformer.model.swin import SWIN_VARIANTS, PatchMerging, SwinStage, SwinTrunk, load_swin_pretrained
 
 SMALL = (16, [2, 2, 2, 2], [1, 2, 2, 4])  # embed dim, depths, heads: tiny but with every code path
@@ -144,11 +144,11 @@ def randomise(module: torch.nn.Module, seed: int = 0) -> None:
     ids=["50x82-w7-b2", "50x82-w7-b1", "5x9-w12-smaller-than-window"],
 )
 @pytest.mark.parametrize(
-    "chunk_bytes", [swin.FP32_SCORES_CHUNK_BYTES, 6 * 49 * 49 * 4], ids=["", "tiny-chunks"]
+    "chunk_bytes", [windows.FP32_SCORES_CHUNK_BYTES, 6 * 49 * 49 * 4], ids=["", "tiny-chunks"]
 )
 def test_stage_matches_reference(batch, tokens, window, heads, chunk_bytes, monkeypatch):
     """Tiny chunks: fp32 inference attends over 1 or 3 windows at a time (remainders included)."""
-    monkeypatch.setattr(swin, "FP32_SCORES_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(windows, "FP32_SCORES_CHUNK_BYTES", chunk_bytes)
     torch.manual_seed(0)
     dim, (h, w) = 32, tokens
     stage = SwinStage(dim, depth=2, heads=heads, window=window, drop_paths=[0.0, 0.0], first=False).eval()

@@ -29,6 +29,8 @@ PATHS = {
     "channels-last": "the EfficientNet-Lite2 trunk in channels-last memory (plain: NCHW)",
     "bag-sampler": "deformable sampling as one weighted embedding_bag (plain: grid_sample per level)",
     "bag-backward": "the embedding_bag sampler's own backward (plain: autograd through embedding_bag)",
+    "short-softmax": "the deformable attention's softmax over its 12 (level, point) logits taken along the "
+    "long axis of the transposed scores (plain: softmax(-1))",
     "window-order": "Swin windows gathered in one index pass, only real tokens projected, windows of one "
     "pattern batched (plain: pad, roll, partition, attend, reverse)",
     "window-explicit": "Swin window attention written out in CPU inference (plain: the fused SDPA kernel)",
