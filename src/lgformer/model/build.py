@@ -82,8 +82,8 @@ def _as_allocated(tensor: Tensor, *args: object, **kwargs: object) -> Tensor:
 @contextlib.contextmanager
 def initialisers_off() -> Iterator[None]:
     """`torch.nn.init`'s initialisers leave tensors as allocated while inside, for a model whose every
-    parameter is loaded next: drawing random weights is most of building one (Swin-B + BERT-base: 1.7 of
-    2.0 s on a 2-core CPU). Process-wide while it lasts, as transformers' `no_init_weights`."""
+    parameter is loaded next: drawing random weights is most of the time of building one. Process-wide
+    while it lasts, as transformers' `no_init_weights`."""
     saved = {name: getattr(nn.init, name) for name in INITIALISERS}
     for name in INITIALISERS:
         setattr(nn.init, name, _as_allocated)

@@ -21,7 +21,8 @@ from torch import nn
 
 from lgformer.errors import LGFormerError
 from lgformer.model import fast
-from lgformer.model.common import IMAGENET_MEAN, IMAGENET_STD, kept_while_unchanged
+from lgformer.model.common import IMAGENET_MEAN, IMAGENET_STD
+from lgformer.model.fast.batchnorm import folded_conv_bn
 from lgformer.model.layers import Conv1x1
 from lgformer.safe_load import load_torch_file
 
@@ -80,24 +81,12 @@ class Conv2dSame(nn.Conv2d):
 
 
 def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
-    """bn(conv(x)). In inference (BN in eval mode, no autograd, not tracing) the BN is folded into the conv's
-    weight and bias, w·γ/σ and β − μγ/σ, which are kept on `bn` while none of the five tensors changes (an
-    in-place update or a move invalidates them): one pass over every activation less."""
+    """bn(conv(x)); in inference the `bn-fold` fast path folds the BN into the convolution
+    (`model/fast/batchnorm.py`)."""
     tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
     if bn.training or torch.is_grad_enabled() or tracing or not fast.enabled("bn-fold"):
         return bn(conv(x))
-
-    def fold() -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.inference_mode(False), torch.no_grad():
-            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-            bias = bn.bias - bn.running_mean * scale
-            if conv.bias is not None:
-                bias = bias + conv.bias * scale
-            return conv.weight * scale.view(-1, 1, 1, 1), bias
-
-    tensors = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    weight, bias = kept_while_unchanged(bn, "_folded", tensors, fold, extra=(bn.eps,))
-    return conv._conv_forward(x, weight, bias)
+    return folded_conv_bn(conv, bn, x)
 
 
 class Stem(nn.Module):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lgformer.model import fast
+from lgformer.model.fast.attention import folded_attend_normalised
 from lgformer.model.layers import Linear, linear
 
 IN_EPS = 1e-5
@@ -35,35 +36,13 @@ def instance_norm_tokens(x: torch.Tensor) -> torch.Tensor:
 
 def attend_normalised(p: torch.Tensor, x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     """P_h · IN_N(layer(x))_h for each head h of P: p (B, heads, T, N) with rows summing to 1, x (B, N, C),
-    layer C -> D -> (B, T, D).
-
-    With many narrow tokens (VLBA's sym_value branch at 1/4 scale: N = 14400, C = 128 -> 768 for Swin-B at
-    480) `layer` is not applied to every token. The instance norm is affine per channel (the bias cancels)
-    and the rows of P sum to 1, so with x̃ = x − mean_N(x): P·IN(x Wᵀ + b) = (P x̃) Wᵀ / sqrt(var + eps),
-    var_d = w_d Σ w_dᵀ, Σ = x̃ᵀ x̃ / N, in fp32 from centred tokens (two-pass,
-    docs/architecture.md#instance-norm-conditioning). That is taken
-    when its C·C·(N + D) multiply-adds are under a quarter of the product's N·C·D, so that it also pays
-    against a bf16 product; it needs no (N, D) activation and no norm over it.
-    """
+    layer C -> D -> (B, T, D). With many narrow tokens the `vlba-fold` fast path takes an equal form that
+    never applies `layer` to every token (`model/fast/attention.py`,
+    docs/architecture.md#instance-norm-conditioning)."""
     n, c = x.shape[1:]
-    heads, d = p.shape[1], layer.weight.shape[0]
-    if 4 * c * (n + d) >= n * d or not fast.enabled("vlba-fold"):
-        return attend_projected(p, x, layer)
-    with torch.autocast(x.device.type, enabled=False):
-        # (B, C, N): the mean, the centring and Σ run along contiguous rows
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        xt = x.transpose(1, 2).to(dtype, memory_format=torch.contiguous_format)
-        centred = xt - xt.mean(2, keepdim=True)
-        w = layer.weight.to(dtype)
-        cov = torch.matmul(centred, centred.transpose(1, 2)) / n  # (B, C, C)
-        scale = torch.rsqrt((torch.matmul(w, cov) * w).sum(-1) + IN_EPS)  # (B, D)
-    attended = torch.matmul(p, centred.transpose(1, 2)[:, None].to(p.dtype))  # (B, heads, T, C)
-    attended = torch.matmul(attended, layer.weight.view(heads, d // heads, c).transpose(1, 2))
-    return _merge_heads(attended) * scale[:, None].to(attended.dtype)
-
-
-def attend_projected(p: torch.Tensor, x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    """`attend_normalised` as written: `layer` on every token, the instance norm over them, then P."""
+    d = layer.weight.shape[0]
+    if fast.enabled("vlba-fold") and 4 * c * (n + d) < n * d:
+        return folded_attend_normalised(p, x, layer.weight, IN_EPS)
     return _merge_heads(torch.matmul(p, _split_heads(instance_norm_tokens(layer(x)), p.shape[1])))
 
 

@@ -4,8 +4,8 @@ The 1/32, 1/16, 1/8 maps are projected to `dim`, flattened coarse-to-fine and re
 multi-scale deformable self-attention + FFN, then (L2VA) cross-attention from pixels to words + FFN.
 One FPN step with the 1/4 map gives the mask features. Runs in fp32 even under autocast, as the
 authors do; `fp32=False` lets its products follow the caller's autocast instead, while sampling offsets,
-attention weights, softmax and bilinear sampling stay fp32 (README, "Speed": bf16 Swin-B at 480 on a
-2-core Zen 4, 1.25-1.32 s -> 0.99-1.05 s, at the cost of the authors' numerics).
+attention weights, softmax and bilinear sampling stay fp32 (faster, at the cost of the authors' numerics:
+README, "Speed").
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Algebraic forms of attention with fewer multiply-adds where keys and queries are lopsided: the
-`attn-fold` and `xattn-fold` fast paths of `model/attention.py`'s `multi_head_attention`."""
+`attn-fold` and `xattn-fold` fast paths of `model/attention.py`'s `multi_head_attention`, and the
+`vlba-fold` path of `model/fusion.py`'s `attend_normalised`."""
 
 from __future__ import annotations
 
@@ -25,11 +26,11 @@ def folded_query_attention(
 
     Per head h: (x W_q,hᵀ + β_q,h) k_hᵀ = x (k_h W_q,h)ᵀ + β_q,h·k_h and P_h v_h W_o,hᵀ = P_h (v_h W_o,hᵀ),
     so the products over the queries have heads·Lk columns instead of E. Two layouts of the scores, the
-    faster for each precision (Zen 4, one 4725-pixel layer at 480): where fp32 products run on oneDNN,
-    query-major (Lq, heads·Lk) per sample, both products oneDNN GEMMs over the query rows with the score
-    offsets and the output bias as their biases, the softmax along each head's Lk keys (5.0 ms against
-    7.1); otherwise (bf16: 3.4 ms against 4.3) (B, heads·Lk, Lq) by batched products, the softmax along a
-    strided axis, which the CPU kernel vectorises over the queries.
+    faster for each precision (README, "Speed"): where fp32 products run on oneDNN, query-major
+    (Lq, heads·Lk) per sample, both products oneDNN GEMMs over the query rows with the score offsets and
+    the output bias as their biases, the softmax along each head's Lk keys; otherwise (bf16)
+    (B, heads·Lk, Lq) by batched products, the softmax along a strided axis, which the CPU kernel
+    vectorises over the queries.
     """
     b, lq, e = query.shape
     lk, d = k.shape[1], e // heads
@@ -79,3 +80,28 @@ def folded_attention(
     if bv is not None:
         out = out + bv.view(heads, 1, d).to(out.dtype)
     return out.transpose(1, 2)
+
+
+def folded_attend_normalised(p: Tensor, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """`attend_normalised(p, x, layer)` (P_h · IN_N(x Wᵀ + b)_h, the instance norm over the N tokens) for a
+    layer of weight W (D, C), without the (N, D) projection.
+
+    The instance norm is affine per channel (the bias cancels) and the rows of P sum to 1, so with
+    x̃ = x − mean_N(x): P·IN(x Wᵀ + b) = (P x̃) Wᵀ / sqrt(var + eps), var_d = w_d Σ w_dᵀ, Σ = x̃ᵀ x̃ / N,
+    in fp32 from centred tokens (two-pass). Taken when its C·C·(N + D) multiply-adds are under a quarter of
+    the product's N·C·D (VLBA's sym_value branch at 1/4 scale), so that it also pays against a bf16 product.
+    """
+    n, c = x.shape[1:]
+    heads, d = p.shape[1], weight.shape[0]
+    with torch.autocast(x.device.type, enabled=False):
+        # (B, C, N): the mean, the centring and Σ run along contiguous rows
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        xt = x.transpose(1, 2).to(dtype, memory_format=torch.contiguous_format)
+        centred = xt - xt.mean(2, keepdim=True)
+        w = weight.to(dtype)
+        cov = torch.matmul(centred, centred.transpose(1, 2)) / n  # (B, C, C)
+        scale = torch.rsqrt((torch.matmul(w, cov) * w).sum(-1) + eps)  # (B, D)
+    attended = torch.matmul(p, centred.transpose(1, 2)[:, None].to(p.dtype))  # (B, heads, T, C)
+    attended = torch.matmul(attended, weight.view(heads, d // heads, c).transpose(1, 2))
+    b, _, t, _ = attended.shape
+    return attended.transpose(1, 2).reshape(b, t, d) * scale[:, None].to(attended.dtype)

@@ -2,12 +2,11 @@
 
 `linear` computes `F.linear` then an optional activation (relu, exact gelu, tanh): the product every
 `Linear`, `Conv1x1` and the text encoder use. Where a fast path applies it takes oneDNN instead:
-`Linear` / `Conv1x1` compute exactly `nn.Linear` / a 1x1 `nn.Conv2d`, but an fp32 product on an x86 CPU
-runs on oneDNN (`mkldnn._linear_pointwise`, AVX-512 kernels) instead of MKL's sgemm, which on AMD CPUs
-takes an AVX2 path: about 2x faster there on Zen 5, 1.15x on Zen 4, identical up to summation order. Under
+an fp32 product on an x86 CPU runs on oneDNN (`mkldnn._linear_pointwise`, AVX-512 kernels) instead of
+MKL's sgemm, which on AMD CPUs takes a slower AVX2 path; the result is identical up to summation order. Under
 CPU bf16 autocast, inference casts the operands to bf16 as autocast does and calls the same oneDNN
 primitive, so that ReLU/GELU/tanh are fused into the product there too. Inference keeps a parameter's
-weight in oneDNN's blocked layout between calls (`_packed_weight`): always in bf16, in fp32 for products of
+weight in oneDNN's blocked layout between calls (`packed_weight`): always in bf16, in fp32 for products of
 at least `FP32_PACK_ROWS` rows. `Conv3x3` computes a 3x3 convolution as Winograd F(4x4, 3x3) on the same
 products in fp32 CPU inference. Everything else (fp16 autocast, bf16 training, GPU, other dtypes, tracing
 and export) goes through `F.linear` unchanged.
@@ -87,7 +86,7 @@ class OneDNNLinear(torch.autograd.Function):
         grad_x = onednn_linear(grad, weight.t(), None) if need_x else None
         flat = grad.reshape(-1, grad.shape[-1])
         # the weight gradient reduces over all tokens: oneDNN would first copy both operands transposed,
-        # BLAS reads them transposed in place (2-4x faster for these shapes)
+        # BLAS reads them transposed in place (faster for these shapes)
         grad_w = torch.mm(flat.t(), x.reshape(-1, x.shape[-1])) if need_w else None
         grad_b = flat.sum(0) if need_b else None
         return grad_x, grad_w, grad_b
@@ -98,12 +97,11 @@ def packed_weight(weight: Tensor, dtype: torch.dtype, rows: int) -> Tensor:
 
     A parameter keeps one copy per dtype in oneDNN's blocked layout (attributes `_onednn_bf16`,
     `_onednn_fp32`) while its storage and version stay the same, so that in-place updates (optimiser steps,
-    `load_state_dict`) invalidate it. In bf16 a Swin-B forward otherwise re-reads every fp32 weight to cast
-    it and oneDNN re-blocks every weight (6-9% of it on a 2-core Zen 4), for half the fp32 weights' memory.
-    In fp32 the blocked weight makes large products 2-13% faster (identical results); it is kept only for
-    products of `FP32_PACK_ROWS` rows or more (at 480: the pixel decoder and Swin's first three stages,
-    about -60 ms of a 1.8 s Swin-B forward for 0.26 GB), since blocking every fp32 weight (Swin-B's last
-    stage and BERT too) takes 0.9 GB, over the 2.5 GB memory target, for little more. Other tensors are
+    `load_state_dict`) invalidate it. In bf16 a forward otherwise re-reads every fp32 weight to cast it and
+    oneDNN re-blocks every weight, for half the fp32 weights' memory. In fp32 the blocked weight makes large
+    products faster (identical results); it is kept only for products of `FP32_PACK_ROWS` rows or more (at
+    480: the pixel decoder and Swin's first three stages), since blocking every fp32 weight (Swin-B's last
+    stage and BERT too) would cost memory for little more (figures: README, "Speed"). Other tensors are
     cast each call.
     """
     fp32 = dtype == torch.float32

@@ -139,7 +139,7 @@ class BagSample(torch.autograd.Function):
 
 def softmax_last(x: Tensor) -> Tensor:
     """`x.softmax(-1)` for a short last axis: on CPU through the (K, N) transpose, whose softmax kernel runs
-    along N (~6x faster for the 12 (level, point) logits of a head)."""
+    along N (faster for the 12 (level, point) logits of a head)."""
     if x.device.type != "cpu":
         return x.softmax(-1)
     return x.reshape(-1, x.shape[-1]).t().contiguous().softmax(0).t().reshape(x.shape)

@@ -82,7 +82,7 @@ def window_order(
 def gather_rows(x: Tensor, index: Tensor) -> Tensor:
     """x[:, index] for x (B, L, ...) and index (R,) -> (B, R, ...).
 
-    One index_select along dim 0 of the (B·L, ...) view: on CPU that is 2-3x faster than along dim 1.
+    One index_select along dim 0 of the (B·L, ...) view: on CPU that is faster than along dim 1.
     """
     b, n = x.shape[:2]
     if b > 1:
@@ -156,8 +156,8 @@ def _window_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """softmax(q kᵀ / sqrt(d) + mask) v for q (B, n, heads, c, d), k, v (B, n, heads, M, d) and a mask
     (n or 1, heads, c, M) -> (B, n, heads, c, d).
 
-    CPU inference and export take the explicit form: on CPU it is ~40% faster than the fused kernel for
-    144-token windows with 32-wide heads (fp32 and bf16), and the exporter's decomposition of SDPA lays its
+    CPU inference and export take the explicit form: on CPU it is faster than the fused kernel for
+    Swin's windows (fp32 and bf16), and the exporter's decomposition of SDPA lays its
     output out differently from the fused kernel's, which then fails on a later reshape (torch 2.13).
     Training and GPUs keep the fused kernel, which does not store the (windows, heads, c, M) probabilities.
     """
@@ -170,8 +170,8 @@ def _window_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
 def _explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """`_window_attention` as matmul, add, softmax, matmul; in fp32 over chunks of windows whose scores take
     at most `FP32_SCORES_CHUNK_BYTES`: larger ones leave the cache and make the products and the softmax
-    memory-bound (Swin-B at 480 on a 2-core Zen 4: a stage-1 block's attention 38 -> 14 ms, stage 2 9.4 ->
-    6.8, stage 3 6.6 -> 5.0). bf16 gains nothing from chunks; export keeps one graph node per product."""
+    memory-bound (README, "Speed"). bf16 gains nothing from chunks; export keeps one graph node per
+    product."""
     b, n, heads, c, d = q.shape
     step = n
     if q.dtype == torch.float32 and not torch.compiler.is_exporting():
