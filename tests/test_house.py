@@ -11,7 +11,14 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 FLOORS = (  # from the ground up; a module belongs to the floor of its longest matching prefix
     ("lgformer.errors",),
-    ("lgformer.files", "lgformer.safe_load", "lgformer.precision", "lgformer.render", "lgformer.arguments"),
+    (
+        "lgformer.files",
+        "lgformer.safe_load",
+        "lgformer.precision",
+        "lgformer.render",
+        "lgformer.arguments",
+        "lgformer.lazy",
+    ),
     ("lgformer.config",),
     ("lgformer.text",),
     ("lgformer.model",),

@@ -6,8 +6,7 @@ the CLI's `--help` does not load torch or pycocotools.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lgformer.lazy import lazy_exports
 
 _EXPORTS = {
     "DataConfig": "lgformer.config",
@@ -25,8 +24,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'lgformer.data' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

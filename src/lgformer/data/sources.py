@@ -250,7 +250,7 @@ def _jsonl_referent(line: str, where: str, base: Path, image_root: Path) -> Refe
     if not isinstance(record["image"], str) or not record["image"]:
         raise LGFormerError(f"{where}: field 'image': expected a path string")
     image = image_root / record["image"]
-    height, width = _image_size(image, where)
+    height, width = _image_size(image, f"{where}: field 'image'")
     segmentation = _jsonl_mask(record["mask"], where, base, height, width)
     return Referent(
         ref_id=ref_id,
@@ -267,13 +267,14 @@ def _jsonl_referent(line: str, where: str, base: Path, image_root: Path) -> Refe
 
 
 def _image_size(image: Path, where: str) -> tuple[int, int]:
+    """(height, width) of a picture file, read from its header; one-line errors name `where`."""
     try:
         with Image.open(image) as im:
             width, height = im.size
     except FileNotFoundError:
-        raise LGFormerError(f"{where}: field 'image': file not found: {image}") from None
+        raise LGFormerError(f"{where}: file not found: {image}") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise LGFormerError(f"{where}: field 'image': cannot read {image} ({exc})") from None
+        raise LGFormerError(f"{where}: cannot read {image} ({exc})") from None
     return height, width
 
 
@@ -281,13 +282,7 @@ def _jsonl_mask(mask: Any, where: str, base: Path, height: int, width: int) -> A
     field_where = f"{where}: field 'mask'"
     if isinstance(mask, str) and mask:
         path = base / mask
-        try:
-            with Image.open(path) as im:
-                mask_width, mask_height = im.size
-        except FileNotFoundError:
-            raise LGFormerError(f"{field_where}: file not found: {path}") from None
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            raise LGFormerError(f"{field_where}: cannot read {path} ({exc})") from None
+        mask_height, mask_width = _image_size(path, field_where)
         if (mask_height, mask_width) != (height, width):
             raise LGFormerError(
                 f"{field_where}: {path} is {mask_width}x{mask_height}, the image is {width}x{height}"

@@ -5,8 +5,7 @@ it from a `ModelConfig`. The public names below are imported on first use, so th
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lgformer.lazy import lazy_exports
 
 _EXPORTS = {
     "LGFormer": "lgformer.model.lgformer",
@@ -24,8 +23,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'lgformer.model' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -38,6 +38,8 @@ SWIN_VARIANTS: dict[str, tuple[int, list[int], list[int]]] = {
 PATCH = 4
 MLP_RATIO = 4
 SHIFT_MASK_VALUE = -100.0
+
+
 def relative_position_index(window: int) -> Tensor:
     """(M, M) int64, M = w²: idx(a, b) = (ya - yb + w - 1)(2w - 1) + (xa - xb + w - 1)
     (docs/architecture.md#swin-trunk-blocks-and-window-attention)."""

@@ -92,21 +92,22 @@ def gather_rows(x: Tensor, index: Tensor) -> Tensor:
 
 def window_masks(
     attn: nn.Module, h: int, w: int, shift: int, groups: tuple[WindowGroup, ...], dtype: torch.dtype
-    ) -> list[Tensor]:
-        """Bias (+ shift mask) rows of the real queries, one mask per window group of `window_order`:
-        (1, heads, c, M) when shift == 0, else (windows, heads, c, M); c = M in a group of full windows.
+) -> list[Tensor]:
+    """Bias (+ shift mask) rows of the real queries, one mask per window group of `window_order`:
+    (1, heads, c, M) when shift == 0, else (windows, heads, c, M); c = M in a group of full windows.
 
-        Cached while the bias table cannot receive gradients (and not while tracing: a traced table has
-        no storage); the key holds the table's storage and version counter, so in-place updates
-        (load_state_dict, optimiser steps) invalidate it.
-        """
-        table = attn.relative_position_bias_table
-        if (torch.is_grad_enabled() and table.requires_grad) or torch.compiler.is_compiling():
-            return _window_masks(attn, h, w, shift, groups, dtype)
-        extra = (h, w, shift, dtype, table.device, torch.is_inference_mode_enabled())
-        return kept_while_unchanged(
-            attn, "_mask_cache", (table,), lambda: _window_masks(attn, h, w, shift, groups, dtype), extra
-        )
+    Cached while the bias table cannot receive gradients (and not while tracing: a traced table has
+    no storage); the key holds the table's storage and version counter, so in-place updates
+    (load_state_dict, optimiser steps) invalidate it.
+    """
+    table = attn.relative_position_bias_table
+    if (torch.is_grad_enabled() and table.requires_grad) or torch.compiler.is_compiling():
+        return _window_masks(attn, h, w, shift, groups, dtype)
+    extra = (h, w, shift, dtype, table.device, torch.is_inference_mode_enabled())
+    return kept_while_unchanged(
+        attn, "_mask_cache", (table,), lambda: _window_masks(attn, h, w, shift, groups, dtype), extra
+    )
+
 
 def _window_masks(
     attn: nn.Module, h: int, w: int, shift: int, groups: tuple[WindowGroup, ...], dtype: torch.dtype
