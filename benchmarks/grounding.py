@@ -1,6 +1,7 @@
 """Does the model read the sentence? Pairs of expressions one word apart must segment different objects.
 
     python benchmarks/grounding.py --checkpoint lite --scenes 40
+    python benchmarks/grounding.py --blind     # the same model with its text features zeroed: grounds none
 
 On held-out scenes of the synthetic benchmark (the `val` split of the default model's seed), every sentence of
 every referent has each swappable word replaced in turn by each of its counterparts: left/right,
@@ -122,9 +123,12 @@ def main() -> None:
     p.add_argument("--checkpoint", default="lite", help="checkpoint folder or shipped model (default: lite)")
     p.add_argument("--scenes", type=int, default=40, help="held-out val scenes (default 40)")
     p.add_argument("--per-scene", type=int, default=4, help="pairs per scene (default 4)")
+    p.add_argument("--blind", action="store_true", help="zero the text features: a model blind to words")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args()
     seg = Segmenter.from_pretrained(args.checkpoint, device="cpu")
+    if args.blind:
+        seg.model.text_encoder.register_forward_hook(lambda module, inputs, output: output.zero_())
     result = grounding(seg, held_out_pairs(args.scenes, args.per_scene))
     if args.json:
         print(json.dumps(result, indent=2))
