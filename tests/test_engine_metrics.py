@@ -14,7 +14,7 @@ from PIL import Image
 from lgformer.cli import main
 from lgformer.data.dataset import DataConfig, build_dataset
 from lgformer.engine.evaluate import markdown, report
-from lgformer.engine.metrics import METRICS, IoUCounts, intersection_union, summarize
+from lgformer.engine.metrics import METRICS, IoUCounts, gres_summary, intersection_union, summarize
 
 DATA_FLAGS = ["--root", str(MINI), "--dataset", "refcoco", "--split-by", "unc", "--split", "val"]
 
@@ -123,3 +123,23 @@ def test_report_tables(mini_val):
     assert list(r["by_length"]) == ["1-2", "3-7", "8-12", "13+"] and "by_level" not in r
     text = markdown({"val": r}, "refcoco (unc)")
     assert "Protocol: `resized`" in text and f"| val | {n} | 75.00 |" in text
+
+
+def test_gres_metrics_by_hand():
+    """Five expressions: a no-target one predicted empty (IoU 1, adds nothing to cIoU), a no-target one
+    given 6 pixels (IoU 0, U += 6), a target one predicted empty (I 0, U 8), a perfect target one (8 / 8)
+    and a two-object target half found (the union of its referents is the ground truth: 4 / 12)."""
+    inter = [0, 0, 0, 8, 4]
+    union = [0, 6, 8, 8, 12]
+    pred_area = [0, 6, 0, 8, 4]
+    gt_area = [0, 0, 8, 8, 12]
+    got = gres_summary(inter, union, pred_area, gt_area)
+    assert got["gIoU"] == pytest.approx(100 * (1 + 0 + 0 + 1 + 4 / 12) / 5)
+    assert got["cIoU"] == pytest.approx(100 * 12 / 34)
+    assert got["N-acc"] == pytest.approx(50.0) and got["T-acc"] == pytest.approx(100 * 2 / 3)
+    assert got["P@0.5"] == pytest.approx(100 / 3) and got["P@0.9"] == pytest.approx(100 / 3)
+    assert (got["no_target"], got["target"]) == (2, 3)
+    # a model that always answers "nothing": every no-target right, every target wrong
+    nothing = gres_summary([0, 0, 0], [0, 8, 8], [0, 0, 0], [0, 8, 8])
+    assert (nothing["N-acc"], nothing["T-acc"], nothing["cIoU"]) == (100.0, 0.0, 0.0)
+    assert nothing["gIoU"] == pytest.approx(100 / 3)

@@ -54,6 +54,38 @@ def summarize(inter: np.ndarray, union: np.ndarray) -> dict[str, float | int]:
     return out
 
 
+GRES_METRICS = ("gIoU", "cIoU", "N-acc", "T-acc")
+
+
+def gres_summary(
+    inter: np.ndarray, union: np.ndarray, pred_area: np.ndarray, gt_area: np.ndarray
+) -> dict[str, float | int]:
+    """gRefCOCO's metrics (as ReLA's evaluator defines them) from per-expression counts, in percent.
+
+    An expression with an empty ground truth names nothing (no-target); "predicted empty" is an empty mask.
+    gIoU: the mean per-expression IoU, where a no-target expression counts 1 if predicted empty, else 0.
+    cIoU: cumulative I over cumulative U; a no-target expression predicted empty adds nothing, one given a
+    mask adds its area to U. N-acc: no-target expressions predicted empty over all no-target ones; T-acc:
+    target expressions predicted non-empty over all target ones. P@X: over the target expressions.
+    Counts: `no_target` and `target` expressions."""
+    inter, union = np.asarray(inter, dtype=np.int64), np.asarray(union, dtype=np.int64)
+    empty_pred, no_target = np.asarray(pred_area) == 0, np.asarray(gt_area) == 0
+    iou = np.divide(inter, union, out=np.zeros(inter.size, dtype=np.float64), where=union > 0)
+    iou = np.where(no_target, empty_pred.astype(np.float64), iou)
+    n, n_nt = int(inter.size), int(no_target.sum())
+    total_union = int(union.sum())
+    out: dict[str, float | int] = {
+        "gIoU": 100.0 * float(iou.mean()) if n else 0.0,
+        "cIoU": 100.0 * int(inter.sum()) / total_union if total_union else 0.0,
+        "N-acc": 100.0 * float((empty_pred & no_target).sum()) / n_nt if n_nt else 0.0,
+        "T-acc": 100.0 * float((~empty_pred & ~no_target).sum()) / (n - n_nt) if n > n_nt else 0.0,
+    }
+    for t in THRESHOLDS:
+        out[f"P@{t}"] = 100.0 * float((iou[~no_target] >= t).mean()) if n > n_nt else 0.0
+    out["no_target"], out["target"] = n_nt, n - n_nt
+    return out
+
+
 class IoUCounts:
     """Per-sentence I/U of a dataset of `size` sentences, filled as batches are evaluated.
 
