@@ -3,8 +3,8 @@
 The network is BERT without pooler (docs/architecture.md#text-encoder: post-LN, exact GELU, padding masked,
 token types 0, positions 0..T-1), written here with Hugging Face `BertModel`'s module and parameter names,
 so that its state dict, BERT folders (`config.json` + `model.safetensors` or `pytorch_model.bin`, read
-without running pickle code, found by `lgformer.text.find_file`) and the authors' checkpoints load as they
-are; `transformers` is not imported. The encoder returns the last hidden state (B, T, D).
+without running pickle code, found by `lgformer.text.tokenizer.find_file`) and the authors' checkpoints
+load as they are; `transformers` is not imported. The encoder returns the last hidden state (B, T, D).
 """
 
 from __future__ import annotations
