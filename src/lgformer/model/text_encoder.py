@@ -19,7 +19,6 @@ from torch import Tensor, nn
 
 from lgformer.errors import LGFormerError
 from lgformer.model import fast
-from lgformer.model.common import ACTIVATIONS
 from lgformer.model.layers import linear
 from lgformer.safe_load import load_safetensors_file, load_torch_file
 from lgformer.text.tokenizer import BERT_BASE, WEIGHT_FILES, find_file, missing_message
@@ -106,8 +105,8 @@ def _dense(m: nn.Linear, x: Tensor, activation: str | None = None) -> Tensor:
     """`m(x)` then `activation`: through `linear` (oneDNN on CPU), or plainly with `bert-onednn` off."""
     if fast.enabled("bert-onednn"):
         return linear(x, m.weight, m.bias, activation)
-    y = F.linear(x, m.weight, m.bias)
-    return y if activation is None else ACTIVATIONS[activation](y)
+    with fast.disabled("onednn", "bf16-onednn"):  # `linear`'s own plain form: F.linear, then the activation
+        return linear(x, m.weight, m.bias, activation)
 
 
 class Bert(nn.Module):
