@@ -110,15 +110,30 @@ SLOW_FILES = {
     "test_shipped_model.py",
     "test_training_golden.py",
 }
+# The paper-sized networks (Swin + BERT-base) outside the forward golden check itself: every test run on an
+# official preset (its parametrisation id names it) and these end-to-end conversions and golden variants.
+SLOW_TESTS = {
+    "test_authors_checkpoint_converts_and_predicts_on_a_photo",
+    "test_bad_checkpoints_are_named",
+    "test_bf16_masks_agree_with_fp32_golden",
+    "test_convert_official_checkpoint_end_to_end",
+    "test_verify_official_any_batch_size_and_partial_golden",
+}
 SHARED_NAMES = ("SHARED", "OFFICIAL", "MINI", "PHOTOS")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark `slow` the files above (and ONNX exports anywhere), and `shared` every test that reads
-    ../shared (a module using its paths, or the `shared_data` fixture)."""
+    """Mark `slow` the files and tests above, ONNX exports and official presets anywhere, and `shared` every
+    test that reads ../shared (a module using its paths, or the `shared_data` fixture)."""
     for item in items:
         path = Path(str(item.fspath))
-        if path.name in SLOW_FILES or "onnx" in item.name:
+        name = getattr(item, "originalname", item.name)
+        if (
+            path.name in SLOW_FILES
+            or name in SLOW_TESTS
+            or "onnx" in item.name
+            or "[official-swin" in item.name
+        ):
             item.add_marker(pytest.mark.slow)
         module = getattr(item, "module", None)
         if "shared_data" in getattr(item, "fixturenames", ()) or any(

@@ -12,7 +12,7 @@ from conftest import PHOTOS
 
 from lgformer.errors import LGFormerError
 from lgformer.model.common import IMAGENET_MEAN, IMAGENET_STD
-from lgformer.model.efficientnet import EfficientNetLite2, _conv, conv_bn
+from lgformer.model.efficientnet import EfficientNetLite2, conv_bn, same_conv
 
 TEDDY_BEAR, STREET_SIGN = 850, 919  # ImageNet class indices
 
@@ -123,7 +123,7 @@ def test_conv_bn_folds_in_inference_only_and_follows_updates(kernel: int, stride
     """Inference folds the BatchNorm into the conv: the same map as bn(conv(x)) for every conv kind the trunk
     uses, refreshed after an in-place update of the statistics; with autograd the BN runs as a module."""
     torch.manual_seed(0)
-    conv, bn = _conv(8, 8, kernel, stride=stride, groups=groups), torch.nn.BatchNorm2d(8, eps=1e-3)
+    conv, bn = same_conv(8, 8, kernel, stride=stride, groups=groups), torch.nn.BatchNorm2d(8, eps=1e-3)
     with torch.no_grad():
         for t in (bn.weight, bn.bias, bn.running_mean):
             t.normal_()

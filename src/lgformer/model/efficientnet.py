@@ -61,7 +61,7 @@ def _bn(channels: int) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
 
 
-def _conv(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
+def same_conv(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
     """Bias-free conv with TensorFlow "SAME" padding (symmetric k // 2 when stride is 1)."""
     if kernel == 1 and stride == 1 and groups == 1:
         return Conv1x1(cin, cout, bias=False)
@@ -99,7 +99,7 @@ class Stem(nn.Module):
         self.register_buffer(
             "input_shift", ((255.0 * mean - 127.0) / 128.0).view(1, 3, 1, 1), persistent=False
         )
-        self.conv = _conv(3, STEM_CHANNELS, 3, stride=2)
+        self.conv = same_conv(3, STEM_CHANNELS, 3, stride=2)
         self.bn = _bn(STEM_CHANNELS)
         self.act = nn.ReLU6(inplace=True)
 
@@ -118,11 +118,11 @@ class MBConv(nn.Module):
     def __init__(self, cin: int, cout: int, kernel: int, stride: int, expansion: int) -> None:
         super().__init__()
         mid = cin * expansion
-        self.expand_conv = _conv(cin, mid, 1) if expansion != 1 else None
+        self.expand_conv = same_conv(cin, mid, 1) if expansion != 1 else None
         self.bn0 = _bn(mid) if expansion != 1 else None
-        self.depthwise_conv = _conv(mid, mid, kernel, stride=stride, groups=mid)
+        self.depthwise_conv = same_conv(mid, mid, kernel, stride=stride, groups=mid)
         self.bn1 = _bn(mid)
-        self.project_conv = _conv(mid, cout, 1)
+        self.project_conv = same_conv(mid, cout, 1)
         self.bn2 = _bn(cout)
         self.act = nn.ReLU6(inplace=True)
         self.residual = stride == 1 and cin == cout
@@ -142,7 +142,7 @@ class Classifier(nn.Module):
 
     def __init__(self, cin: int) -> None:
         super().__init__()
-        self.conv = _conv(cin, HEAD_CHANNELS, 1)
+        self.conv = same_conv(cin, HEAD_CHANNELS, 1)
         self.bn = _bn(HEAD_CHANNELS)
         self.act = nn.ReLU6(inplace=True)
         self.fc = nn.Linear(HEAD_CHANNELS, NUM_CLASSES)
