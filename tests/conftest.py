@@ -61,6 +61,88 @@ def synth_benchmark(out: Path, train: int, val: int, test: int) -> Path:
     return out
 
 
+# gRefCOCO fixture: the three refcoco-mini photos with, per photo, the real RefCOCO ref (one object), a plural
+# sentence naming it and a second object (a hand-drawn box polygon around that object, made for this fixture:
+# gRefCOCO's masks for these photos are not on this machine), and a sentence naming nothing in the photo.
+GREF_SECOND_OBJECTS = {  # image id -> (annotation id, category id, box x0, y0, x1, y1) of the second object
+    460370: (910000, 1, 243, 74, 348, 422),  # the man in the beige coat, standing further back
+    157714: (910001, 88, 100, 70, 300, 235),  # the small teddy bear the baby hugs
+    363252: (910002, 1, 150, 300, 245, 499),  # the young man in the middle, by the pole
+}
+GREF_SENTENCES = {  # image id -> (split, plural sentence, no-target sentence)
+    460370: ("train", "the two men standing on the platform", "the dog on the platform"),
+    157714: ("val", "both teddy bears", "the cat on the rug"),
+    363252: ("testA", "the two young men", "the horse by the stop sign"),
+}
+
+
+@cache
+def grefcoco_fixture(root: Path) -> Path:
+    """DATA_ROOT in gRefCOCO's layout (ReLA's): grefcoco/grefs(unc).json, grefcoco/instances.json and the
+    photos under images/train2014; 9 refs (3 single, 3 multi, 3 no-target), split by image."""
+    import json
+    import pickle
+    import shutil
+
+    (root / "grefcoco").mkdir(parents=True)
+    (root / "images" / "train2014").mkdir(parents=True)
+    instances = json.loads((MINI / "refcoco" / "instances.json").read_text())
+    with open(MINI / "refcoco" / "refs(unc).p", "rb") as handle:
+        refcoco = pickle.load(handle)  # the shared fixture: trusted, written by the task's authors
+    refs = []
+    for ref in refcoco:
+        image_id = ref["image_id"]
+        image = next(img for img in instances["images"] if img["id"] == image_id)
+        shutil.copy(PHOTOS / image["file_name"], root / "images" / "train2014" / image["file_name"])
+        ann_id, category, x0, y0, x1, y1 = GREF_SECOND_OBJECTS[image_id]
+        box = [x0, y0, x1, y0, x1, y1, x0, y1]
+        instances["annotations"].append(
+            {
+                "id": ann_id,
+                "image_id": image_id,
+                "category_id": category,
+                "segmentation": [box],
+                "area": (x1 - x0) * (y1 - y0),
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "iscrowd": 0,
+            }
+        )
+        split, plural, absent = GREF_SENTENCES[image_id]
+        sent_id = 100 * ref["ref_id"]
+        for k, (ann_ids, texts) in enumerate(
+            (
+                ([ref["ann_id"]], [s["raw"] for s in ref["sentences"]]),
+                ([ref["ann_id"], ann_id], [plural]),
+                ([-1], [absent]),
+            )
+        ):
+            sentences = [
+                {"tokens": t.split(), "raw": t, "sent": t, "sent_id": sent_id + 10 * k + j}
+                for j, t in enumerate(texts)
+            ]
+            refs.append(
+                {
+                    "ref_id": 10 * ref["ref_id"] + k,
+                    "ann_id": ann_ids,
+                    "image_id": image_id,
+                    "split": split,
+                    "sentences": sentences,
+                    "sent_ids": [s["sent_id"] for s in sentences],
+                    "category_id": [ref["category_id"]] if ann_ids != [-1] else [-1],
+                    "no_target": ann_ids == [-1],
+                    "file_name": image["file_name"],
+                }
+            )
+    (root / "grefcoco" / "instances.json").write_text(json.dumps(instances))
+    (root / "grefcoco" / "grefs(unc).json").write_text(json.dumps(refs))
+    return root
+
+
+@pytest.fixture(scope="session")
+def grefcoco_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return grefcoco_fixture(tmp_path_factory.mktemp("grefcoco"))
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny tensors: one thread is as fast as two, and does not collapse when the cores are shared."""
@@ -119,7 +201,7 @@ SLOW_TESTS = {
     "test_convert_official_checkpoint_end_to_end",
     "test_verify_official_any_batch_size_and_partial_golden",
 }
-SHARED_NAMES = ("SHARED", "OFFICIAL", "MINI", "PHOTOS")
+SHARED_NAMES = ("SHARED", "OFFICIAL", "MINI", "PHOTOS", "grefcoco_fixture")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -136,7 +218,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         ):
             item.add_marker(pytest.mark.slow)
         module = getattr(item, "module", None)
-        if "shared_data" in getattr(item, "fixturenames", ()) or any(
+        if {"shared_data", "grefcoco_root"} & set(getattr(item, "fixturenames", ())) or any(
             name in vars(module) for name in SHARED_NAMES if module is not None
         ):
             item.add_marker(pytest.mark.shared)

@@ -64,8 +64,10 @@ REFER_DATASETS = ("refcoco", "refcoco+", "refcocog", "refclef")
 SYNTH = "synth"
 INSTANCES = "instances"  # `lgformer data from-instances`
 GENERATED = (SYNTH, INSTANCES)  # our own REFER-layout sets: refs(<name>).p, images under images/<name>
+GREFCOCO = "grefcoco"  # generalized referring expressions (no-target and multi-target), ReLA's layout
 JSONL = "jsonl"
-DATASETS = (*REFER_DATASETS, *GENERATED, JSONL)
+DATASETS = (*REFER_DATASETS, GREFCOCO, *GENERATED, JSONL)
+MIXABLE = (*GENERATED, JSONL)  # `data.mix` sources: those with no split_by to choose
 GT_RULES = ("exactly_one", "union")  # how a polygon annotation becomes a mask (data/masks.py)
 
 
@@ -79,7 +81,7 @@ class DataConfig:
     """Where the data is and how items are made (the `data` section of the project config)."""
 
     root: str = "data"  # DATA_ROOT (REFER layout), a JSONL file, or a synthetic-benchmark folder
-    dataset: str = "refcoco"  # refcoco | refcoco+ | refcocog | refclef | jsonl | synth | instances
+    dataset: str = "refcoco"  # refcoco | refcoco+ | refcocog | refclef | grefcoco | jsonl | synth | instances
     split_by: str = "unc"  # refs(<split_by>).p; not used by jsonl; synth and instances: their own name
     image_dir: str | None = None  # override of the image folder (jsonl: base of the image paths)
     gt_rule: str = "exactly_one"  # polygons: exactly_one (authors' sum == 1 quirk) | union
@@ -108,10 +110,9 @@ def check_data_config(cfg: DataConfig) -> None:
         )
     for entry in cfg.mix:
         dataset = entry.split(":", 1)[0]
-        if ":" not in entry or dataset not in DATASETS or dataset in REFER_DATASETS:
+        if ":" not in entry or dataset not in MIXABLE:
             raise LGFormerError(
-                f"data.mix: {entry!r}: expected DATASET:ROOT with DATASET one of "
-                f"{', '.join(d for d in DATASETS if d not in REFER_DATASETS)}"
+                f"data.mix: {entry!r}: expected DATASET:ROOT with DATASET one of {', '.join(MIXABLE)}"
             )
 
 

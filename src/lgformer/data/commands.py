@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+from lgformer.config import DATASETS
 from lgformer.errors import LGFormerError
 
 
@@ -104,10 +105,11 @@ def _source_arguments(parser: argparse.ArgumentParser, split_help: str) -> None:
     parser.add_argument(
         "--dataset",
         default=None,
-        help="refcoco | refcoco+ | refcocog | refclef | jsonl | synth | instances (default: jsonl for a "
-        ".jsonl root, else refcoco)",
+        help=f"{' | '.join(DATASETS)} (default: jsonl for a .jsonl root, else refcoco)",
     )
-    parser.add_argument("--split-by", default="unc", help="refs(<split-by>).p (default %(default)s)")
+    parser.add_argument(
+        "--split-by", default="unc", help="refs(<split-by>).p, grefs(<split-by>).json (default %(default)s)"
+    )
     parser.add_argument("--split", default=None, help=split_help)
     parser.add_argument("--image-dir", default=None, help="override the image folder")
 
@@ -128,12 +130,21 @@ def _referents(args: argparse.Namespace) -> list:
 
 
 def _stats(args: argparse.Namespace) -> int:
+    from lgformer.data.sources import TARGET_KINDS, target_kind
     from lgformer.text.lengths import BUCKETS, sentence_stats
     from lgformer.text.tokenizer import Tokenizer
 
     referents = _referents(args)
     sentences = [s.text for ref in referents for s in ref.sentences]
-    objects = {ref.object_id for ref in referents if ref.object_id is not None}
+    objects = {
+        obj
+        for ref in referents
+        if ref.object_id is not None
+        for obj in (ref.object_id if isinstance(ref.object_id, tuple) else (ref.object_id,))
+    }
+    kinds = dict.fromkeys(TARGET_KINDS, 0)
+    for ref in referents:
+        kinds[target_kind(ref.targets)] += len(ref.sentences)
     report = {
         "source": args.root,
         "dataset": "sentence-csv" if args.root.endswith(".csv") else args.dataset,
@@ -142,6 +153,7 @@ def _stats(args: argparse.Namespace) -> int:
         "sentences": len(sentences),
         "images": len({ref.image_id for ref in referents}),
         "objects": len(objects) if objects else None,
+        "kinds": kinds if referents[0].size is not None else None,  # sentences by objects named
         **sentence_stats(sentences, Tokenizer(args.tokenizer, args.max_tokens).encode, args.max_tokens),
     }
     if args.json:
@@ -154,6 +166,14 @@ def _stats(args: argparse.Namespace) -> int:
             f"  {key:<10} {value:>9,}" if value is not None else f"  {key:<10} {'-':>9}  (text-only source)"
         )
     total = max(1, report["sentences"])
+    if report["kinds"]:
+        print(
+            "  sentences naming:  "
+            + "   ".join(
+                f"{kind}: {n:,} ({100 * n / total:.1f}%)"
+                for kind, n in zip(("one object", "several", "nothing"), kinds.values())
+            )
+        )
     print(f"  words per sentence: mean {report['words_mean']:.2f}, max {report['words_max']}")
     print(
         "  length buckets (words):  "

@@ -17,11 +17,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lgformer.config import GENERATED, JSONL, DataConfig, check_rule
+from lgformer.config import GENERATED, GREFCOCO, JSONL, DataConfig, check_rule
 from lgformer.data.images import image_tensor, load_image, mask_tensor
 from lgformer.data.sources import (
     Referent,
     Sentence,
+    load_grefcoco,
     load_jsonl,
     load_refer,
     referent_mask,
@@ -41,6 +42,8 @@ def load_referents(cfg: DataConfig) -> list[Referent]:
 def _load_source(dataset: str, root: str, split_by: str, image_dir: str | None) -> list[Referent]:
     if dataset == JSONL:
         return load_jsonl(root, image_dir)
+    if dataset == GREFCOCO:
+        return load_grefcoco(root, split_by, image_dir)
     return load_refer(root, dataset, dataset if dataset in GENERATED else split_by, image_dir)
 
 
@@ -65,7 +68,7 @@ def select_split(referents: list[Referent], split: str, source: str) -> list[Ref
 
 class ReferDataset(Dataset):
     """Items are dicts: image (3,S,S) normalised, mask (S,S) 0/1 float, [ids, text_mask (T,) long],
-    sentence, sent_id, ref_id, level, words, index."""
+    sentence, sent_id, ref_id, level, words, targets (objects named: 0 for no target), index."""
 
     def __init__(
         self,
@@ -136,6 +139,7 @@ class ReferDataset(Dataset):
             "ref_id": ref.ref_id,
             "level": ref.level,
             "words": count_words(sentence.text),
+            "targets": ref.targets,
             "index": index,
         }
         if self.tokenizer is not None:
@@ -163,11 +167,11 @@ def build_dataset(
 
 
 _STACKED = ("image", "mask", "ids", "text_mask")
-_INTEGERS = ("level", "words", "index")
+_INTEGERS = ("level", "words", "targets", "index")
 
 
 def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack the tensors, make long tensors of level/words/index, keep lists for sentences and ids."""
+    """Stack the tensors, make long tensors of level/words/targets/index, keep lists for sentences and ids."""
     out: dict[str, Any] = {}
     for key in batch[0]:
         values = [item[key] for item in batch]

@@ -1,13 +1,19 @@
-"""Where referents come from: the REFER release (and the synthetic benchmark in its layout), the custom JSONL
-format, and the public sentence CSVs (text only). Every source yields the same `Referent` records.
+"""Where referents come from: the REFER release (and the synthetic benchmark in its layout), gRefCOCO, the
+custom JSONL format, and the public sentence CSVs (text only). Every source yields `Referent` records.
 
 REFER layout: DATA_ROOT/<dataset>/instances.json and DATA_ROOT/<dataset>/refs(<split_by>).p, images under
 DATA_ROOT/images/mscoco/images/train2014 (COCO datasets), DATA_ROOT/images/saiapr_tc-12 (refclef) or
 DATA_ROOT/images/synth (synthetic benchmark); `image_dir` overrides the folder.
 
+gRefCOCO (generalized referring expressions, ReLA's layout): DATA_ROOT/grefcoco/grefs(<split_by>).json (or
+its `.p` pickle) + DATA_ROOT/grefcoco/instances.json, images under DATA_ROOT/images/train2014. A ref's
+`ann_id` is a list: several objects (the ground truth is their union) or `[-1]` for none (`no_target`).
+
 JSONL: one referent per line, paths relative to the file:
-  {"image": "img.jpg", "mask": "m.png" | {"rle": {...}} | {"polygons": [[x, y, ...], ...]},
-   "sentences": ["...", ...], "split": "train", "id": "...", "level": 0-4 (optional)}
+  {"image": "img.jpg", "mask": MASK | [MASK, ...] | null, "sentences": ["...", ...], "split": "train",
+   "id": "...", "level": 0-4 (optional), "no_target": true (optional)}
+with MASK = "m.png" | {"rle": {...}} | {"polygons": [[x, y, ...], ...]}; a list of masks is their union
+(several objects), `null` or `"no_target": true` (mask null or absent) names nothing.
 Every line is validated on load (fields, files, mask size = image size); errors name the line and field.
 """
 
@@ -24,13 +30,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from lgformer.config import GENERATED, JSONL
+from lgformer.config import GENERATED, GREFCOCO, JSONL
 from lgformer.data.masks import decode_segmentation, read_mask_png
 from lgformer.data.pickles import load_plain_pickle
 from lgformer.errors import LGFormerError
 from lgformer.files import atomic_write
 
-JSONL_FIELDS = ("image", "mask", "sentences", "split", "id", "level")
+JSONL_FIELDS = ("image", "mask", "sentences", "split", "id", "level", "no_target")
 
 
 @dataclass(frozen=True)
@@ -39,10 +45,19 @@ class Sentence:
     text: str
 
 
+@dataclass(frozen=True)
+class TargetUnion:
+    """Several objects named by one expression ("both teddy bears"): the ground truth is the union of their
+    segmentations, each one a `Referent.segmentation` of its own."""
+
+    parts: tuple[Any, ...]
+
+
 @dataclass
 class Referent:
-    """One referred object with its sentences. `segmentation` is COCO polygons (list), an RLE (dict) or a mask
-    PNG (Path); `image` and `segmentation` are None for a text-only source."""
+    """What one expression names, with its sentences. `segmentation` is COCO polygons (list), an RLE (dict), a
+    mask PNG (Path) or a `TargetUnion` of those; `no_target` refs name nothing (their ground truth is empty,
+    `segmentation` None). `image` and `segmentation` are None for a text-only source."""
 
     ref_id: int | str
     split: str
@@ -54,6 +69,22 @@ class Referent:
     size: tuple[int, int] | None = None  # (height, width) as the source declares it
     segmentation: Any = None
     level: int = 0
+    no_target: bool = False
+
+    @property
+    def targets(self) -> int:
+        """How many objects the expression names: 0 (no target), 1, or more."""
+        if self.no_target:
+            return 0
+        return len(self.segmentation.parts) if isinstance(self.segmentation, TargetUnion) else 1
+
+
+TARGET_KINDS = ("single", "multi", "no-target")
+
+
+def target_kind(targets: int) -> str:
+    """gRefCOCO's kinds of expression by how many objects they name."""
+    return "no-target" if targets == 0 else "single" if targets == 1 else "multi"
 
 
 def dataset_of(root: str | None, dataset: str | None, default: str | None = None) -> str | None:
@@ -68,22 +99,36 @@ def default_image_dir(root: Path, dataset: str) -> Path:
         return root / "images" / "saiapr_tc-12"
     if dataset in GENERATED:
         return root / "images" / dataset
+    if dataset == GREFCOCO:
+        return root / "images" / "train2014"  # ReLA's layout
     return root / "images" / "mscoco" / "images" / "train2014"
 
 
 def referent_mask(ref: Referent, rule: str) -> np.ndarray:
-    """The referent's ground truth at the original image size, bool (H, W)."""
+    """The referent's ground truth at the original image size, bool (H, W): empty for a no-target ref, the
+    union of the objects' masks for several."""
     if ref.size is None:
         raise LGFormerError(f"{ref.where}: a text-only source has no masks")
-    if isinstance(ref.segmentation, Path):
-        mask = read_mask_png(ref.segmentation, ref.where)
+    if ref.no_target:
+        return np.zeros(ref.size, dtype=bool)
+    if isinstance(ref.segmentation, TargetUnion):
+        mask = np.zeros(ref.size, dtype=bool)
+        for part in ref.segmentation.parts:
+            mask |= _object_mask(part, ref, rule)
+        return mask
+    return _object_mask(ref.segmentation, ref, rule)
+
+
+def _object_mask(segmentation: Any, ref: Referent, rule: str) -> np.ndarray:
+    if isinstance(segmentation, Path):
+        mask = read_mask_png(segmentation, ref.where)
         if mask.shape != ref.size:
             raise LGFormerError(
-                f"{ref.where}: mask {ref.segmentation} is {mask.shape[1]}x{mask.shape[0]}, "
+                f"{ref.where}: mask {segmentation} is {mask.shape[1]}x{mask.shape[0]}, "
                 f"the image is {ref.size[1]}x{ref.size[0]}"
             )
         return mask
-    return decode_segmentation(ref.segmentation, ref.size[0], ref.size[1], rule, ref.where)
+    return decode_segmentation(segmentation, ref.size[0], ref.size[1], rule, ref.where)
 
 
 # ----------------------------------------------------------------------------------------------- REFER
@@ -94,44 +139,107 @@ def load_refer(
 ) -> list[Referent]:
     """All refs of DATA_ROOT/<dataset>/refs(<split_by>).p joined with instances.json (every split)."""
     folder = Path(root) / dataset
-    instances_path = folder / "instances.json"
     refs_path = folder / f"refs({split_by}).p"
-    if not instances_path.is_file():
-        raise LGFormerError(
-            f"{instances_path}: file not found (REFER layout: DATA_ROOT/{dataset}/instances.json)"
-        )
+    images, anns = _read_instances(folder / "instances.json", f"DATA_ROOT/{dataset}/instances.json")
     if not refs_path.is_file():
         found = sorted(p.name for p in folder.glob("refs(*).p"))
         raise LGFormerError(
             f"{refs_path}: file not found (in {folder}: {', '.join(found) or 'no refs files'})"
         )
-    instances = read_json(instances_path)
-    images = {
-        img["id"]: img
-        for img in _records(instances, "images", ("id", "file_name", "height", "width"), instances_path)
-    }
-    anns = {
-        ann["id"]: ann
-        for ann in _records(instances, "annotations", ("id", "image_id", "segmentation"), instances_path)
-    }
     refs = load_plain_pickle(refs_path)
     if not isinstance(refs, list):
         raise LGFormerError(f"{refs_path}: expected a list of refs, got {type(refs).__name__}")
     image_root = Path(image_dir) if image_dir is not None else default_image_dir(Path(root), dataset)
-    return [_refer_referent(ref, k, refs_path, images, anns, image_root) for k, ref in enumerate(refs)]
+    referents = []
+    for k, ref in enumerate(refs):
+        where = _check_ref(ref, k, refs_path)
+        ann = anns.get(ref["ann_id"])
+        if ann is None:
+            raise LGFormerError(f"{where}: annotation {ref['ann_id']} is not in instances.json")
+        referents.append(
+            _ref_referent(ref, where, images, image_root, ref["ann_id"], ann["segmentation"], no_target=False)
+        )
+    return referents
 
 
-def _refer_referent(ref: Any, k: int, path: Path, images: dict, anns: dict, image_root: Path) -> Referent:
-    where = f"{path} ref #{k}"
+def load_grefcoco(root: str | Path, split_by: str, image_dir: str | Path | None = None) -> list[Referent]:
+    """All refs of DATA_ROOT/grefcoco/grefs(<split_by>).json (or .p) joined with instances.json: each ref's
+    `ann_id` list becomes one object, a `TargetUnion` of several, or no target (`[-1]`)."""
+    folder = Path(root) / GREFCOCO
+    images, anns = _read_instances(folder / "instances.json", f"DATA_ROOT/{GREFCOCO}/instances.json")
+    json_path, pickle_path = folder / f"grefs({split_by}).json", folder / f"grefs({split_by}).p"
+    if json_path.is_file():
+        refs_path, refs = json_path, read_json(json_path)
+    elif pickle_path.is_file():
+        refs_path, refs = pickle_path, load_plain_pickle(pickle_path)
+    else:
+        found = sorted(p.name for p in folder.glob("grefs(*)*"))
+        raise LGFormerError(
+            f"{json_path}: file not found (nor {pickle_path.name}; in {folder}: {', '.join(found) or 'none'})"
+        )
+    if not isinstance(refs, list):
+        raise LGFormerError(f"{refs_path}: expected a list of refs, got {type(refs).__name__}")
+    image_root = Path(image_dir) if image_dir is not None else default_image_dir(Path(root), GREFCOCO)
+    referents = []
+    for k, ref in enumerate(refs):
+        where = _check_ref(ref, k, refs_path)
+        ann_ids = ref["ann_id"]
+        if not isinstance(ann_ids, list) or not ann_ids or not all(_is_id(a) for a in ann_ids):
+            raise LGFormerError(f"{where}: field 'ann_id': expected a non-empty list of annotation ids")
+        no_target = ann_ids == [-1]
+        if -1 in ann_ids and not no_target:
+            raise LGFormerError(f"{where}: field 'ann_id': -1 (no target) stands alone, got {ann_ids}")
+        if ref.get("no_target", no_target) is not no_target:
+            raise LGFormerError(f"{where}: field 'no_target': {ref['no_target']!r} but 'ann_id' is {ann_ids}")
+        parts = []
+        for ann_id in [] if no_target else ann_ids:
+            if ann_id not in anns:
+                raise LGFormerError(f"{where}: field 'ann_id': annotation {ann_id} is not in instances.json")
+            parts.append(anns[ann_id]["segmentation"])
+        segmentation = None if no_target else parts[0] if len(parts) == 1 else TargetUnion(tuple(parts))
+        object_id = None if no_target else ann_ids[0] if len(ann_ids) == 1 else tuple(ann_ids)
+        referents.append(_ref_referent(ref, where, images, image_root, object_id, segmentation, no_target))
+    return referents
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _read_instances(path: Path, layout: str) -> tuple[dict, dict]:
+    """A COCO instances.json -> ({image id: image}, {annotation id: annotation}), fields checked."""
+    if not path.is_file():
+        raise LGFormerError(f"{path}: file not found (REFER layout: {layout})")
+    instances = read_json(path)
+    images = {
+        img["id"]: img for img in _records(instances, "images", ("id", "file_name", "height", "width"), path)
+    }
+    anns = {
+        ann["id"]: ann for ann in _records(instances, "annotations", ("id", "image_id", "segmentation"), path)
+    }
+    return images, anns
+
+
+def _check_ref(ref: Any, k: int, path: Path) -> str:
+    """The fields every REFER-style ref needs; returns the `where` its errors name."""
     if not isinstance(ref, dict):
-        raise LGFormerError(f"{where}: expected a dict, got {type(ref).__name__}")
+        raise LGFormerError(f"{path} ref #{k}: expected a dict, got {type(ref).__name__}")
+    where = f"{path} ref_id {ref['ref_id']}" if "ref_id" in ref else f"{path} ref #{k}"
     missing = [key for key in ("ref_id", "ann_id", "image_id", "split", "sentences") if key not in ref]
     if missing:
         raise LGFormerError(f"{where}: missing field(s) {', '.join(missing)}")
-    where = f"{path} ref_id {ref['ref_id']}"
-    ann = anns.get(ref["ann_id"])
-    if ann is None:
-        raise LGFormerError(f"{where}: annotation {ref['ann_id']} is not in instances.json")
+    return where
+
+
+def _ref_referent(
+    ref: dict,
+    where: str,
+    images: dict,
+    image_root: Path,
+    object_id: Any,
+    segmentation: Any,
+    no_target: bool,
+) -> Referent:
     img = images.get(ref["image_id"])
     if img is None:
         raise LGFormerError(f"{where}: image {ref['image_id']} is not in instances.json")
@@ -154,10 +262,11 @@ def _refer_referent(ref: Any, k: int, path: Path, images: dict, anns: dict, imag
         where=where,
         image=image_root / img["file_name"],
         image_id=ref["image_id"],
-        object_id=ref["ann_id"],
+        object_id=object_id,
         size=(int(img["height"]), int(img["width"])),
-        segmentation=ann["segmentation"],
+        segmentation=segmentation,
         level=int(ref.get("level", 0)),
+        no_target=no_target,
     )
 
 
@@ -228,7 +337,10 @@ def _jsonl_referent(line: str, where: str, base: Path, image_root: Path) -> Refe
     unknown = sorted(set(record) - set(JSONL_FIELDS))
     if unknown:
         raise LGFormerError(f"{where}: unknown field {unknown[0]!r}; valid fields: {', '.join(JSONL_FIELDS)}")
-    for key in ("image", "mask", "sentences", "split", "id"):
+    no_target = record.get("no_target", False)
+    if not isinstance(no_target, bool):
+        raise LGFormerError(f"{where}: field 'no_target': expected true or false")
+    for key in ("image", "sentences", "split", "id", *(() if no_target else ("mask",))):
         if key not in record:
             raise LGFormerError(f"{where}: missing field {key!r}")
     ref_id = record["id"]
@@ -251,7 +363,19 @@ def _jsonl_referent(line: str, where: str, base: Path, image_root: Path) -> Refe
         raise LGFormerError(f"{where}: field 'image': expected a path string")
     image = image_root / record["image"]
     height, width = _image_size(image, f"{where}: field 'image'")
-    segmentation = _jsonl_mask(record["mask"], where, base, height, width)
+    mask = record.get("mask")
+    if mask is None and "no_target" in record and not no_target:
+        raise LGFormerError(f"{where}: field 'mask': null (no target) but 'no_target' is false")
+    if mask is not None and no_target:
+        raise LGFormerError(f"{where}: field 'mask': a no-target line has \"mask\": null or no mask")
+    segmentation: Any = None
+    if isinstance(mask, list):
+        if not mask:
+            raise LGFormerError(f"{where}: field 'mask': an empty list (for no target write null)")
+        parts = tuple(_jsonl_mask(part, where, base, height, width) for part in mask)
+        segmentation = parts[0] if len(parts) == 1 else TargetUnion(parts)
+    elif mask is not None:
+        segmentation = _jsonl_mask(mask, where, base, height, width)
     return Referent(
         ref_id=ref_id,
         split=split,
@@ -263,6 +387,7 @@ def _jsonl_referent(line: str, where: str, base: Path, image_root: Path) -> Refe
         size=(height, width),
         segmentation=segmentation,
         level=level,
+        no_target=segmentation is None,
     )
 
 
@@ -305,7 +430,10 @@ def _jsonl_mask(mask: Any, where: str, base: Path, height: int, width: int) -> A
             ):
                 raise LGFormerError(f"{field_where}: polygons must be flat lists of x, y numbers")
         return polygons
-    raise LGFormerError(f'{field_where}: expected a PNG path, {{"rle": {{...}}}} or {{"polygons": [[...]]}}')
+    raise LGFormerError(
+        f'{field_where}: expected a PNG path, {{"rle": {{...}}}}, {{"polygons": [[...]]}}, a list of '
+        "those (several objects) or null (no target)"
+    )
 
 
 def export_jsonl(referents: Sequence[Referent], out: str | Path) -> int:
@@ -318,18 +446,12 @@ def export_jsonl(referents: Sequence[Referent], out: str | Path) -> int:
         if ref.image is None:
             raise LGFormerError(f"{ref.where}: a text-only source cannot be exported")
         seg = ref.segmentation
-        if isinstance(seg, Path):
-            mask: Any = os.path.relpath(seg.resolve(), base)
-        elif isinstance(seg, dict):
-            counts = seg["counts"]
-            mask = {
-                "rle": {
-                    "size": seg["size"],
-                    "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts,
-                }
-            }
+        if ref.no_target:
+            mask: Any = None
+        elif isinstance(seg, TargetUnion):
+            mask = [_jsonl_mask_value(part, base) for part in seg.parts]
         else:
-            mask = {"polygons": seg}
+            mask = _jsonl_mask_value(seg, base)
         record: dict[str, Any] = {
             "image": os.path.relpath(ref.image.resolve(), base),
             "mask": mask,
@@ -339,9 +461,26 @@ def export_jsonl(referents: Sequence[Referent], out: str | Path) -> int:
         }
         if ref.level:
             record["level"] = ref.level
+        if ref.no_target:
+            record["no_target"] = True
         lines.append(json.dumps(record, ensure_ascii=False))
     atomic_write(out, "".join(line + "\n" for line in lines))
     return len(lines)
+
+
+def _jsonl_mask_value(seg: Any, base: Path) -> Any:
+    """One object's segmentation as a JSONL MASK: a PNG path relative to `base`, an RLE or polygons."""
+    if isinstance(seg, Path):
+        return os.path.relpath(seg.resolve(), base)
+    if isinstance(seg, dict):
+        counts = seg["counts"]
+        return {
+            "rle": {
+                "size": seg["size"],
+                "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts,
+            }
+        }
+    return {"polygons": seg}
 
 
 # ----------------------------------------------------------------------------------------- sentence CSV

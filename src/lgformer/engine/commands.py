@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 from lgformer.arguments import add_device_argument, add_dtype_argument, add_overrides_argument
+from lgformer.config import DATASETS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--missing-as-empty", action="store_true", help="with --predictions: missing PNG = empty mask"
     )
     p.add_argument("--root", help="data root (REFER layout), JSONL file or synthetic-benchmark folder")
-    p.add_argument("--dataset", help="refcoco | refcoco+ | refcocog | refclef | jsonl | synth | instances")
+    p.add_argument("--dataset", help=" | ".join(DATASETS))
     p.add_argument("--split-by", help="refs(<split-by>).p, e.g. unc, umd, google")
     p.add_argument("--split", nargs="+", default=["val"], help="one or more splits (default %(default)s)")
     p.add_argument("--image-dir", help="image folder override")
