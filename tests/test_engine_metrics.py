@@ -38,7 +38,8 @@ def test_hand_computed_cases():
     }
     pred = torch.stack([c[0] for c in cases.values()])
     target = torch.stack([c[1] for c in cases.values()])
-    inter, union = intersection_union(pred, target)
+    inter, union, area = intersection_union(pred, target)
+    assert area.tolist() == [0, 0, 8, 8, 8]
     assert inter.tolist() == [c[2] for c in cases.values()]
     assert union.tolist() == [c[3] for c in cases.values()]
     s = summarize(inter.numpy(), union.numpy())
@@ -58,8 +59,8 @@ def test_precision_thresholds_are_inclusive():
 
 def test_counts_sum_by_index_and_select():
     counts = IoUCounts(4)
-    counts.add(torch.tensor([2, 0]), torch.tensor([1, 3]), torch.tensor([2, 3]))
-    counts.add(torch.tensor([1]), torch.tensor([0]), torch.tensor([5]))
+    counts.add(torch.tensor([2, 0]), torch.tensor([1, 3]), torch.tensor([2, 3]), torch.tensor([2, 3]))
+    counts.add(torch.tensor([1]), torch.tensor([0]), torch.tensor([5]), torch.tensor([0]))
     assert counts.summary()["sentences"] == 3  # index 3 was never evaluated
     assert counts.summary(np.array([True, False, False, False]))["mIoU"] == pytest.approx(100.0)
     assert counts.summary()["oIoU"] == pytest.approx(100 * 4 / 10)
@@ -117,10 +118,11 @@ def test_missing_predictions_are_listed_or_empty(tmp_path, capsys, mini_val):
 def test_report_tables(mini_val):
     counts = IoUCounts(len(mini_val))
     n = len(mini_val)
-    counts.add(torch.arange(n), torch.full((n,), 3), torch.full((n,), 4))
+    counts.add(torch.arange(n), torch.full((n,), 3), torch.full((n,), 4), torch.full((n,), 3))
     r = report(counts, mini_val, "resized")
     assert r["oIoU"] == pytest.approx(75.0) and r["P@0.7"] == 100.0 and r["P@0.8"] == 0.0
     assert list(r["by_length"]) == ["1-2", "3-7", "8-12", "13+"] and "by_level" not in r
+    assert "gIoU" not in r and "by_kind" not in r  # classic data: the classic report only
     text = markdown({"val": r}, "refcoco (unc)")
     assert "Protocol: `resized`" in text and f"| val | {n} | 75.00 |" in text
 
@@ -132,14 +134,14 @@ def test_gres_metrics_by_hand():
     inter = [0, 0, 0, 8, 4]
     union = [0, 6, 8, 8, 12]
     pred_area = [0, 6, 0, 8, 4]
-    gt_area = [0, 0, 8, 8, 12]
-    got = gres_summary(inter, union, pred_area, gt_area)
+    no_target = [True, True, False, False, False]
+    got = gres_summary(inter, union, pred_area, no_target)
     assert got["gIoU"] == pytest.approx(100 * (1 + 0 + 0 + 1 + 4 / 12) / 5)
     assert got["cIoU"] == pytest.approx(100 * 12 / 34)
     assert got["N-acc"] == pytest.approx(50.0) and got["T-acc"] == pytest.approx(100 * 2 / 3)
     assert got["P@0.5"] == pytest.approx(100 / 3) and got["P@0.9"] == pytest.approx(100 / 3)
     assert (got["no_target"], got["target"]) == (2, 3)
     # a model that always answers "nothing": every no-target right, every target wrong
-    nothing = gres_summary([0, 0, 0], [0, 8, 8], [0, 0, 0], [0, 8, 8])
+    nothing = gres_summary([0, 0, 0], [0, 8, 8], [0, 0, 0], [True, False, False])
     assert (nothing["N-acc"], nothing["T-acc"], nothing["cIoU"]) == (100.0, 0.0, 0.0)
     assert nothing["gIoU"] == pytest.approx(100 / 3)

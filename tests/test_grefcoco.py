@@ -147,3 +147,42 @@ def test_jsonl_names_several_objects_or_nothing(tmp_path: Path, grefcoco_root: P
         out.write_text(json.dumps(bad) + "\n")
         with pytest.raises(LGFormerError, match=f"{out}:1: .*{message}"):
             load_jsonl(out)
+
+
+def test_eval_scores_gres_data_by_the_gres_protocol(
+    grefcoco_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Masks of another system on the fixture's val photo (3 sentences naming the big teddy bear, "both
+    teddy bears", "the cat on the rug"): the single sentences exact, the plural one given only the big bear,
+    the no-target one an all-zero PNG (right: "nothing") — then the same with a mask for it (wrong)."""
+    from lgformer.render import mask_image, save_png
+
+    refs = {r.targets: r for r in load_grefcoco(grefcoco_root, "unc") if r.split == "val"}
+    single, union = referent_mask(refs[1], "exactly_one"), referent_mask(refs[2], "exactly_one")
+    preds = tmp_path / "pred"
+    preds.mkdir()
+    for ref, mask in ((refs[1], single), (refs[2], single), (refs[0], np.zeros_like(single))):
+        for sentence in ref.sentences:
+            save_png(preds / f"{sentence.sent_id}.png", mask_image(mask))
+    argv = ["eval", "--predictions", str(preds), "--root", str(grefcoco_root), "--dataset", "grefcoco"]
+    argv += ["--protocol", "original", "--json"]
+    assert main(argv) == 0
+    r = json.loads(capsys.readouterr().out)
+    partial = single.sum() / union.sum()
+    assert r["gIoU"] == pytest.approx(100 * (3 + partial + 1) / 5)
+    assert r["cIoU"] == pytest.approx(100 * (4 * single.sum()) / (3 * single.sum() + union.sum()))
+    assert (r["N-acc"], r["T-acc"], r["no_target"], r["target"]) == (100.0, 100.0, 1, 4)
+    assert r["by_kind"]["multi"]["gIoU"] == pytest.approx(100 * partial)
+    assert r["by_kind"]["no-target"]["gIoU"] == 100.0 and r["by_kind"]["single"]["gIoU"] == 100.0
+    # the classic fields beside them: the same cumulative ratio, but mIoU counts the right "nothing" as 0
+    assert r["oIoU"] == pytest.approx(r["cIoU"]) and r["mIoU"] == pytest.approx(100 * (3 + partial) / 5)
+    # a mask where nothing is named: N-acc 0, its area joins the cumulative union
+    save_png(preds / f"{refs[0].sentences[0].sent_id}.png", mask_image(single))
+    assert main(argv) == 0
+    wrong = json.loads(capsys.readouterr().out)
+    assert (wrong["N-acc"], wrong["T-acc"]) == (0.0, 100.0)
+    assert wrong["gIoU"] == pytest.approx(100 * (3 + partial) / 5)
+    assert wrong["cIoU"] == pytest.approx(100 * (4 * single.sum()) / (4 * single.sum() + union.sum()))
+    assert main([*argv[:-1], "--split", "val"]) == 0
+    text = capsys.readouterr().out
+    assert "GRES protocol" in text and "| no-target | 1 | 0.00 | 0.00 | 0.00 |" in text

@@ -51,12 +51,19 @@ class ModelConfig:
     generator_heads: int = 8
     generator_ffn: int = 2048
     head_bias: bool = True  # the head's MLP emits 256 kernel weights + 1 bias (official)
+    # Generalized referring segmentation (not in the paper): a "does anything match?" logit beside the mask
+    no_target_head: bool = False  # off in the official presets: the authors' network and checkpoints
+    no_target_input: str = "prototype"  # prototype | pooled (with the features under the predicted mask)
+    no_target_weight: float = 1.0  # its BCE's weight beside the mask loss
     loss_pos_weight: float = 1.1
     loss_all_outputs: bool = True  # deep supervision over every generator output
     loss_resolution: str = "input"  # input (official: upsampled logits) | quarter (paper Eq. 12-13)
     # What stays fp32 under bf16/fp16 autocast (plain fp32 runs are unaffected):
     decoder_fp32: bool = True  # the whole pixel decoder, as the authors; False: it follows autocast
     encoder_fp32_stages: int = 0  # leading image-encoder stages (trunk stage + fusion + gates + norm), 0-4
+
+
+NO_TARGET_FIELDS = ("no_target_head", "no_target_input", "no_target_weight")  # the head beside the paper's
 
 
 # Dataset names (`data.dataset`): the REFER release's, our generated REFER-layout sets, the JSONL format

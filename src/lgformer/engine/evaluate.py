@@ -7,9 +7,13 @@ and per synthetic complexity level, under one of two protocols named in every re
 - `original` (the paper's text): the 1/4-scale logits upsampled bilinearly to the original image size,
   against the original-size ground truth.
 
-The prediction is `logits[:, -1] > 0` (sigmoid > 0.5 on the last output). Masks from another system can be
-scored instead (`evaluate_predictions`). Under torchrun each rank takes every world-size-th sentence and the
-integer counts are summed by index, so the result does not depend on the number of ranks.
+The prediction is `logits[:, -1] > 0` (sigmoid > 0.5 on the last output), or empty where a model with the
+no-target head says nothing matches. Masks from another system can be scored instead (`evaluate_predictions`;
+an all-zero PNG answers "nothing"). Data with no-target or multi-target expressions (gRefCOCO, generalized
+synthetic, JSONL) is also scored by the GRES protocol: gIoU, cIoU, N-acc, T-acc (`metrics.gres_summary`),
+overall, per kind (single / multi / no-target) and per level. Under torchrun each rank takes every
+world-size-th sentence and the integer counts are summed by index, so the result does not depend on the
+number of ranks.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from torch.utils.data import DataLoader, Subset
 
 from lgformer.data.images import load_image
 from lgformer.engine import distributed as D
-from lgformer.engine.metrics import METRICS, IoUCounts, intersection_union
+from lgformer.engine.metrics import GRES_METRICS, METRICS, IoUCounts, intersection_union
 from lgformer.errors import LGFormerError
 from lgformer.precision import autocast
 from lgformer.render import mask_image, overlay, save_png
@@ -63,8 +67,10 @@ def evaluate_model(
     workers: int = 0,
     progress: bool = False,
     sink: Sink | None = None,
+    no_target_threshold: float = 0.5,
 ) -> IoUCounts:
-    """Per-sentence I/U of `model` (in eval mode) on `dataset`, complete on every rank."""
+    """Per-sentence I/U of `model` (in eval mode) on `dataset`, complete on every rank. A model with the
+    no-target head predicts an empty mask where its no-target probability is above `no_target_threshold`."""
     from lgformer.data.dataset import collate
 
     check_protocol(protocol)
@@ -76,35 +82,40 @@ def evaluate_model(
     bar = _progress(len(indices), f"eval {protocol}") if progress else None
     for batch in loader:
         with autocast(device, dtype):
-            logits = model(
+            logits, target = model(
                 batch["image"].to(device),
                 batch["text_mask"].to(device),
                 ids=batch["ids"].to(device),
                 upsample=False,
                 all_outputs=False,
+                with_target=True,
             )
         last = logits.float()
+        if target is not None:
+            nothing = 1 - target.float().sigmoid() > no_target_threshold
+            last = last.masked_fill(nothing[:, None, None, None], -1.0)
         if protocol == "resized":
             pred = (
                 F.interpolate(last, size=batch["mask"].shape[-2:], mode="bilinear", align_corners=False)[:, 0]
                 > 0
             )
-            inter, union = intersection_union(pred.cpu(), batch["mask"] > 0.5)
+            inter, union, area = intersection_union(pred.cpu(), batch["mask"] > 0.5)
             preds = list(pred.cpu().numpy())
         else:
-            preds, inter, union = [], [], []
+            preds, inter, union, area = [], [], [], []
             for row, index in enumerate(batch["index"].tolist()):
                 gt = torch.from_numpy(dataset.original_mask(index))
                 pred = (
                     F.interpolate(last[row : row + 1], size=gt.shape, mode="bilinear", align_corners=False)[0]
                     > 0
                 )
-                i, u = intersection_union(pred.cpu(), gt[None])
+                i, u, a = intersection_union(pred.cpu(), gt[None])
                 preds.append(pred[0].cpu().numpy())
                 inter.append(i)
                 union.append(u)
-            inter, union = torch.cat(inter), torch.cat(union)
-        counts.add(batch["index"], inter, union)
+                area.append(a)
+            inter, union, area = torch.cat(inter), torch.cat(union), torch.cat(area)
+        counts.add(batch["index"], inter, union, area)
         if sink is not None:
             for index, pred in zip(batch["index"].tolist(), preds):
                 sink(index, pred)
@@ -168,8 +179,10 @@ def evaluate_predictions(
                 pred = np.asarray(resized) > 0
         else:
             pred = np.zeros_like(gt)
-        inter, union = intersection_union(torch.from_numpy(pred)[None], torch.from_numpy(gt)[None])
-        counts.add(torch.tensor([index]), inter, union)
+        counts.add(
+            torch.tensor([index]),
+            *intersection_union(torch.from_numpy(pred)[None], torch.from_numpy(gt)[None]),
+        )
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -187,25 +200,38 @@ def evaluate_predictions(
 
 def report(counts: IoUCounts, dataset: ReferDataset, protocol: str) -> dict[str, Any]:
     """Metrics overall (in percent), `by_length` over the paper's word buckets and, when the data has
-    complexity levels (synthetic benchmark), `by_level`. Empty groups report only `sentences: 0`."""
+    complexity levels (synthetic benchmark), `by_level`. Data with no-target or multi-target expressions
+    adds the GRES metrics beside the classic ones, overall, per level and `by_kind`. Empty groups report only
+    `sentences: 0`."""
+    from lgformer.data.sources import TARGET_KINDS, target_kind
     from lgformer.text.lengths import BUCKETS, count_words, length_bucket
 
-    buckets = np.array([length_bucket(count_words(dataset.sentence(i).text)) for i in range(len(dataset))])
-    levels = np.array([dataset.referent(i).level for i in range(len(dataset))])
-    out: dict[str, Any] = {"protocol": protocol, "gt_rule": dataset.gt_rule, **counts.summary()}
-    out["by_length"] = {b: _group(counts, buckets == b) for b in BUCKETS}
+    n = len(dataset)
+    buckets = np.array([length_bucket(count_words(dataset.sentence(i).text)) for i in range(n)])
+    levels = np.array([dataset.referent(i).level for i in range(n)])
+    targets = np.array([dataset.referent(i).targets for i in range(n)], dtype=np.int64)
+    gres = (targets != 1).any()
+    no_target = targets == 0
+
+    def group(select: np.ndarray | None) -> dict[str, Any]:
+        summary = counts.summary(select)
+        if not summary["sentences"]:
+            return {"sentences": 0}
+        return {**summary, **counts.gres(no_target, select)} if gres else summary
+
+    out: dict[str, Any] = {"protocol": protocol, "gt_rule": dataset.gt_rule, **group(None)}
+    out["by_length"] = {b: group(buckets == b) for b in BUCKETS}
     if (levels > 0).any():
-        out["by_level"] = {str(lv): _group(counts, levels == lv) for lv in sorted(set(levels.tolist()) - {0})}
+        out["by_level"] = {str(lv): group(levels == lv) for lv in sorted(set(levels.tolist()) - {0})}
+    if gres:
+        kinds = np.array([target_kind(t) for t in targets.tolist()])
+        out["by_kind"] = {kind: group(kinds == kind) for kind in TARGET_KINDS}
     return out
 
 
-def _group(counts: IoUCounts, select: np.ndarray) -> dict[str, Any]:
-    summary = counts.summary(select)
-    return summary if summary["sentences"] else {"sentences": 0}
-
-
 def markdown(reports: dict[str, dict[str, Any]], title: str) -> str:
-    """One table row per split (like the paper's Table 1), then the per-length and per-level tables."""
+    """One table row per split (like the paper's Table 1), then the per-length and per-level tables; with
+    GRES data, the GRES metrics per split and per kind."""
     first = next(iter(reports.values()))
     lines = [
         f"## {title}",
@@ -214,17 +240,25 @@ def markdown(reports: dict[str, dict[str, Any]], title: str) -> str:
         "",
     ]
     lines += _table("split", reports)
+    if "by_kind" in first:
+        lines += ["", "GRES protocol (gRefCOCO): P@X over the expressions that name something.", ""]
+        lines += _table("split", reports, GRES_COLUMNS)
     for split, r in reports.items():
         lines += ["", f"### {split}: by expression length (words)", ""] + _table("words", r["by_length"])
         if "by_level" in r:
             lines += ["", f"### {split}: by complexity level", ""] + _table("level", r["by_level"])
+        if "by_kind" in r:
+            lines += ["", f"### {split}: by kind (GRES)", ""] + _table("kind", r["by_kind"], GRES_COLUMNS)
     return "\n".join(lines) + "\n"
 
 
-def _table(key: str, rows: dict[str, dict[str, Any]]) -> list[str]:
-    lines = [f"| {key} | sentences | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 2) + "|"]
+GRES_COLUMNS = (*GRES_METRICS, "P@0.5", "P@0.7", "P@0.9")
+
+
+def _table(key: str, rows: dict[str, dict[str, Any]], columns: tuple[str, ...] = METRICS) -> list[str]:
+    lines = [f"| {key} | sentences | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
     for name, r in rows.items():
-        cells = [f"{r[m]:.2f}" if m in r else "–" for m in METRICS]
+        cells = [f"{r[m]:.2f}" if m in r else "–" for m in columns]
         lines.append(f"| {name} | {r['sentences']} | " + " | ".join(cells) + " |")
     return lines
 

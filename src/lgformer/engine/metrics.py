@@ -15,12 +15,14 @@ THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 METRICS = ("oIoU", "mIoU", *(f"P@{t}" for t in THRESHOLDS))
 
 
-def intersection_union(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Boolean (B, H, W) prediction and ground truth -> int64 I and U, each (B,)."""
+def intersection_union(
+    pred: torch.Tensor, target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Boolean (B, H, W) prediction and ground truth -> int64 I, U and the predicted area, each (B,)."""
     pred, target = pred.bool(), target.bool()
     inter = (pred & target).flatten(1).sum(1, dtype=torch.int64)
     union = (pred | target).flatten(1).sum(1, dtype=torch.int64)
-    return inter, union
+    return inter, union, pred.flatten(1).sum(1, dtype=torch.int64)
 
 
 def two_sided_iou(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
@@ -58,18 +60,18 @@ GRES_METRICS = ("gIoU", "cIoU", "N-acc", "T-acc")
 
 
 def gres_summary(
-    inter: np.ndarray, union: np.ndarray, pred_area: np.ndarray, gt_area: np.ndarray
+    inter: np.ndarray, union: np.ndarray, pred_area: np.ndarray, no_target: np.ndarray
 ) -> dict[str, float | int]:
     """gRefCOCO's metrics (as ReLA's evaluator defines them) from per-expression counts, in percent.
 
-    An expression with an empty ground truth names nothing (no-target); "predicted empty" is an empty mask.
-    gIoU: the mean per-expression IoU, where a no-target expression counts 1 if predicted empty, else 0.
-    cIoU: cumulative I over cumulative U; a no-target expression predicted empty adds nothing, one given a
-    mask adds its area to U. N-acc: no-target expressions predicted empty over all no-target ones; T-acc:
-    target expressions predicted non-empty over all target ones. P@X: over the target expressions.
-    Counts: `no_target` and `target` expressions."""
+    `no_target` marks the expressions that name nothing (their ground truth is empty); "predicted empty"
+    is an empty mask (`pred_area` 0). gIoU: the mean per-expression IoU, where a no-target expression
+    counts 1 if predicted empty, else 0. cIoU: cumulative I over cumulative U; a no-target expression
+    predicted empty adds nothing, one given a mask adds its area to U. N-acc: no-target expressions
+    predicted empty over all no-target ones; T-acc: target expressions predicted non-empty over all target
+    ones. P@X: over the target expressions. Counts: `no_target` and `target` expressions."""
     inter, union = np.asarray(inter, dtype=np.int64), np.asarray(union, dtype=np.int64)
-    empty_pred, no_target = np.asarray(pred_area) == 0, np.asarray(gt_area) == 0
+    empty_pred, no_target = np.asarray(pred_area) == 0, np.asarray(no_target, dtype=bool)
     iou = np.divide(inter, union, out=np.zeros(inter.size, dtype=np.float64), where=union > 0)
     iou = np.where(no_target, empty_pred.astype(np.float64), iou)
     n, n_nt = int(inter.size), int(no_target.sum())
@@ -96,18 +98,22 @@ class IoUCounts:
     def __init__(self, size: int) -> None:
         self.inter = torch.zeros(size, dtype=torch.int64)
         self.union = torch.zeros(size, dtype=torch.int64)
+        self.pred_area = torch.zeros(size, dtype=torch.int64)  # 0: predicted empty ("nothing matches")
         self.seen = torch.zeros(size, dtype=torch.int64)
 
-    def add(self, indices: torch.Tensor, inter: torch.Tensor, union: torch.Tensor) -> None:
+    def add(
+        self, indices: torch.Tensor, inter: torch.Tensor, union: torch.Tensor, pred_area: torch.Tensor
+    ) -> None:
         indices = indices.long().cpu()
         self.inter[indices] += inter.cpu()
         self.union[indices] += union.cpu()
+        self.pred_area[indices] += pred_area.cpu()
         self.seen[indices] += 1
 
     def all_reduce(self) -> None:
         from lgformer.engine.distributed import all_reduce_sum
 
-        for table in (self.inter, self.union, self.seen):
+        for table in (self.inter, self.union, self.pred_area, self.seen):
             table.copy_(all_reduce_sum(table))
 
     def summary(self, select: np.ndarray | None = None) -> dict[str, float | int]:
@@ -116,3 +122,11 @@ class IoUCounts:
         if select is not None:
             keep &= select
         return summarize(self.inter.numpy()[keep], self.union.numpy()[keep])
+
+    def gres(self, no_target: np.ndarray, select: np.ndarray | None = None) -> dict[str, float | int]:
+        """`gres_summary` over the evaluated sentences (optionally a selection); `no_target` per index."""
+        keep = self.seen.numpy() > 0
+        if select is not None:
+            keep &= select
+        tables = (self.inter, self.union, self.pred_area)
+        return gres_summary(*(t.numpy()[keep] for t in tables), np.asarray(no_target)[keep])

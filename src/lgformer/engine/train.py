@@ -15,6 +15,7 @@ Output folder:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import random
@@ -32,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from lgformer import config as config_mod
 from lgformer.checkpoint import load_model, load_training_state, read_config, save_model
-from lgformer.config import Config, ModelConfig, TrainConfig
+from lgformer.config import NO_TARGET_FIELDS, Config, ModelConfig, TrainConfig
 from lgformer.engine import distributed as D
 from lgformer.engine.evaluate import evaluate_model
 from lgformer.errors import LGFormerError
@@ -104,7 +105,7 @@ def backward_batches(
     """Forward and backward of `accum` micro-batches, each loss divided by `accum` so the gradients are the
     mean over them (DDP then averages over processes, synchronising on the last one only); returns the
     summed loss of this process, detached."""
-    from lgformer.model.loss import mask_loss
+    from lgformer.model.loss import mask_loss, target_loss
 
     ddp = net if isinstance(net, DistributedDataParallel) else None
     loss_sum = torch.zeros((), device=device)
@@ -113,10 +114,13 @@ def backward_batches(
         with ddp.no_sync() if ddp is not None and j < accum - 1 else contextlib.nullcontext():
             with autocast(device, dtype):
                 image, text_mask, ids = (batch[k].to(device) for k in ("image", "text_mask", "ids"))
-                logits = net(image, text_mask, ids=ids, upsample=False, all_outputs=m.loss_all_outputs)
+                outputs = dict(upsample=False, all_outputs=m.loss_all_outputs, with_target=True)
+                logits, target = net(image, text_mask, ids=ids, **outputs)
                 loss = mask_loss(
                     logits, batch["mask"].to(device), m.loss_pos_weight, m.loss_all_outputs, m.loss_resolution
                 )
+                if target is not None:
+                    loss = loss + m.no_target_weight * target_loss(target, batch["targets"].to(device))
                 loss = loss / accum
             (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += loss.detach()
@@ -368,12 +372,23 @@ class Trainer:
             self._describe()
 
     def _initialise(self, source: str) -> None:
-        """Fine-tuning: every weight from checkpoint `source`, whose network must be this config's."""
+        """Fine-tuning: every weight from checkpoint `source`, whose network must be this config's; a source
+        without the no-target head starts a run with one (the head starts fresh)."""
         from lgformer.predictor import resolve_checkpoint
 
         folder = resolve_checkpoint(source)
-        _check_same_model(read_config(folder)[0], self.cfg, folder)
-        self.model.load_state_dict(load_model(folder)[0].state_dict())
+        saved = read_config(folder)[0]
+        adds_head = self.cfg.model.no_target_head and not saved.model.no_target_head
+        if adds_head:
+            head = {name: getattr(self.cfg.model, name) for name in NO_TARGET_FIELDS}
+            saved = dataclasses.replace(saved, model=dataclasses.replace(saved.model, **head))
+        _check_same_model(saved, self.cfg, folder)
+        state = load_model(folder)[0].state_dict()
+        missing = self.model.load_state_dict(state, strict=not adds_head).missing_keys
+        if adds_head:
+            assert all(key.startswith("target_head.") for key in missing), missing
+            if self.world.rank == 0:
+                print(f"initialised from {folder}; its network has no no-target head: the head starts fresh")
 
     def _describe(self) -> None:
         tc = self.tc

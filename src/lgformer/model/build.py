@@ -16,6 +16,7 @@ from lgformer.model.lgformer import LGFormer
 from lgformer.model.pixel_decoder import PixelDecoder
 from lgformer.model.prototype_generator import PrototypeGenerator
 from lgformer.model.swin import SWIN_VARIANTS, SwinTrunk, load_swin_pretrained
+from lgformer.model.target_head import TARGET_INPUTS, TargetHead
 from lgformer.model.text_encoder import TextEncoder
 
 LITE_BACKBONE = "efficientnet-lite2"
@@ -26,6 +27,7 @@ CHOICES = {
     "l2va_keys": ["word", "sentence"],
     "query": ["linguistic", "learnable"],
     "loss_resolution": ["input", "quarter"],
+    "no_target_input": list(TARGET_INPUTS),
 }
 
 
@@ -42,6 +44,8 @@ def validate(cfg: ModelConfig) -> None:
             raise LGFormerError(f"model.{name}={rate}; it must be in [0, 1)")
     if not 0 <= cfg.encoder_fp32_stages <= 4:
         raise LGFormerError(f"model.encoder_fp32_stages={cfg.encoder_fp32_stages}; valid: 0 to 4")
+    if cfg.no_target_weight < 0:
+        raise LGFormerError(f"model.no_target_weight={cfg.no_target_weight}; it must be >= 0")
     if cfg.query == "learnable" and cfg.num_queries < 1:
         raise LGFormerError("model.num_queries must be >= 1 for learnable queries")
 
@@ -137,4 +141,5 @@ def build_model(cfg: ModelConfig, pretrained: bool = True, init: bool = True) ->
     )
     merge = generator.num_queries if cfg.query == "learnable" else 0
     head = MaskHead(text_dim, cfg.decoder_dim, bias=cfg.head_bias, merge_queries=merge)
-    return LGFormer(image_encoder, text_encoder, pixel_decoder, generator, head)
+    target_head = TargetHead(text_dim, cfg.decoder_dim, cfg.no_target_input) if cfg.no_target_head else None
+    return LGFormer(image_encoder, text_encoder, pixel_decoder, generator, head, target_head)

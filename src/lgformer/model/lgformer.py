@@ -13,6 +13,7 @@ from lgformer.model.fast.onednn import drop_packed_weights
 from lgformer.model.head import MaskHead
 from lgformer.model.pixel_decoder import PixelDecoder
 from lgformer.model.prototype_generator import PrototypeGenerator
+from lgformer.model.target_head import TargetHead
 from lgformer.model.text_encoder import TextEncoder
 
 
@@ -25,6 +26,9 @@ class LGFormer(nn.Module):
     (what the loss consumes); with `all_outputs=False` only the prediction is made (n = 1): the other maps
     serve the deep supervision of training. The image is cast to the parameters' dtype (`dtype`): float32
     under autocast, or what `.half()`, `.bfloat16()`, `.double()` made them.
+
+    With a `target_head` (generalized referring segmentation, not in the paper), `with_target=True` returns
+    `(logits, target_logits (B,))`: "does anything match?" (sigmoid > 0.5), None without the head.
     """
 
     def __init__(
@@ -34,6 +38,7 @@ class LGFormer(nn.Module):
         pixel_decoder: PixelDecoder,
         prototype_generator: PrototypeGenerator,
         head: MaskHead,
+        target_head: TargetHead | None = None,
     ) -> None:
         super().__init__()
         self.image_encoder = image_encoder
@@ -41,6 +46,7 @@ class LGFormer(nn.Module):
         self.pixel_decoder = pixel_decoder
         self.prototype_generator = prototype_generator
         self.head = head
+        self.target_head = target_head
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> LGFormer:
         # .to() / .cuda() / .half() replace the parameters' data: the packed weights would be stale memory
@@ -59,7 +65,8 @@ class LGFormer(nn.Module):
         text_features: torch.Tensor | None = None,
         upsample: bool = True,
         all_outputs: bool = True,
-    ) -> torch.Tensor:
+        with_target: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         if text_features is None:
             if ids is None:
                 raise ValueError("pass token `ids` or precomputed `text_features`")
@@ -68,6 +75,9 @@ class LGFormer(nn.Module):
         mask_features, ms_feats = self.pixel_decoder(feats, words, text_mask)
         queries = self.prototype_generator(words, text_mask, ms_feats)
         logits = self.head(queries if all_outputs else queries[-1:], mask_features)
+        target = None
+        if with_target and self.target_head is not None:
+            target = self.target_head(queries[-1], mask_features, logits[:, -1])
         if upsample:
             logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
-        return logits
+        return (logits, target) if with_target else logits

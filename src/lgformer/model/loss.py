@@ -3,6 +3,7 @@
 Official: sigmoid BCE with pos_weight 1.1 on every output (deep supervision, the initial query
 included), at the input resolution after bilinear upsampling, summed over outputs. Paper (Eq. 12-13):
 plain BCE between the final prototype's 1/4-scale logits and the 1/4-scale ground truth.
+With the no-target head (not in the paper), its BCE on "does the expression name anything?" is added.
 """
 
 from __future__ import annotations
@@ -32,3 +33,8 @@ def mask_loss(
     weight = torch.tensor(pos_weight, dtype=logits.dtype, device=logits.device)
     per_output = F.binary_cross_entropy_with_logits(logits, target, pos_weight=weight, reduction="none")
     return per_output.mean(dim=(0, 2, 3)).sum()
+
+
+def target_loss(target_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The no-target head's BCE: target_logits (B,) against "anything named?" (targets (B,) objects named)."""
+    return F.binary_cross_entropy_with_logits(target_logits.float(), (targets > 0).float())
