@@ -4,7 +4,9 @@ Preprocessing is exactly the training transform (docs/architecture.md#inputs-ima
 bilinear resize to S x S (S is
 the checkpoint's `data.image_size`), ImageNet mean/std; the 1/4-scale logits of the last output are upsampled
 bilinearly straight to the original image size (as the engine's `original` evaluation protocol does) and
-thresholded. Sentences are tokenised with the checkpoint's tokenizer and its 20-token slicing rule.
+thresholded. Sentences are tokenised with the checkpoint's tokenizer and its 20-token slicing rule. A model
+with the no-target head also says whether anything matches: where it says nothing does, the mask is empty and
+`Prediction.no_target` is set.
 
 Bad inputs raise `LGFormerError` (missing/corrupt/undersized images, empty expressions, expressions with no
 known word); inputs the model can still read but not fully (too many tokens, characters outside the
@@ -47,10 +49,12 @@ class Prediction:
     """One expression's result at the original image size."""
 
     sentence: str
-    mask: np.ndarray  # bool (H, W)
+    mask: np.ndarray  # bool (H, W); empty when `no_target`
     probability: np.ndarray  # float32 (H, W), sigmoid of the upsampled logits
     score: float  # mean probability inside the mask (0 for an empty mask)
     bbox: tuple[int, int, int, int] | None  # (x, y, width, height) of the mask in pixels, COCO style
+    no_target: bool = False  # the no-target head says nothing in the image matches
+    target_score: float | None = None  # its probability that something matches (None: a model without it)
 
 
 def read_image(image: ImageInput) -> Image.Image:
@@ -150,11 +154,14 @@ class Segmenter:
         text: str | Sequence[str],
         threshold: float = 0.5,
         batch_size: int = 8,
+        no_target_threshold: float = 0.5,
     ) -> Prediction | list[Prediction]:
         """Segment what `text` names in `image`; a list of sentences gives a list of predictions, run
-        `batch_size` at a time. A pixel belongs to the object where its probability exceeds `threshold`."""
-        if not 0.0 < threshold < 1.0:
-            raise LGFormerError(f"threshold {threshold} must be strictly between 0 and 1")
+        `batch_size` at a time. A pixel belongs to the object where its probability exceeds `threshold`; with
+        the no-target head, nothing matches where its no-target probability exceeds `no_target_threshold`."""
+        for name, value in (("threshold", threshold), ("no_target_threshold", no_target_threshold)):
+            if not 0.0 < value < 1.0:
+                raise LGFormerError(f"{name} {value} must be strictly between 0 and 1")
         sentences = [text] if isinstance(text, str) else list(text)
         ids, text_mask = encode_sentences(self.tokenizer, sentences)
         picture = read_image(image)
@@ -165,12 +172,13 @@ class Segmenter:
             rows = slice(start, start + batch_size)
             n = len(sentences[rows])
             with torch.inference_mode(), autocast(self.device, self.dtype):
-                logits = self.model(
+                logits, target = self.model(
                     pixels.expand(n, -1, -1, -1),
                     text_mask[rows].to(self.device),
                     ids=ids[rows].to(self.device),
                     upsample=False,
                     all_outputs=False,
+                    with_target=True,
                 )
             full = F.interpolate(
                 logits.float(),
@@ -178,20 +186,24 @@ class Segmenter:
                 mode="bilinear",
                 align_corners=False,
             )[:, 0].cpu()
-            for sentence, row in zip(sentences[rows], full):
-                results.append(_prediction(sentence, row, cut))
+            scores = [None] * n if target is None else target.float().sigmoid().cpu().tolist()
+            for sentence, row, something in zip(sentences[rows], full, scores):
+                nothing = something is not None and 1.0 - something > no_target_threshold
+                results.append(_prediction(sentence, row, cut, nothing, something))
         return results[0] if isinstance(text, str) else results
 
 
-def _prediction(sentence: str, logits: torch.Tensor, cut: float) -> Prediction:
-    mask = (logits > cut).numpy()
+def _prediction(
+    sentence: str, logits: torch.Tensor, cut: float, no_target: bool, target_score: float | None
+) -> Prediction:
+    mask = (logits > cut).numpy() & (not no_target)
     probability = torch.sigmoid(logits).numpy()
     bbox = None
     if mask.any():
         ys, xs = np.nonzero(mask)
         bbox = (int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1))
     score = float(probability[mask].mean()) if mask.any() else 0.0
-    return Prediction(sentence=sentence, mask=mask, probability=probability, score=score, bbox=bbox)
+    return Prediction(sentence, mask, probability, score, bbox, no_target, target_score)
 
 
 def _quote(sentence: str, limit: int = 40) -> str:

@@ -25,6 +25,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--threshold", type=float, default=0.5, help="probability above which a pixel is the object (0.5)"
     )
+    p.add_argument(
+        "--no-target-threshold",
+        type=float,
+        default=0.5,
+        help="models with the no-target head: no-target probability above which nothing matches (0.5)",
+    )
     p.set_defaults(handler=_predict)
 
     p = sub.add_parser(
@@ -122,6 +128,7 @@ def _predict(args: argparse.Namespace) -> int:
         args.text,
         args.out,
         threshold=args.threshold,
+        no_target_threshold=args.no_target_threshold,
         device=args.device,
         dtype=args.dtype,
         overrides=args.overrides,

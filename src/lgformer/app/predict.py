@@ -17,7 +17,14 @@ from typing import Any
 from lgformer import config as config_mod
 from lgformer.checkpoint import read_config
 from lgformer.files import atomic_write
-from lgformer.predictor import InputWarning, Segmenter, encode_sentences, read_image, resolve_checkpoint
+from lgformer.predictor import (
+    InputWarning,
+    Prediction,
+    Segmenter,
+    encode_sentences,
+    read_image,
+    resolve_checkpoint,
+)
 from lgformer.render import mask_image, overlay, save_png
 from lgformer.text.tokenizer import Tokenizer
 
@@ -31,6 +38,7 @@ def predict_files(
     out: Path,
     *,
     threshold: float = 0.5,
+    no_target_threshold: float = 0.5,
     device: str = "auto",
     dtype: str = "fp32",
     overrides: Sequence[str] = (),
@@ -53,10 +61,10 @@ def predict_files(
     for path, picture, stem in zip(images, pictures, _unique_stems(images)):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", InputWarning)  # already reported above
-            predictions = seg.predict(picture, texts, threshold)
+            predictions = seg.predict(picture, texts, threshold, no_target_threshold=no_target_threshold)
         for k, pred in enumerate(predictions, start=1):
             mask_path = save_png(out / f"{stem}_{k}_mask.png", mask_image(pred.mask))
-            note = f"score {pred.score:.2f}, {100 * pred.mask.mean():.1f}% of the image"
+            note = describe(pred)
             picture_path = out / f"{stem}_{k}_overlay.png"
             overlay_path = save_png(picture_path, overlay(picture, pred.mask, pred.sentence, note))
             records.append(
@@ -70,17 +78,28 @@ def predict_files(
                     "score": round(pred.score, 4),
                     "area": int(pred.mask.sum()),
                     "bbox": pred.bbox,
+                    "no_target": pred.no_target,
+                    "target_score": None if pred.target_score is None else round(pred.target_score, 4),
                 }
             )
             print(f"{path.name}: {pred.sentence!r} -> {overlay_path} ({note})")
     summary = {
         "checkpoint": str(source),
         "threshold": threshold,
+        "no_target_threshold": no_target_threshold if seg.model.target_head is not None else None,
         "image_size": seg.image_size,
         "predictions": records,
     }
     atomic_write(out / SUMMARY, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
     return summary
+
+
+def describe(pred: Prediction) -> str:
+    """One line for a result: "nothing matches" plainly, else the mask's score and size."""
+    if pred.no_target:
+        return f"nothing matches (match probability {pred.target_score:.2f})"
+    note = f"score {pred.score:.2f}, {100 * pred.mask.mean():.1f}% of the image"
+    return note if pred.target_score is None else f"{note}, match probability {pred.target_score:.2f}"
 
 
 def _unique_stems(paths: list[Path]) -> list[str]:

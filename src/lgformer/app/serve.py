@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from lgformer.app.predict import describe
 from lgformer.errors import LGFormerError
 from lgformer.predictor import InputWarning, Segmenter, read_image
 from lgformer.render import mask_image, overlay, save_png
@@ -79,12 +80,17 @@ def build_app(seg: Segmenter, workdir: Path, max_upload_mb: float) -> Any:
         notes = [str(w.message) for w in caught]
         for note in notes:
             gr.Warning(note)
-        summary = f"score {pred.score:.2f}, {100 * pred.mask.mean():.1f}% of the image"
+        summary = describe(pred)
         mask = mask_image(pred.mask)
         mask_path = save_png(
             workdir / uuid.uuid4().hex / f"{Path(path).stem}_mask.png", mask
         )  # one per request
-        status = "\n".join([f"**{summary}**, box (x, y, w, h) {pred.bbox}", *(f"- {n}" for n in notes)])
+        headline = (
+            f"**Nothing matches** {sentence!r} in this image ({summary})"
+            if pred.no_target
+            else f"**{summary}**, box (x, y, w, h) {pred.bbox}"
+        )
+        status = "\n".join([headline, *(f"- {n}" for n in notes)])
         return overlay(picture, pred.mask, sentence, summary), mask, str(mask_path), status
 
     with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
