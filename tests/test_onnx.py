@@ -105,3 +105,21 @@ def test_swin_model_exports_too(tmp_path):
     model = build_model(cfg.model, pretrained=False).eval()
     diff = export_onnx(model, cfg, tmp_path / "swin.onnx", load_image(PHOTO), SENTENCE)
     assert diff <= 1e-3 and (tmp_path / "swin.onnx").is_file()
+
+
+def test_the_no_target_head_exports_its_match_logit(tmp_path):
+    """A model with the no-target head exports a second output, `match_logit` (batch,), equal to PyTorch's."""
+    overrides = ["data.image_size=96", "model.decoder_layers=1", "model.generator_layers=1"]
+    cfg = config_mod.load("lite", [*overrides, "model.no_target_head=true", "model.no_target_input=pooled"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, pretrained=True).eval()
+    path = tmp_path / "head.onnx"
+    assert export_onnx(model, cfg, path, load_image(PHOTO), SENTENCE) <= 1e-3
+    assert [o.name for o in onnx.load(str(path)).graph.output] == ["logits", "match_logit"]
+    ids, mask = Tokenizer(cfg.model.text_encoder, cfg.model.max_tokens)([SENTENCE, "a giraffe"])
+    image = image_tensor(load_image(PHOTO), 96)[None].expand(2, -1, -1, -1).contiguous()
+    with torch.inference_mode():
+        expected = model(image, mask, ids=ids, with_target=True)[1].numpy()
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"image": image.numpy(), "ids": ids.numpy(), "attention_mask": mask.numpy()})[1]
+    assert got.shape == (2,) and np.abs(got - expected).max() <= 1e-3

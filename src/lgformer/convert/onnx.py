@@ -5,6 +5,8 @@ The graph (opset 18, written by PyTorch's dynamo exporter; GridSample is standar
            ids             int64   (batch, tokens), wordpiece ids, right-padded with 0
            attention_mask  int64   (batch, tokens), 1 on the ids, 0 on the padding
   output   logits          float32 (batch, S, S), the last output map at S x S: `logits > 0` is the mask
+           match_logit     float32 (batch,), models with the no-target head only: `match_logit < 0` is
+                           "nothing matches" (no-target probability sigmoid(-match_logit) > 0.5)
 Dynamic axes: `batch` (any size) and `tokens` (2 up to the export's --max-tokens, itself at most the model's
 `max_tokens`: the decoder's key table has that many rows). S is fixed at export (--size, default the
 checkpoint's `data.image_size`). Upsampling to a photo's own size is left to the caller (bilinear).
@@ -44,14 +46,17 @@ INPUTS = ("image", "ids", "attention_mask")
 
 
 class _Graph(nn.Module):
-    """The exported signature: (image, ids, attention_mask) -> last logit map (batch, S, S)."""
+    """The exported signature: (image, ids, attention_mask) -> last logit map (batch, S, S) [, match logit
+    (batch,) with the no-target head]."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.outputs = ["logits"] if model.target_head is None else ["logits", "match_logit"]
 
-    def forward(self, image: Tensor, ids: Tensor, attention_mask: Tensor) -> Tensor:
-        return self.model(image, attention_mask, ids=ids, all_outputs=False)[:, 0]
+    def forward(self, image: Tensor, ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, ...]:
+        logits, target = self.model(image, attention_mask, ids=ids, all_outputs=False, with_target=True)
+        return (logits[:, 0],) if target is None else (logits[:, 0], target)
 
 
 def _clear_model_caches() -> None:
@@ -103,7 +108,7 @@ def export_onnx(
 ) -> float:
     """Export `model` to `out` and check it with ONNX Runtime on `image` and `sentence` (batch 2 at full token
     length, then batch 1 at the sentence's own length, exercising both dynamic axes). Returns the max abs
-    logit difference; above TOLERANCE the file is not written."""
+    logit difference (over every output); above TOLERANCE the file is not written."""
     try:
         import onnxruntime
         import onnxscript  # noqa: F401 - the dynamo exporter needs it
@@ -128,7 +133,7 @@ def export_onnx(
     cases = [(pixels, ids, mask), (pixels[:1], ids[:1, :length], mask[:1, :length])]
     _clear_model_caches()  # refilled just below with plain tensors (no_grad, not inference_mode)
     with torch.no_grad():
-        expected = [graph(*case).numpy() for case in cases]
+        expected = [[t.numpy() for t in graph(*case)] for case in cases]
     batch = torch.export.Dim("batch", min=1)
     tokens = torch.export.Dim("tokens", min=2, max=max_tokens)
     dynamic = {"image": {0: batch}, "ids": {0: batch, 1: tokens}, "attention_mask": {0: batch, 1: tokens}}
@@ -137,7 +142,7 @@ def export_onnx(
             graph,
             cases[0],
             input_names=list(INPUTS),
-            output_names=["logits"],
+            output_names=graph.outputs,
             opset_version=OPSET,
             dynamo=True,
             dynamic_shapes=dynamic,
@@ -150,9 +155,10 @@ def export_onnx(
         nonlocal worst
         program.save(tmp, external_data=False)
         session = onnxruntime.InferenceSession(tmp, providers=["CPUExecutionProvider"])
-        for case, reference in zip(cases, expected):
-            got = session.run(None, {name: t.numpy() for name, t in zip(INPUTS, case)})[0]
-            worst = max(worst, float(np.abs(got - reference).max()))
+        for case, references in zip(cases, expected):
+            got = session.run(None, {name: t.numpy() for name, t in zip(INPUTS, case)})
+            for output, reference in zip(got, references, strict=True):
+                worst = max(worst, float(np.abs(output - reference).max()))
         if worst > TOLERANCE:
             raise LGFormerError(
                 f"ONNX Runtime differs from PyTorch by {worst:.2e} (> {TOLERANCE:g}); {out} not written"
