@@ -60,6 +60,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     synth.add_argument(
         "--sheet", default=None, help="also draw 8 val scenes with their expressions to this PNG"
     )
+    synth.add_argument(
+        "--generalized",
+        action="store_true",
+        help="add plural refs (several objects) and absent ones (no object), as gRefCOCO; without it the "
+        "classic benchmark, byte for byte",
+    )
+    for kind, what in (("plural", "naming several objects"), ("absent", "naming nothing")):
+        synth.add_argument(
+            f"--{kind}",
+            type=float,
+            default=None,
+            help=f"with --generalized: share of all refs {what} (default 0.15, at most 0.2)",
+        )
     synth.set_defaults(handler=_synth)
 
     inst = data_sub.add_parser(
@@ -255,6 +268,9 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+GENERALIZED_SHARE = 0.15  # plural and absent refs each, of all refs (gRefCOCO's order of magnitude)
+
+
 def _synth(args: argparse.Namespace) -> int:
     import time
 
@@ -262,6 +278,11 @@ def _synth(args: argparse.Namespace) -> int:
     from lgformer.data.synth.sheet import render_sheet
     from lgformer.files import check_output_folder
 
+    shares = {kind: getattr(args, kind) for kind in ("plural", "absent")}
+    if not args.generalized and any(v is not None for v in shares.values()):
+        raise LGFormerError("--plural and --absent need --generalized")
+    if args.generalized:
+        shares = {kind: GENERALIZED_SHARE if v is None else v for kind, v in shares.items()}
     check_output_folder(args.out)
     start = time.perf_counter()
     counts = generate(
@@ -270,6 +291,7 @@ def _synth(args: argparse.Namespace) -> int:
         args.seed,
         args.size,
         args.workers,
+        **{kind: v or 0.0 for kind, v in shares.items()},
     )
     elapsed = time.perf_counter() - start
     print(

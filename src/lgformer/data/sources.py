@@ -150,16 +150,7 @@ def load_refer(
     if not isinstance(refs, list):
         raise LGFormerError(f"{refs_path}: expected a list of refs, got {type(refs).__name__}")
     image_root = Path(image_dir) if image_dir is not None else default_image_dir(Path(root), dataset)
-    referents = []
-    for k, ref in enumerate(refs):
-        where = _check_ref(ref, k, refs_path)
-        ann = anns.get(ref["ann_id"])
-        if ann is None:
-            raise LGFormerError(f"{where}: annotation {ref['ann_id']} is not in instances.json")
-        referents.append(
-            _ref_referent(ref, where, images, image_root, ref["ann_id"], ann["segmentation"], no_target=False)
-        )
-    return referents
+    return [_ref_referent(ref, k, refs_path, images, anns, image_root) for k, ref in enumerate(refs)]
 
 
 def load_grefcoco(root: str | Path, split_by: str, image_dir: str | Path | None = None) -> list[Referent]:
@@ -180,26 +171,32 @@ def load_grefcoco(root: str | Path, split_by: str, image_dir: str | Path | None 
     if not isinstance(refs, list):
         raise LGFormerError(f"{refs_path}: expected a list of refs, got {type(refs).__name__}")
     image_root = Path(image_dir) if image_dir is not None else default_image_dir(Path(root), GREFCOCO)
-    referents = []
-    for k, ref in enumerate(refs):
-        where = _check_ref(ref, k, refs_path)
-        ann_ids = ref["ann_id"]
-        if not isinstance(ann_ids, list) or not ann_ids or not all(_is_id(a) for a in ann_ids):
-            raise LGFormerError(f"{where}: field 'ann_id': expected a non-empty list of annotation ids")
-        no_target = ann_ids == [-1]
-        if -1 in ann_ids and not no_target:
-            raise LGFormerError(f"{where}: field 'ann_id': -1 (no target) stands alone, got {ann_ids}")
-        if ref.get("no_target", no_target) is not no_target:
-            raise LGFormerError(f"{where}: field 'no_target': {ref['no_target']!r} but 'ann_id' is {ann_ids}")
-        parts = []
-        for ann_id in [] if no_target else ann_ids:
-            if ann_id not in anns:
-                raise LGFormerError(f"{where}: field 'ann_id': annotation {ann_id} is not in instances.json")
-            parts.append(anns[ann_id]["segmentation"])
-        segmentation = None if no_target else parts[0] if len(parts) == 1 else TargetUnion(tuple(parts))
-        object_id = None if no_target else ann_ids[0] if len(ann_ids) == 1 else tuple(ann_ids)
-        referents.append(_ref_referent(ref, where, images, image_root, object_id, segmentation, no_target))
-    return referents
+    return [_ref_referent(ref, k, refs_path, images, anns, image_root) for k, ref in enumerate(refs)]
+
+
+def _targets(ref: dict, where: str, anns: dict) -> tuple[Any, Any, bool]:
+    """(object id, segmentation, no_target) of a ref: REFER's one `ann_id`, or gRefCOCO's list of them
+    (several objects: a `TargetUnion`; `[-1]`: no target)."""
+    ann_ids = ref["ann_id"]
+    if _is_id(ann_ids) and ann_ids != -1:
+        if ann_ids not in anns:
+            raise LGFormerError(f"{where}: annotation {ann_ids} is not in instances.json")
+        return ann_ids, anns[ann_ids]["segmentation"], False
+    if not isinstance(ann_ids, list) or not ann_ids or not all(_is_id(a) for a in ann_ids):
+        raise LGFormerError(f"{where}: field 'ann_id': expected an annotation id or a non-empty list of them")
+    no_target = ann_ids == [-1]
+    if -1 in ann_ids and not no_target:
+        raise LGFormerError(f"{where}: field 'ann_id': -1 (no target) stands alone, got {ann_ids}")
+    if ref.get("no_target", no_target) is not no_target:
+        raise LGFormerError(f"{where}: field 'no_target': {ref['no_target']!r} but 'ann_id' is {ann_ids}")
+    if no_target:
+        return None, None, True
+    for ann_id in ann_ids:
+        if ann_id not in anns:
+            raise LGFormerError(f"{where}: field 'ann_id': annotation {ann_id} is not in instances.json")
+    if len(ann_ids) == 1:
+        return ann_ids[0], anns[ann_ids[0]]["segmentation"], False
+    return tuple(ann_ids), TargetUnion(tuple(anns[a]["segmentation"] for a in ann_ids)), False
 
 
 def _is_id(value: Any) -> bool:
@@ -231,15 +228,10 @@ def _check_ref(ref: Any, k: int, path: Path) -> str:
     return where
 
 
-def _ref_referent(
-    ref: dict,
-    where: str,
-    images: dict,
-    image_root: Path,
-    object_id: Any,
-    segmentation: Any,
-    no_target: bool,
-) -> Referent:
+def _ref_referent(ref: Any, k: int, path: Path, images: dict, anns: dict, image_root: Path) -> Referent:
+    """Ref #k of a REFER or gRefCOCO refs file as a `Referent`, every field checked."""
+    where = _check_ref(ref, k, path)
+    object_id, segmentation, no_target = _targets(ref, where, anns)
     img = images.get(ref["image_id"])
     if img is None:
         raise LGFormerError(f"{where}: image {ref['image_id']} is not in instances.json")

@@ -12,7 +12,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from lgformer.data.synth.grammar import (
+    ALL,
+    ANY_SHAPE,
     ATTRIBUTES,
+    COUNT_WORDS,
     DIRECTIONS,
     RELATIONS,
     SYNTH_LEXICON,
@@ -27,6 +30,7 @@ from lgformer.data.synth.grammar import (
     relation_value,
     render,
     resolve,
+    resolve_set,
     unique_landmarks,
 )
 
@@ -69,8 +73,18 @@ def verify(text: str, target: int, objs: Sequence[Obj], lvl: int, lex: Lexicon =
     low, high = lex.word_ranges[lvl]
     if not low <= len(text.split()) <= high:
         return False
-    desc = parse(text, lex)
-    return level(desc, lex) == lvl and resolve(desc, objs) == target
+    return verify_set(text, (target,), objs, lvl, lex)
+
+
+def spoken_attrs(
+    obj: Obj, rng: np.random.Generator, p: float, lex: Lexicon, skip: str | None = None
+) -> tuple[tuple[str, str], ...]:
+    """Each attribute of `obj` the lexicon can say (but `skip`), drawn with probability `p`."""
+    return tuple(
+        (a, obj.attribute(a))
+        for a in ATTRIBUTES
+        if a != skip and rng.random() < p and lex.worded(a, obj.attribute(a))
+    )
 
 
 class _Context:
@@ -88,12 +102,7 @@ class _Context:
     def attrs(
         self, rng: np.random.Generator, p: float, obj: Obj | None = None
     ) -> tuple[tuple[str, str], ...]:
-        obj = obj or self.obj
-        return tuple(
-            (a, obj.attribute(a))
-            for a in ATTRIBUTES
-            if rng.random() < p and self.lex.worded(a, obj.attribute(a))
-        )
+        return spoken_attrs(obj or self.obj, rng, p, self.lex)
 
     def landmark(self, j: int, rng: np.random.Generator) -> Desc:
         """A description naming landmark j alone: a random attribute subset, widened until it is unique."""
@@ -168,3 +177,73 @@ class _Context:
         if negations is None:
             return None
         return Desc(shape, attrs, negations, relations, ordinal)
+
+
+# ------------------------------------------------------------------ generalized: several objects, or none
+
+
+def describe_plural(
+    objs: Sequence[Obj], rng: np.random.Generator, count: int = 3, lex: Lexicon = SYNTH_LEXICON
+) -> tuple[tuple[int, ...], list[str]] | None:
+    """A set of two or more objects that one plural description names, with up to `count` verified
+    expressions of it ("both triangles", "the two striped circles", "all the red shapes"), or None."""
+    for _ in range(TRIES[2]):
+        example = objs[int(rng.integers(len(objs)))]
+        attrs = spoken_attrs(example, rng, 0.4, lex)
+        shape = ANY_SHAPE if attrs and rng.random() < 0.3 else example.shape
+        members = resolve_set(Desc(shape, attrs, count=ALL), objs)
+        if members is None:
+            continue
+        counts = [ALL] + ([len(members)] if len(members) in COUNT_WORDS else [])
+        texts: list[str] = []
+        for _ in range(2 * count):
+            desc = Desc(shape, attrs, count=counts[int(rng.integers(len(counts)))])
+            text = render(desc, rng, lex)
+            if text not in texts and verify_set(text, members, objs, level(desc, lex), lex):
+                texts.append(text)
+                if len(texts) == count:
+                    break
+        if len(texts) >= 2:
+            return members, texts
+    return None
+
+
+def describe_absent(
+    objs: Sequence[Obj], rng: np.random.Generator, count: int = 3, lex: Lexicon = SYNTH_LEXICON
+) -> list[str] | None:
+    """Up to `count` verified expressions that name nothing in the scene but come close: an object there
+    shares all of the description but one attribute ("the green star" where the star is red and nothing
+    green is a star)."""
+    for _ in range(TRIES[2]):
+        near = objs[int(rng.integers(len(objs)))]
+        attr = ATTRIBUTES[int(rng.integers(len(ATTRIBUTES)))]
+        others = sorted(set(lex.attribute_words[attr]) - {near.attribute(attr)})
+        if not others:
+            continue
+        changed = (attr, others[int(rng.integers(len(others)))])
+        kept = spoken_attrs(near, rng, 0.4, lex, skip=attr)
+        attrs = tuple(sorted([*kept, changed], key=lambda p: ATTRIBUTES.index(p[0])))
+        desc = Desc(near.shape, attrs)
+        if resolve_set(desc, objs) != ():
+            continue
+        texts: list[str] = []
+        for _ in range(2 * count):
+            text = render(desc, rng, lex)
+            if text not in texts and verify_set(text, (), objs, 2, lex):
+                texts.append(text)
+                if len(texts) == count:
+                    break
+        if len(texts) >= 2:
+            return texts
+    return None
+
+
+def verify_set(
+    text: str, members: tuple[int, ...], objs: Sequence[Obj], lvl: int, lex: Lexicon = SYNTH_LEXICON
+) -> bool:
+    """The text parses, has the level's word count, and names exactly the objects `members` (none: `()`)."""
+    low, high = lex.word_ranges[lvl]
+    if not low <= len(text.split()) <= high:
+        return False
+    desc = parse(text, lex)
+    return level(desc, lex) == lvl and resolve_set(desc, objs) == members

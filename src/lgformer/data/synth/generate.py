@@ -11,6 +11,13 @@ level-3 ref has an identical twin, so attributes do not identify it; a level-4 r
 any single relation either), and its sentences are verified expressions of that level. Everything about a
 scene derives from (seed, split, index), so the output is byte-identical for a seed whatever the number of
 worker processes.
+
+The generalized benchmark (`plural`, `absent` > 0) adds, per scene and from a random stream of its own (the
+scene and its classic refs stay exactly what they were), a plural ref naming two or more objects ("both
+triangles": `ann_id` the list of their annotations) and an absent one naming nothing ("the green star" in a
+scene with no green star but another star: `ann_id` [-1], `no_target` true), in gRefCOCO's convention, each
+verified by the interpreter. With both shares 0 (the default of `generate`) the bytes are the classic
+benchmark's; the generalized one records its shares in instances.json's "info".
 """
 
 from __future__ import annotations
@@ -20,15 +27,15 @@ import json
 import math
 import multiprocessing
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from lgformer.data.masks import encode_rle
-from lgformer.data.synth.describe import describe
-from lgformer.data.synth.grammar import SHAPES, Obj, min_level
+from lgformer.data.synth.describe import describe, describe_absent, describe_plural
+from lgformer.data.synth.grammar import SHAPES, Obj, level, min_level, parse
 from lgformer.data.synth.scene import encode_jpeg, render_image, sample_objects
 from lgformer.errors import LGFormerError
 from lgformer.files import atomic_write
@@ -52,14 +59,20 @@ class Scene:
     visible_share: list[float]
     jpeg: bytes
     refs: list[tuple[int, list[str]]]  # (object index, sentences)
+    sets: list[tuple[tuple[int, ...], list[str]]] = field(
+        default_factory=list
+    )  # plural (objects) / absent (())
 
     @property
     def file_name(self) -> str:
         return f"synth_{self.split}_{self.index:06d}.jpg"
 
 
-def make_scene(seed: int, split: str, index: int, size: int, n_refs: int) -> Scene:
-    """Scene `index` of `split`: objects, picture, masks and `n_refs` refs of level 1 + index % 4."""
+def make_scene(
+    seed: int, split: str, index: int, size: int, n_refs: int, plural: float = 0.0, absent: float = 0.0
+) -> Scene:
+    """Scene `index` of `split`: objects, picture, masks and `n_refs` refs of level 1 + index % 4; with
+    probability `plural` a plural ref and with `absent` an absent one besides (see the module docstring)."""
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
     plan = 1 + index % 4
     for _ in range(MAX_ATTEMPTS):
@@ -81,6 +94,13 @@ def make_scene(seed: int, split: str, index: int, size: int, n_refs: int) -> Sce
             continue
         refs.sort()
         image = render_image(rng, objs, full, size)
+        sets: list[tuple[tuple[int, ...], list[str]]] = []
+        if plural or absent:
+            extra = np.random.default_rng([seed, SPLITS.index(split), index, 1])
+            if extra.random() < plural and (found := describe_plural(objs, extra, SENTENCES_PER_REF)):
+                sets.append(found)
+            if extra.random() < absent and (texts := describe_absent(objs, extra, SENTENCES_PER_REF)):
+                sets.append(((), texts))
         return Scene(
             split=split,
             index=index,
@@ -94,6 +114,7 @@ def make_scene(seed: int, split: str, index: int, size: int, n_refs: int) -> Sce
             ],
             jpeg=encode_jpeg(image),
             refs=refs,
+            sets=sets,
         )
     raise LGFormerError(
         f"synth: no level-{plan} scene with {n_refs} refs found for {split} {index} in {MAX_ATTEMPTS} "
@@ -106,34 +127,58 @@ def _box(mask: np.ndarray) -> list[int]:
     return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
 
 
-def _scene_task(task: tuple[int, str, int, int, int]) -> Scene:
+def _scene_task(task: tuple) -> Scene:
     return make_scene(*task)
 
 
-def scene_tasks(seed: int, counts: dict[str, int], size: int, n_refs: int = REFS_PER_SCENE) -> list[tuple]:
-    """(seed, split, index, size, refs) for every scene; the last scene of a split takes the remainder."""
+def scene_tasks(
+    seed: int,
+    counts: dict[str, int],
+    size: int,
+    n_refs: int = REFS_PER_SCENE,
+    plural: float = 0.0,
+    absent: float = 0.0,
+) -> list[tuple]:
+    """(seed, split, index, size, refs[, plural, absent]) for every scene; the last scene of a split takes
+    the remainder. `plural` and `absent` are shares of all refs, made per-scene probabilities here."""
+    extra = ()
+    if plural or absent:
+        classic = 1.0 - plural - absent
+        extra = (n_refs * plural / classic, n_refs * absent / classic)
     tasks = []
     for split in SPLITS:
         total = counts.get(split, 0)
         for index in range(math.ceil(total / n_refs)):
-            tasks.append((seed, split, index, size, min(n_refs, total - index * n_refs)))
+            tasks.append((seed, split, index, size, min(n_refs, total - index * n_refs), *extra))
     return tasks
 
 
 def generate(
-    out: str | Path, counts: dict[str, int], seed: int = 0, size: int = 320, workers: int = 1
+    out: str | Path,
+    counts: dict[str, int],
+    seed: int = 0,
+    size: int = 320,
+    workers: int = 1,
+    plural: float = 0.0,
+    absent: float = 0.0,
 ) -> dict[str, int]:
-    """Write the benchmark with counts[split] refs per split; returns the numbers of images, objects
-    and refs."""
+    """Write the benchmark with counts[split] classic refs per split, and about the shares `plural` and
+    `absent` of all refs besides; returns the numbers of images, objects and refs."""
     if size < 96:
         raise LGFormerError(f"synth: image size {size} is too small (at least 96)")
+    for name, share in (("plural", plural), ("absent", absent)):
+        if not 0 <= share <= 1 / (REFS_PER_SCENE + 2):
+            raise LGFormerError(
+                f"synth: --{name} {share}: a share of the refs between 0 and {1 / (REFS_PER_SCENE + 2):.2f} "
+                f"(at most one {name} ref per scene of {REFS_PER_SCENE})"
+            )
     if any(n < 0 for n in counts.values()) or not any(counts.values()):
         raise LGFormerError("synth: give a positive number of refs for at least one split")
     out = Path(out)
     image_dir = out / "images" / "synth"
     image_dir.mkdir(parents=True, exist_ok=True)
-    tasks = scene_tasks(seed, counts, size)
-    writer = _Writer(seed, size, counts)
+    tasks = scene_tasks(seed, counts, size, plural=plural, absent=absent)
+    writer = _Writer(seed, size, counts, plural, absent)
     if workers > 1:
         with multiprocessing.get_context().Pool(workers) as pool:
             scenes = pool.imap(_scene_task, tasks, chunksize=4)
@@ -153,7 +198,9 @@ def generate(
 class _Writer:
     """Numbers images, annotations, refs and sentences in scene order and collects the REFER records."""
 
-    def __init__(self, seed: int, size: int, counts: dict[str, int]) -> None:
+    def __init__(
+        self, seed: int, size: int, counts: dict[str, int], plural: float = 0.0, absent: float = 0.0
+    ) -> None:
         self.info = {
             "description": "lgformer synthetic referring benchmark",
             "version": VERSION,
@@ -161,6 +208,8 @@ class _Writer:
             "image_size": size,
             "refs": {split: counts.get(split, 0) for split in SPLITS},
         }
+        if plural or absent:  # the generalized benchmark (the classic one's bytes stay as they were)
+            self.info["generalized"] = {"plural": plural, "absent": absent}
         self.images: list[dict] = []
         self.annotations: list[dict] = []
         self.refs: list[dict] = []
@@ -215,6 +264,24 @@ class _Writer:
                 )
             )
             self.sentences += len(texts)
+        for members, texts in scene.sets:
+            ann = [ann_ids[i] for i in members] or [-1]
+            categories = [SHAPES.index(scene.objs[i].shape) + 1 for i in members] or [-1]
+            file_name = f"{Path(scene.file_name).stem}_{'_'.join(map(str, ann))}.jpg"
+            record = refer_ref(
+                len(self.refs),
+                image_id,
+                ann,
+                categories,
+                scene.split,
+                level(parse(texts[0])),
+                texts,
+                file_name,
+                self.sentences,
+            )
+            record["no_target"] = not members
+            self.refs.append(record)
+            self.sentences += len(texts)
 
     def finish(self, folder: Path) -> None:
         instances = {
@@ -230,8 +297,8 @@ class _Writer:
 def refer_ref(
     ref_id: int,
     image_id: int,
-    ann_id: int,
-    category_id: int,
+    ann_id: int | list[int],
+    category_id: int | list[int],
     split: str,
     level: int,
     texts: list[str],
@@ -239,7 +306,7 @@ def refer_ref(
     first_sent_id: int,
 ) -> dict:
     """One REFER ref record (the fields, in the order, of the REFER release), its sentences numbered from
-    `first_sent_id`."""
+    `first_sent_id`; gRefCOCO's lists for `ann_id` / `category_id` where it names several objects or none."""
     sent_ids = list(range(first_sent_id, first_sent_id + len(texts)))
     return {
         "sent_ids": sent_ids,

@@ -12,6 +12,10 @@ optional ordinal ("the second star from the left"). Its level is its construct:
 Every word of the vocabulary is one bert-base-uncased wordpiece and there is no punctuation, so an 18-word
 expression plus [CLS]/[SEP] fits the 20-token limit untruncated.
 
+Plural descriptions name a set of two or more objects ("both triangles", "the two striped circles", "all
+the red shapes": `Desc.count`), and `resolve_set` also says when a singular description names nothing in the
+scene (the generalized benchmark's plural and absent expressions).
+
 The interpreter works on the text (`parse`, then `resolve` over the scene graph) and is three-valued: a
 relation is true, false or unclear (objects at an oblique angle), an ordinal is unclear when the ranked
 objects are not clearly apart, and an ordinal must pick the same object whether it counts before or after
@@ -69,6 +73,11 @@ SUPERLATIVE_SUFFIXES = {
     "bottom": ("at", "the", "bottom"),
 }
 UNKNOWN = "?"  # an attribute value the pixels do not settle: a description using it is unclear
+PLURAL_WORDS = {s: (s + "s",) for s in SHAPES} | {"circle": ("circles", "discs"), "cross": ("crosses",)}
+ANY_SHAPE = "shape"  # plural only, with an attribute: "all the red shapes" names objects of every shape
+PLURAL_WORDS[ANY_SHAPE] = ("shapes", "objects")
+COUNT_WORDS = {2: "two", 3: "three", 4: "four"}
+ALL = 0  # Desc.count of "all the ...": every object that fits, two or more
 
 
 @dataclass(frozen=True)
@@ -85,6 +94,7 @@ class Lexicon:
     superlatives: bool = False
     color_after: frozenset[str] = frozenset()
     negate_absent: bool = True  # negate a value no other object of the noun has ("that is not purple")
+    plurals: Mapping[str, tuple[str, ...]] | None = None  # plural nouns: the grammar's plural descriptions
 
     def worded(self, attr: str, value: str) -> bool:
         """Can the value be said? (UNKNOWN and values without words, such as a middle size, cannot.)"""
@@ -102,7 +112,7 @@ ORDINAL_GAP = 0.75  # ranked neighbours must be this far apart along the directi
 
 YES, UNCLEAR, NO = 1.0, 0.5, 0.0
 
-SYNTH_LEXICON = Lexicon(SHAPE_WORDS, ATTRIBUTE_WORDS, PATTERN_NOUNS, WORD_RANGES)
+SYNTH_LEXICON = Lexicon(SHAPE_WORDS, ATTRIBUTE_WORDS, PATTERN_NOUNS, WORD_RANGES, plurals=PLURAL_WORDS)
 
 
 @dataclass(frozen=True)
@@ -128,9 +138,12 @@ class Desc:
     negations: tuple[tuple[str, str], ...] = ()
     relations: tuple[tuple[str, Desc], ...] = ()  # (relation, landmark); landmarks have attrs only
     ordinal: tuple[int, str] | None = None  # (k >= 1, direction)
+    count: int | None = None  # plural: ALL or exactly k >= 2 objects; None: one object
 
 
 def level(desc: Desc, lex: Lexicon = SYNTH_LEXICON) -> int:
+    if desc.count is not None:
+        return 2 if desc.attrs else 1
     superlative = lex.is_superlative(desc.ordinal)
     if (desc.ordinal is not None and not superlative) or desc.negations or len(desc.relations) >= 2:
         return 4
@@ -148,6 +161,8 @@ class GrammarError(ValueError):
 
 def render(desc: Desc, rng: np.random.Generator, lex: Lexicon = SYNTH_LEXICON) -> str:
     """One wording of `desc`, with random synonyms, pattern placement, relation phrases and connectors."""
+    if desc.count is not None:
+        return _render_plural(desc, rng, lex)
     words: list[str] = []
     if lex.is_superlative(desc.ordinal):
         direction = desc.ordinal[1]  # type: ignore[index]
@@ -182,6 +197,19 @@ def render(desc: Desc, rng: np.random.Generator, lex: Lexicon = SYNTH_LEXICON) -
             words += list(_pick(rng, RELATION_WORDS[kind]))
             landmark: Desc = value  # type: ignore[assignment]
             words += ["the", *_noun_phrase(landmark.shape, landmark.attrs, rng, False, lex)]
+    return " ".join(words)
+
+
+def _render_plural(desc: Desc, rng: np.random.Generator, lex: Lexicon) -> str:
+    if desc.count == ALL:
+        words = ["all", "the"]
+    elif desc.count == 2 and rng.random() < 0.5:
+        words = ["both"]
+    else:
+        words = ["the", COUNT_WORDS[desc.count]]  # type: ignore[index]
+    values = dict(desc.attrs)
+    words += [_pick(rng, lex.attribute_words[a][values[a]]) for a in ATTRIBUTES if a in values]
+    words.append(_pick(rng, lex.plurals[desc.shape]))  # type: ignore[index]
     return " ".join(words)
 
 
@@ -228,8 +256,10 @@ class _Words:
         self.prefixes = (
             {w: d for d, words in SUPERLATIVE_PREFIXES.items() for w in words} if lex.superlatives else {}
         )
+        self.plurals = {w: n for n, words in (lex.plurals or {}).items() for w in words}
 
 
+COUNTS_OF = {word: k for k, word in COUNT_WORDS.items()}
 _RELATION_PHRASES = sorted(
     ((phrase, rel) for rel, phrases in RELATION_WORDS.items() for phrase in phrases), key=lambda p: -len(p[0])
 )
@@ -252,6 +282,8 @@ def vocabulary(lex: Lexicon = SYNTH_LEXICON) -> set[str]:
         words |= set(t.prefixes) | {w for phrase in SUPERLATIVE_SUFFIXES.values() for w in phrase}
     if lex.color_after:
         words.add("in")
+    if lex.plurals:
+        words |= set(t.plurals) | {"both", "all", *COUNT_WORDS.values()}
     return words | {w for phrase, _ in _RELATION_PHRASES for w in phrase}
 
 
@@ -296,6 +328,10 @@ class _Parser:
         return word
 
     def expression(self) -> Desc:
+        if self.t.plurals and (
+            self.peek() in ("both", "all") or (self.peek() == "the" and self.peek(1) in COUNTS_OF)
+        ):
+            return self.plural()
         self.take("the", "a")
         word = self.take(*ORDINALS)
         ordinal = None
@@ -331,6 +367,29 @@ class _Parser:
         negations.sort(key=lambda n: (ATTRIBUTES.index(n[0]), n[1]))
         relations.sort(key=lambda r: (RELATIONS.index(r[0]), r[1].shape, r[1].attrs))
         return Desc(shape, attrs, tuple(negations), tuple(relations), ordinal)
+
+    def plural(self) -> Desc:
+        """both | all the | the two/three/four, adjectives, a plural noun; nothing after it."""
+        if self.take("both"):
+            count = 2
+        elif self.take("all"):
+            self.expect("the")
+            count = ALL
+        else:
+            self.expect("the")
+            count = COUNTS_OF[self.expect(*COUNTS_OF)]
+        values: dict[str, str] = {}
+        while self.peek() in self.t.adjectives and self.peek() not in self.t.plurals:
+            attr, value = self.t.adjectives[self.expect(*self.t.adjectives)]
+            if attr in values:
+                raise GrammarError(f"two {attr} words")
+            values[attr] = value
+        shape = self.t.plurals[self.expect(*self.t.plurals)]
+        if self.peek() is not None:
+            raise GrammarError(f"unexpected {self.peek()!r} after a plural noun in {' '.join(self.words)!r}")
+        if shape == ANY_SHAPE and not values:
+            raise GrammarError(f"{' '.join(self.words)!r} names no kind of object")
+        return Desc(shape, tuple((a, values[a]) for a in ATTRIBUTES if a in values), count=count)
 
     def noun_at(self, pos: int) -> tuple[tuple[str, ...], str] | None:
         for phrase, noun in self.t.nouns:
@@ -399,7 +458,7 @@ def relation_value(obj: Obj, landmark: Obj, relation: str) -> float:
 def match_value(obj: Obj, shape: str, attrs: Sequence[tuple[str, str]]) -> float:
     """Does `obj` fit the noun phrase? NO on another noun or a known other value; UNCLEAR if a value asked
     for is UNKNOWN for it."""
-    if obj.shape != shape:
+    if obj.shape != shape and shape != ANY_SHAPE:
         return NO
     value = YES
     for attr, wanted in attrs:
@@ -468,6 +527,26 @@ def resolve(desc: Desc, objs: Sequence[Obj]) -> int | None:
     # readings must agree
     counted = rank([i for i, v in enumerate(noun) if v == YES], objs, direction, k)
     return filtered if filtered is not None and filtered == counted else None
+
+
+def resolve_set(desc: Desc, objs: Sequence[Obj]) -> tuple[int, ...] | None:
+    """The objects `desc` clearly names, as a tuple of indices: one object for a singular description, two
+    or more (as many as its count says) for a plural one, none for a singular one that fits no object
+    (every object clearly not it). None when that is unclear or the description does not fit the scene."""
+    values = truth(desc, objs)
+    if values is None:
+        return None
+    if desc.count is None and desc.ordinal is not None:
+        found = resolve(desc, objs)
+        return None if found is None else (found,)
+    if any(v == UNCLEAR for v in values):
+        return None
+    chosen = tuple(i for i, v in enumerate(values) if v == YES)
+    if desc.count is None:
+        return chosen if len(chosen) <= 1 else None
+    if len(chosen) < 2 or desc.count not in (ALL, len(chosen)):
+        return None
+    return chosen
 
 
 def min_level(target: int, objs: Sequence[Obj], lex: Lexicon = SYNTH_LEXICON) -> int:
