@@ -52,6 +52,26 @@ def save_lite_checkpoint(folder: Path, *overrides: str) -> Path:
     return folder
 
 
+HEAD = ("data.image_size=96", "model.no_target_head=true")  # a small lite model with the no-target head
+
+
+def head_checkpoint(folder: Path, says: float | None, *overrides: str) -> Path:
+    """A lite checkpoint with the head; `says` fixes its answer: the last layer's weights zeroed and its
+    bias set to `says` (a logit: -20 is "nothing matches" for every input, +20 "something")."""
+    from lgformer import config as config_mod
+    from lgformer.checkpoint import save_model
+    from lgformer.model.build import build_model
+
+    cfg = config_mod.load("lite", [*HEAD, *overrides])
+    model = build_model(cfg.model, pretrained=True)
+    if says is not None:
+        with torch.no_grad():
+            model.target_head.mlp[4].weight.zero_()
+            model.target_head.mlp[4].bias.fill_(says)
+    save_model(folder, model, cfg, exclude=("text_encoder.",))
+    return folder
+
+
 def synth_benchmark(out: Path, train: int, val: int, test: int) -> Path:
     """A toy synthetic benchmark (96 px scenes) written to `out` by `lgformer data synth`."""
     from lgformer.cli import main

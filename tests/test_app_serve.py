@@ -4,6 +4,7 @@ expression shows a visible message and the server keeps serving."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PHOTOS, bomb_png_header
+from conftest import PHOTOS, bomb_png_header, head_checkpoint
 from PIL import Image
 from selenium import webdriver
 from selenium.common.exceptions import TimeoutException
@@ -66,16 +67,12 @@ def serve_log(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("log") / "serve.log"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, scratch, serve_log):
-    """`lgformer serve` on a free loopback port: lite checkpoint (untrained heads), 1 MB upload limit."""
-    cfg = config_mod.load("lite", ["data.image_size=128"])
-    checkpoint = tmp_path_factory.mktemp("lite")
-    save_model(checkpoint, build_model(cfg.model, pretrained=True), cfg, exclude=("text_encoder.",))
+@contextlib.contextmanager
+def serving(checkpoint: Path, scratch: Path, log: Path):
+    """`lgformer serve` of `checkpoint` on a free loopback port, 1 MB upload limit; yields (url, process)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    log = serve_log
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_TEMP_DIR": str(scratch), "TMPDIR": str(scratch)}
     argv = [
         sys.executable,
@@ -109,6 +106,16 @@ def server(tmp_path_factory, scratch, serve_log):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, scratch, serve_log):
+    """`lgformer serve`: lite checkpoint (untrained heads)."""
+    cfg = config_mod.load("lite", ["data.image_size=128"])
+    checkpoint = tmp_path_factory.mktemp("lite")
+    save_model(checkpoint, build_model(cfg.model, pretrained=True), cfg, exclude=("text_encoder.",))
+    with serving(checkpoint, scratch, serve_log) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -257,3 +264,23 @@ def test_sigterm_stops_the_server_and_removes_its_temporary_folder(server, scrat
     proc.terminate()
     proc.wait(timeout=60)
     assert not list(scratch.glob("lgformer-serve-*"))
+
+
+def test_nothing_matches_is_said_on_the_page(tmp_path_factory, browser):
+    """A model with the no-target head that answers "nothing" (its last layer fixed: see
+    tests/test_no_target.py) makes the page say so in words, with an empty mask."""
+    checkpoint = head_checkpoint(tmp_path_factory.mktemp("nothing"), -20.0)
+    scratch, log = tmp_path_factory.mktemp("scratch-nothing"), tmp_path_factory.mktemp("log") / "serve.log"
+    with serving(checkpoint, scratch, log) as (url, _):
+        _open(browser, url, PHOTO)
+        _wait(browser, "#preview img")
+        _segment(browser, "the giraffe")
+        WebDriverWait(browser, 60).until(
+            lambda d: "Nothing matches" in d.find_element(By.CSS_SELECTOR, "#status").text
+        )
+        status = browser.find_element(By.CSS_SELECTOR, "#status").text
+        assert "'the giraffe'" in status and "match probability 0.00" in status
+        link = _wait(browser, "#download a[download]")[0].get_attribute("href")
+        with urllib.request.urlopen(link, timeout=10) as response:
+            mask = np.asarray(Image.open(response))
+        assert mask.shape == (427, 640) and not mask.any()

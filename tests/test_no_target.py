@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PHOTOS
+from conftest import HEAD, PHOTOS, head_checkpoint
 
 from lgformer import config as config_mod
 from lgformer.checkpoint import load_model, save_model
@@ -24,20 +24,6 @@ from lgformer.predictor import Segmenter
 from lgformer.text.tokenizer import Tokenizer
 
 MAN = PHOTOS / "COCO_train2014_000000460370.jpg"
-HEAD = ("data.image_size=96", "model.no_target_head=true")
-
-
-def head_checkpoint(folder: Path, says: float | None, *overrides: str) -> Path:
-    """A lite checkpoint with the head; `says` fixes its answer: the last layer's weights zeroed and its
-    bias set to `says` (a logit: -20 is "nothing matches" for every input, +20 "something")."""
-    cfg = config_mod.load("lite", [*HEAD, *overrides])
-    model = build_model(cfg.model, pretrained=True)
-    if says is not None:
-        with torch.no_grad():
-            model.target_head.mlp[4].weight.zero_()
-            model.target_head.mlp[4].bias.fill_(says)
-    save_model(folder, model, cfg, exclude=("text_encoder.",))
-    return folder
 
 
 def test_head_is_off_in_the_papers_presets_and_adds_only_its_own_weights() -> None:
