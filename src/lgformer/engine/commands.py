@@ -67,6 +67,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="resized: GT resized to S x S (authors' code, default); original: prediction upsampled "
         "to the image size (paper text)",
     )
+    p.add_argument(
+        "--no-target-threshold",
+        type=float,
+        default=0.5,
+        help="models with the no-target head: no-target probability above which the mask is empty (0.5)",
+    )
     add_overrides_argument(p, "override a value of the checkpoint's config (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of tables")
     p.add_argument("--out", type=Path, metavar="DIR", help="write report.json and report.md here")
@@ -160,6 +166,10 @@ def _eval(args: argparse.Namespace) -> int:
 
     if (args.checkpoint is None) == (args.predictions is None):
         raise LGFormerError("give exactly one of --checkpoint DIR or --predictions DIR")
+    if not 0 < args.no_target_threshold < 1:
+        raise LGFormerError(
+            f"--no-target-threshold {args.no_target_threshold}: must be strictly between 0 and 1"
+        )
     if args.out is not None:
         from lgformer.files import check_output_folder
 
@@ -204,6 +214,7 @@ def _eval(args: argparse.Namespace) -> int:
                 workers=args.workers,
                 progress=True,
                 sink=writer,
+                no_target_threshold=args.no_target_threshold,
             )
         else:
             with warnings.catch_warnings(record=True) as caught:
