@@ -125,3 +125,16 @@ def test_nothing_matches_is_said_by_the_api_and_the_cli(tmp_path: Path, capsys) 
     assert "'the giraffe' -> " in (printed := capsys.readouterr().out) and "nothing matches" in printed
     record = json.loads((out / "predictions.json").read_text())["predictions"][0]
     assert record["no_target"] is True and record["area"] == 0 and record["target_score"] == 0.0
+
+
+def test_eval_of_a_model_that_answers_nothing(grefcoco_root: Path, tmp_path: Path, capsys) -> None:
+    """Through `lgformer eval`: every mask empty, so every no-target sentence right (N-acc 100, gIoU 1 each)
+    and every target one wrong (T-acc 0)."""
+    folder = head_checkpoint(tmp_path / "nothing", -20.0)
+    argv = ["eval", "--checkpoint", str(folder), "--root", str(grefcoco_root), "--dataset", "grefcoco"]
+    assert main([*argv, "--split", "val", "--image-size", "64", "--json", "--device", "cpu"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert (r["N-acc"], r["T-acc"], r["no_target"], r["target"]) == (100.0, 0.0, 1, 4)
+    assert r["gIoU"] == pytest.approx(20.0) and r["cIoU"] == 0.0
+    assert main([*argv, "--no-target-threshold", "1", "--json"]) == 2
+    assert "--no-target-threshold 1.0: must be strictly between 0 and 1" in capsys.readouterr().err
