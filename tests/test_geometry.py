@@ -112,9 +112,9 @@ class Broken(nn.Module):
         super().__init__()
         self.model, self.bug = model, bug
 
-    def forward(self, *args, **kwargs) -> torch.Tensor:
-        logits = self.model(*args, **kwargs)
-        return logits.flip(-1) if self.bug == "flip" else logits.transpose(-2, -1)
+    def forward(self, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits, target = self.model(*args, **kwargs)  # Segmenter asks for the no-target logit too
+        return (logits.flip(-1) if self.bug == "flip" else logits.transpose(-2, -1)), target
 
 
 @pytest.fixture(scope="module")
