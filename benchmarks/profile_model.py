@@ -4,6 +4,7 @@
     python benchmarks/profile_model.py --preset lite --size 320 --batch 8 --train
     python benchmarks/profile_model.py --preset official-swin-b --dtype bf16 --set model.decoder_fp32=false
     python benchmarks/profile_model.py --preset official-swin-b --size 480 --by-module
+    python benchmarks/profile_model.py --preset lite --size 320 --batch 8 --train --phases --runs 5
 
 Prints the operators sorted by self CPU time (CUDA time on GPU), optionally grouped by input shape,
 and writes a Chrome trace with --trace FILE. The profiler's own cost inflates some operators (a 4725x256x2048
@@ -11,6 +12,11 @@ fp32 product shows 31-33 ms under it on a 2-core Zen 4, 23 ms by the wall clock)
 without it: per module class, the wall time inside its forwards minus that of its child modules (work done by
 functions is charged to the module calling them), the GFLOP counted there and their roofline at the GEMM
 rates measured in the same process, sorted by the time over the roofline (inference only).
+--train --phases splits a training step by the wall clock, without the profiler: forward + loss, backward
+(and the backward's exclusive time per module class, from backward hooks, with in-place activations made
+out-of-place while they are on), gradient clipping, the AdamW
+step, zeroing the gradients, and loading one batch of the synthetic benchmark at the preset's size
+(`--data DIR`, a `lgformer data synth` folder; left out without it).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import collections
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -45,10 +52,14 @@ def main() -> None:
     p.add_argument("--shapes", action="store_true", help="group rows by input shapes")
     p.add_argument("--trace", default=None, help="write a Chrome trace here")
     p.add_argument("--by-module", action="store_true", help="wall time against roofline per module class")
+    p.add_argument("--phases", action="store_true", help="with --train: a training step part by part")
+    p.add_argument("--data", default=None, help="with --phases: a synthetic benchmark folder to load from")
     add_overrides_argument(p, "config override, e.g. model.decoder_fp32=false (repeatable)")
     args = p.parse_args()
     if args.by_module and args.train:
         p.error("--by-module times inference only")
+    if args.phases and not args.train:
+        p.error("--phases splits a training step: add --train")
 
     torch.set_num_threads(args.threads)
     tune_cpu_allocator()  # as every command does (LGFORMER_MALLOC_TUNING=0 leaves it off)
@@ -62,6 +73,9 @@ def main() -> None:
     model = build_model(cfg.model, pretrained=False).to(device).eval()
     x = bench.make_inputs(cfg, size, args.batch, device)
     amp = autocast_dtype(args.dtype)
+    if args.phases:
+        print(phases(model, cfg, x, amp, device, args.runs, args.data, args.batch))
+        return
     if args.train:
         step = bench.train_step(model, cfg, x, amp, device)
         context = torch.enable_grad
@@ -87,6 +101,122 @@ def main() -> None:
     print(table)
     if args.trace:
         prof.export_chrome_trace(args.trace)
+
+
+def phases(
+    model: nn.Module,
+    cfg: config_mod.Config,
+    x: dict[str, torch.Tensor],
+    amp: torch.dtype | None,
+    device: torch.device,
+    runs: int,
+    data: str | None,
+    batch: int,
+) -> str:
+    """Median wall time of each part of the trainer's step over `runs` steps (after two warm-up steps)."""
+    from lgformer.engine.train import build_optimizer, freeze, set_train_mode
+    from lgformer.model.loss import mask_loss
+
+    tc, m = cfg.train, cfg.model
+    freeze(model, tc)
+    set_train_mode(model, tc)
+    optimizer = build_optimizer(model, tc)
+    times: dict[str, list[float]] = collections.defaultdict(list)
+    backward: dict[str, float] = collections.defaultdict(float)
+    stack: list[list] = []
+
+    def now() -> float:
+        bench.synchronize(device)
+        return time.perf_counter()
+
+    def enter(module: nn.Module, _grad: tuple) -> None:
+        stack.append([type(module).__name__, now(), 0.0])
+
+    def leave(module: nn.Module, _grad_in: tuple, _grad_out: tuple) -> None:
+        if stack and stack[-1][0] == type(module).__name__:
+            name, start, children = stack.pop()
+            spent = now() - start
+            backward[name] += spent - children
+            if stack:
+                stack[-1][2] += spent
+
+    # backward hooks wrap each module's output in a view, which an in-place activation may not modify
+    inplace = [mod for mod in model.modules() if getattr(mod, "inplace", False)]
+    for mod in inplace:
+        mod.inplace = False
+    handles = [
+        hook(fn)
+        for mod in model.modules()
+        if any(p.requires_grad for p in mod.parameters())
+        for hook, fn in (
+            (mod.register_full_backward_pre_hook, enter),
+            (mod.register_full_backward_hook, leave),
+        )
+    ]
+    loader = None
+    if data is not None:
+        from lgformer.data.dataset import build_dataset, collate
+        from lgformer.text.tokenizer import Tokenizer
+
+        data_cfg = config_mod.DataConfig(root=data, dataset="synth", image_size=x["image"].shape[-1])
+        tokenizer = Tokenizer(m.text_encoder, m.max_tokens)
+        dataset = build_dataset(data_cfg, "train", train=True, tokenizer=tokenizer)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch, collate_fn=collate, num_workers=0)
+    try:
+        warnings.filterwarnings(
+            "ignore", message=".*(backward hook|Full backward hook).*", category=UserWarning
+        )
+        for k in range(runs + 2):
+            if k == 2:
+                times.clear()
+                backward.clear()
+            t0 = now()
+            with autocast(device, amp):
+                logits = model(
+                    x["image"], x["mask"], ids=x["ids"], upsample=False, all_outputs=m.loss_all_outputs
+                )
+                loss = mask_loss(
+                    logits, x["target"], m.loss_pos_weight, m.loss_all_outputs, m.loss_resolution
+                )
+            t1 = now()
+            loss.backward()
+            t2 = now()
+            if tc.clip_grad:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_grad)
+            t3 = now()
+            optimizer.step()
+            t4 = now()
+            optimizer.zero_grad(set_to_none=True)
+            t5 = now()
+            if loader is not None:
+                next(iter(loader))
+            t6 = now()
+            for name, (a, b) in {
+                "forward + loss": (t0, t1),
+                "backward": (t1, t2),
+                "clip gradients": (t2, t3),
+                "AdamW step": (t3, t4),
+                "zero gradients": (t4, t5),
+                "load a batch (1 process)": (t5, t6),
+            }.items():
+                times[name].append(b - a)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for mod in inplace:
+            mod.inplace = True
+    median = {name: sorted(v)[len(v) // 2] for name, v in times.items()}
+    total = sum(v for name, v in median.items() if loader is not None or not name.startswith("load"))
+    lines = [f"{'part of a training step':34s} {'ms':>9s} {'share':>6s}"]
+    for name, t in median.items():
+        if loader is None and name.startswith("load"):
+            continue
+        lines.append(f"{name:34s} {t * 1e3:9.1f} {t / total:6.1%}")
+    lines.append(f"{'total':34s} {total * 1e3:9.1f}")
+    lines += ["", f"{'backward, exclusive, by module class':40s} {'ms':>9s}"]
+    for name, t in sorted(backward.items(), key=lambda item: -item[1])[:25]:
+        lines.append(f"{name:40s} {t / runs * 1e3:9.1f}")
+    return "\n".join(lines)
 
 
 def by_module(model: nn.Module, step: Callable[[], None], device: torch.device, runs: int) -> str:
