@@ -6,4 +6,4 @@ from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_MODEL = "lite"
-SHIPPED = {DEFAULT_MODEL: ASSETS / "lite-synth"}  # name -> checkpoint folder
+SHIPPED = {DEFAULT_MODEL: ASSETS / "lite-coco"}  # name -> checkpoint folder
