@@ -86,7 +86,8 @@ def test_bf16_masks_agree_with_fp32_masks(fp32, held_out):
 
 @pytest.mark.parametrize(
     # measured, smallest over the 9 sentences: 1.0 / 0.966 / 0.821 (small masks on photos move most)
-    ("dtype", "iou"), [(torch.float64, 0.999), (torch.float16, 0.95), (torch.bfloat16, 0.75)]
+    ("dtype", "iou"),
+    [(torch.float64, 0.999), (torch.float16, 0.95), (torch.bfloat16, 0.75)],
 )
 def test_converted_model_runs_in_its_dtype(fp32, dtype, iou):
     """`model.to(dtype)` (`.double()`, `.half()`, `.bfloat16()`) runs end to end in that dtype, pixel decoder

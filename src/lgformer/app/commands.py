@@ -86,8 +86,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=os.cpu_count() or 1,
         help="scene generation processes (default: all cores)",
     )
-    train = p.add_argument_group("retraining (--train): the recipe of the shipped default model")
-    train.add_argument("--train", action="store_true", help="retrain the default model from scratch first")
+    train = p.add_argument_group(
+        "retraining (--train): the shipped default model's synthetic stage (README: the real-photo stages)"
+    )
+    train.add_argument(
+        "--train", action="store_true", help="retrain the default model's synthetic stage from scratch first"
+    )
     train.add_argument("--steps", type=int, default=6000, help="optimizer steps (default %(default)s)")
     train.add_argument(
         "--train-refs", type=int, default=12000, help="synthetic training objects (default %(default)s)"

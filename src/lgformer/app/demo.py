@@ -11,9 +11,10 @@
 5. segment a handful of its scenes (two per level by default, an expression for each of their referred
    objects) through the public `Segmenter` and write the overlays, a one-page gallery PNG and an HTML page.
 
-`--train` first retrains the default model from scratch with the recipe below (the engine's trainer, lite
-preset on synthetic data, with its progress bar), stores it like the shipped one (fp16 safetensors without
-the frozen MiniLM) and then runs the demo on it.
+`--train` first retrains the default model's first, synthetic stage from scratch with the recipe below (the
+engine's trainer, lite preset on synthetic data, with its progress bar; the README gives the real-photo stages
+that follow it), stores it like the shipped one (fp16 safetensors without the frozen MiniLM) and then runs the
+demo on it.
 """
 
 from __future__ import annotations
