@@ -116,17 +116,18 @@ class IoUCounts:
         for table in (self.inter, self.union, self.pred_area, self.seen):
             table.copy_(all_reduce_sum(table))
 
+    def _kept(self, select: np.ndarray | None) -> np.ndarray:
+        """The evaluated sentences, optionally restricted to a boolean selection."""
+        keep = self.seen.numpy() > 0
+        return keep if select is None else keep & select
+
     def summary(self, select: np.ndarray | None = None) -> dict[str, float | int]:
         """Metrics over the evaluated sentences, optionally restricted to a boolean selection."""
-        keep = self.seen.numpy() > 0
-        if select is not None:
-            keep &= select
+        keep = self._kept(select)
         return summarize(self.inter.numpy()[keep], self.union.numpy()[keep])
 
     def gres(self, no_target: np.ndarray, select: np.ndarray | None = None) -> dict[str, float | int]:
         """`gres_summary` over the evaluated sentences (optionally a selection); `no_target` per index."""
-        keep = self.seen.numpy() > 0
-        if select is not None:
-            keep &= select
+        keep = self._kept(select)
         tables = (self.inter, self.union, self.pred_area)
         return gres_summary(*(t.numpy()[keep] for t in tables), np.asarray(no_target)[keep])

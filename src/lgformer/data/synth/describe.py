@@ -7,7 +7,7 @@ and, parsed back from the text, resolves to the target and to nothing else.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -55,25 +55,32 @@ def describe(
 ) -> list[str]:
     """Up to `count` distinct verified expressions of level `lvl` for `objs[target]`."""
     context = _Context(target, objs, lex)
+    return _verified(lambda: context.candidate(lvl, rng), (target,), objs, lvl, rng, count, TRIES[lvl], lex)
+
+
+def _verified(
+    make: Callable[[], Desc | None],
+    members: tuple[int, ...],
+    objs: Sequence[Obj],
+    lvl: int,
+    rng: np.random.Generator,
+    count: int,
+    tries: int,
+    lex: Lexicon,
+) -> list[str]:
+    """Up to `count` distinct wordings, over `tries` descriptions from `make` (None: no candidate this try),
+    that `verify_set` accepts for `members`."""
     texts: list[str] = []
-    for _ in range(TRIES[lvl]):
-        desc = context.candidate(lvl, rng)
+    for _ in range(tries):
+        desc = make()
         if desc is None:
             continue
         text = render(desc, rng, lex)
-        if text not in texts and verify(text, target, objs, lvl, lex):
+        if text not in texts and verify_set(text, members, objs, lvl, lex):
             texts.append(text)
             if len(texts) == count:
                 break
     return texts
-
-
-def verify(text: str, target: int, objs: Sequence[Obj], lvl: int, lex: Lexicon = SYNTH_LEXICON) -> bool:
-    """The text parses, has the level's construct and word count, and picks exactly `target`."""
-    low, high = lex.word_ranges[lvl]
-    if not low <= len(text.split()) <= high:
-        return False
-    return verify_set(text, (target,), objs, lvl, lex)
 
 
 def spoken_attrs(
@@ -195,14 +202,12 @@ def describe_plural(
         if members is None:
             continue
         counts = [ALL] + ([len(members)] if len(members) in COUNT_WORDS else [])
-        texts: list[str] = []
-        for _ in range(2 * count):
-            desc = Desc(shape, attrs, count=counts[int(rng.integers(len(counts)))])
-            text = render(desc, rng, lex)
-            if text not in texts and verify_set(text, members, objs, level(desc, lex), lex):
-                texts.append(text)
-                if len(texts) == count:
-                    break
+
+        def make(shape: str = shape, attrs: tuple = attrs, counts: list[int] = counts) -> Desc:
+            return Desc(shape, attrs, count=counts[int(rng.integers(len(counts)))])
+
+        lvl = level(Desc(shape, attrs, count=ALL), lex)  # the count's wording leaves the level as it is
+        texts = _verified(make, members, objs, lvl, rng, count, 2 * count, lex)
         if len(texts) >= 2:
             return members, texts
     return None
@@ -226,13 +231,7 @@ def describe_absent(
         desc = Desc(near.shape, attrs)
         if resolve_set(desc, objs) != ():
             continue
-        texts: list[str] = []
-        for _ in range(2 * count):
-            text = render(desc, rng, lex)
-            if text not in texts and verify_set(text, (), objs, 2, lex):
-                texts.append(text)
-                if len(texts) == count:
-                    break
+        texts = _verified(lambda desc=desc: desc, (), objs, 2, rng, count, 2 * count, lex)
         if len(texts) >= 2:
             return texts
     return None
