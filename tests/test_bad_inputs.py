@@ -108,6 +108,12 @@ CASES = [
     ("predict-not-a-checkpoint", "predict --checkpoint {d}/no-config --image {photo} --text dog --out {out}", 2, "not a checkpoint folder"),
     ("predict-corrupt-weights", "predict --checkpoint {d}/corrupt-ckpt --image {photo} --text dog --out {out}", 2, "model.safetensors: cannot load"),
     ("predict-threshold", "predict --image {photo} --text dog --threshold 5 --out {out}", 2, "threshold 5"),
+    (
+        "predict-no-target-threshold",
+        "predict --image {photo} --text dog --no-target-threshold 0 --out {out}",
+        2,
+        "--no-target-threshold 0.0: must be strictly between 0 and 1",
+    ),
     ("predict-image-size", "predict --image {photo} --text dog --set data.image_size=0 --out {out}", 2, "data.image_size=0"),
     ("predict-unknown-key", "predict --image {photo} --text dog --set model.nope=1 --out {out}", 2, "unknown key 'nope'"),
     ("predict-fp16-cpu", "predict --image {photo} --text dog --dtype fp16 --device cpu --out {out}", 2, "fp16"),

@@ -125,6 +125,9 @@ def _predict(args: argparse.Namespace) -> int:
     urls = [image for image in args.image if "://" in image]
     if urls:
         raise LGFormerError(f"--image {urls[0]}: a URL; lgformer reads local files only (download it first)")
+    for flag, value in (("--threshold", args.threshold), ("--no-target-threshold", args.no_target_threshold)):
+        if not 0 < value < 1:
+            raise LGFormerError(f"{flag} {value}: must be strictly between 0 and 1")
     check_output_folder(args.out)
     summary = predict_files(
         args.checkpoint,
