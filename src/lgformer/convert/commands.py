@@ -74,6 +74,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="longest token axis (default: the model's)")
     p.add_argument("--check-image", type=Path, help="photo for the parity check (default: a synthetic scene)")
     p.add_argument("--check-text", help="sentence for the parity check (default: the scene's expression)")
+    p.add_argument(
+        "--no-optimize",
+        dest="optimize",
+        action="store_false",
+        help="skip onnxscript's graph rewriting: a faster export of a large model (ONNX Runtime still "
+        "optimises the graph at load)",
+    )
     p.set_defaults(handler=_export_onnx)
 
 
@@ -148,7 +155,9 @@ def _export_onnx(args: argparse.Namespace) -> int:
         sentence = args.check_text or sentence
     seg = Segmenter.from_pretrained(args.checkpoint, device="cpu")
     encode_sentences(seg.tokenizer, [sentence])
-    diff = export_onnx(seg.model, seg.cfg, args.out, image, sentence, args.size, args.max_tokens)
+    diff = export_onnx(
+        seg.model, seg.cfg, args.out, image, sentence, args.size, args.max_tokens, optimize=args.optimize
+    )
     size = args.size or seg.image_size
     print(
         f"wrote {args.out} (opset {OPSET}, input {size}x{size}, dynamic batch and tokens); "
