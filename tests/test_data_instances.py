@@ -243,3 +243,112 @@ def test_training_mixes_sources(made: Path, tmp_path: Path) -> None:
     with pytest.raises(LGFormerError, match="data.mix"):
         build_dataset(DataConfig(root=str(made), dataset="instances", mix=["refcoco:x"]), "train", train=True)
     assert main(["data", "stats", "--root", str(made), "--dataset", "instances"]) == 0
+
+
+# ------------------------------------------------------------------ generalized: several objects, or none
+
+# The classic output's bytes for the `made` fixture (seed 3, one copy-paste), as the code before the plural
+# and absent kinds wrote them (measured with the commit before them): a change of the classic bytes fails.
+CLASSIC_SHA256 = "130c239489e89809033b981c05f8501fee37057288a8d63a695b1cb9bfaa2793"
+
+
+def digest(root: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def test_the_classic_dataset_keeps_its_bytes(made: Path) -> None:
+    assert digest(made) == CLASSIC_SHA256
+
+
+@pytest.fixture(scope="module")
+def general(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("general")
+    out = folder / "g"
+    path = subset(folder, train=12, val=3)
+    from_instances(path, COCO / "images", out, COCO / "splits.json", seed=3, plural=0.15, absent=0.15)
+    return out
+
+
+def test_plural_and_absent_refs_name_exactly_their_sets(general: Path) -> None:
+    """Plural refs name their two or more objects, read back by the interpreter; absent ones name nothing;
+    the shares come near the ones asked for; the loader gives the union of the masks, or an empty one."""
+    from lgformer.data.sources import target_kind
+    from lgformer.data.synth.grammar import resolve_set
+
+    lex = lexicon(
+        sorted({c["name"] for c in json.loads((COCO / "instances.json").read_text())["categories"]})
+    )
+    refs = load_plain_pickle(general / "instances" / "refs(instances).p")
+    scenes = scene_graphs(general)
+    kinds: dict[str, int] = {"single": 0, "plural": 0, "absent": 0}
+    for ref in refs:
+        ids, objs = scenes[ref["image_id"]]
+        if isinstance(ref["ann_id"], int):
+            kinds["single"] += 1
+            continue
+        members = () if ref["no_target"] else tuple(ids.index(a) for a in ref["ann_id"])
+        assert ref["no_target"] == (ref["ann_id"] == [-1]) and len(members) != 1
+        kinds["absent" if ref["no_target"] else "plural"] += 1
+        for sentence in ref["sentences"]:
+            desc = parse(sentence["raw"], lex)
+            assert resolve_set(desc, objs) == members, sentence["raw"]
+            assert level(desc, lex) == ref["level"]
+    total = sum(kinds.values())
+    assert kinds["plural"] >= 5 and kinds["absent"] >= 5, kinds
+    assert 0.05 <= kinds["plural"] / total <= 0.25 and 0.05 <= kinds["absent"] / total <= 0.25, kinds
+
+    data = build_dataset(DataConfig(root=str(general), dataset="instances", image_size=64), "train", False)
+    by_kind = {}
+    for k in range(len(data)):
+        by_kind.setdefault(target_kind(data.referent(k).targets), k)
+    assert set(by_kind) == {"single", "multi", "no-target"}, set(by_kind)
+    assert data[by_kind["no-target"]]["mask"].sum() == 0 and data[by_kind["multi"]]["mask"].sum() > 0
+
+
+def test_crowds_and_specks_are_never_in_a_set_nor_fit_an_absence() -> None:
+    """Objects without a referent mask of their own (a crowd of people, a dog too small to keep) stay in the
+    scene graph, attributes unknown: "all the people" is never said where the crowd would belong to it, and
+    no absent description is one they might fit ("the dog" when a tiny dog is there)."""
+    from lgformer.data.instances.generate import set_refs
+    from lgformer.data.synth.grammar import resolve_set
+
+    lex = lexicon(["person", "car", "dog", "cat", "truck"])
+    objs = [
+        Obj("person", "red", UNKNOWN, UNKNOWN, 40, 50, 10),
+        Obj("person", "blue", UNKNOWN, UNKNOWN, 100, 50, 10),
+        Obj("car", "white", "small", UNKNOWN, 160, 80, 10),
+        Obj("car", "black", "large", UNKNOWN, 220, 80, 20),
+    ]
+    hidden = [
+        Obj("person", UNKNOWN, UNKNOWN, UNKNOWN, 300, 40, 30),
+        Obj("dog", UNKNOWN, UNKNOWN, UNKNOWN, 5, 5, 2),
+    ]
+    swaps = {"person": ["dog", "cat"], "car": ["truck"]}
+    sets = [
+        s
+        for seed in range(40)
+        for s in set_refs(objs, hidden, lex, np.random.default_rng(seed), (1, 1), swaps)
+    ]
+    plural = [(members, texts) for members, _, texts in sets if members]
+    absent = [texts for members, _, texts in sets if not members]
+    assert plural and absent
+    assert all(members == (2, 3) for members, _ in plural), plural  # the two cars: never the people
+    said = {t for texts in absent for t in texts}
+    assert not any(parse(t, lex).shape in ("dog", "person") for t in said), said
+    assert any(parse(t, lex).shape in ("cat", "truck") for t in said), said  # the swapped nouns
+    assert all(resolve_set(parse(t, lex), objs + hidden) == () for t in said)
+    assert not {"the gray car", "the grey car"} & said  # white's neighbour is never an absence
+
+
+def test_generalized_flags_need_generalized(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    argv = ["data", "from-instances", "--instances", "x.json", "--images", "x", "--out", str(tmp_path / "o")]
+    assert main([*argv, "--plural", "0.1"]) == 2
+    assert "--plural and --absent need --generalized" in capsys.readouterr().err
+    assert main([*argv, "--generalized", "--absent", "0.5"]) == 2
+    assert "--absent 0.5: a share of the refs between 0 and 0.2" in capsys.readouterr().err

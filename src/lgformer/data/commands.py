@@ -60,19 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     synth.add_argument(
         "--sheet", default=None, help="also draw 8 val scenes with their expressions to this PNG"
     )
-    synth.add_argument(
-        "--generalized",
-        action="store_true",
-        help="add plural refs (several objects) and absent ones (no object), as gRefCOCO; without it the "
-        "classic benchmark, byte for byte",
-    )
-    for kind, what in (("plural", "naming several objects"), ("absent", "naming nothing")):
-        synth.add_argument(
-            f"--{kind}",
-            type=float,
-            default=None,
-            help=f"with --generalized: share of all refs {what} (default 0.15, at most 0.2)",
-        )
+    _generalized_arguments(synth, "benchmark")
     synth.set_defaults(handler=_synth)
 
     inst = data_sub.add_parser(
@@ -106,7 +94,24 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="describe only objects of at least this share of the picture; smaller ones stay distractors "
         "and landmarks (default %(default)s)",
     )
+    _generalized_arguments(inst, "dataset")
     inst.set_defaults(handler=_from_instances)
+
+
+def _generalized_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--generalized",
+        action="store_true",
+        help="add plural refs (several objects) and absent ones (no object), as gRefCOCO; without it the "
+        f"classic {what}, byte for byte",
+    )
+    for kind, naming in (("plural", "naming several objects"), ("absent", "naming nothing")):
+        parser.add_argument(
+            f"--{kind}",
+            type=float,
+            default=None,
+            help=f"with --generalized: share of all refs {naming} (default {GENERALIZED_SHARE}, at most 0.2)",
+        )
 
 
 def _source_arguments(parser: argparse.ArgumentParser, split_help: str) -> None:
@@ -271,6 +276,17 @@ def _export(args: argparse.Namespace) -> int:
 GENERALIZED_SHARE = 0.15  # plural and absent refs each, of all refs (gRefCOCO's order of magnitude)
 
 
+def _generalized_shares(args: argparse.Namespace) -> dict[str, float]:
+    """`plural` and `absent` shares from --generalized / --plural / --absent (0 without --generalized)."""
+    shares = {kind: getattr(args, kind) for kind in ("plural", "absent")}
+    if not args.generalized and any(v is not None for v in shares.values()):
+        raise LGFormerError("--plural and --absent need --generalized")
+    return {
+        kind: (GENERALIZED_SHARE if v is None else v) if args.generalized else 0.0
+        for kind, v in shares.items()
+    }
+
+
 def _synth(args: argparse.Namespace) -> int:
     import time
 
@@ -278,11 +294,7 @@ def _synth(args: argparse.Namespace) -> int:
     from lgformer.data.synth.sheet import render_sheet
     from lgformer.files import check_output_folder
 
-    shares = {kind: getattr(args, kind) for kind in ("plural", "absent")}
-    if not args.generalized and any(v is not None for v in shares.values()):
-        raise LGFormerError("--plural and --absent need --generalized")
-    if args.generalized:
-        shares = {kind: GENERALIZED_SHARE if v is None else v for kind, v in shares.items()}
+    shares = _generalized_shares(args)
     check_output_folder(args.out)
     start = time.perf_counter()
     counts = generate(
@@ -291,7 +303,7 @@ def _synth(args: argparse.Namespace) -> int:
         args.seed,
         args.size,
         args.workers,
-        **{kind: v or 0.0 for kind, v in shares.items()},
+        **shares,
     )
     elapsed = time.perf_counter() - start
     print(
@@ -311,6 +323,7 @@ def _from_instances(args: argparse.Namespace) -> int:
     from lgformer.data.instances.generate import from_instances
     from lgformer.files import check_output_folder
 
+    shares = _generalized_shares(args)
     check_output_folder(args.out)
     start = time.perf_counter()
     counts = from_instances(
@@ -324,8 +337,10 @@ def _from_instances(args: argparse.Namespace) -> int:
         copy_paste=args.copy_paste,
         min_area=args.min_area,
         min_referent_area=args.min_referent_area,
+        **shares,
     )
     levels = ", ".join(f"{k}: {v:,}" for k, v in counts.items() if k.startswith("level"))
+    levels += "".join(f", {kind}: {counts[kind]:,}" for kind in ("plural", "absent") if kind in counts)
     print(
         f"wrote {counts['refs']:,} refs, {counts['sentences']:,} sentences ({counts['images']:,} images, "
         f"{counts['objects']:,} objects; {levels}) to {args.out} in {time.perf_counter() - start:.1f} s; "

@@ -15,6 +15,15 @@ interpreter, reading the text back, finds exactly the referent. Variants are mad
 so a mirrored photo's "left" is its own left, and a copy-pasted scene (Ghiasi et al., CVPR 2021: instances of
 other training photos pasted in, the objects they cover updated) is a new verified scene. Donors come from
 the `train` split only. Everything derives from (seed, image index, variant): same seed, same bytes.
+
+With `plural` / `absent` shares (gRefCOCO's kinds, `--generalized`), each picture also gets, from a random
+stream of its own (its classic refs stay byte for byte what they were), refs naming several objects ("both
+dogs", "all the white cars": `ann_id` the list of their annotations) and refs naming nothing that come close
+to something there ("the red car" where the one car is white; "the white cat" beside a white dog in a
+picture without a cat, the noun swapped for one of the same supercategory that no annotation of the picture
+has). The picture's unlabelled-for-reference instances (crowds, ones under `min_area`) stay in the scene
+graph for these, attributes unknown: a set that would include one, or an absent description one might fit,
+is never said.
 """
 
 from __future__ import annotations
@@ -23,7 +32,8 @@ import io
 import json
 import math
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +46,15 @@ from lgformer.data.images import load_image
 from lgformer.data.instances.lexicon import color_name, lexicon, size_names
 from lgformer.data.masks import decode_segmentation, encode_rle
 from lgformer.data.sources import read_json
-from lgformer.data.synth.describe import describe
-from lgformer.data.synth.generate import deterministic_pickle, refer_ref
-from lgformer.data.synth.grammar import UNKNOWN, Lexicon, Obj, min_level
+from lgformer.data.synth.describe import describe, describe_absent, describe_plural
+from lgformer.data.synth.generate import deterministic_pickle, refer_ref, refer_set_ref
+from lgformer.data.synth.grammar import UNKNOWN, Lexicon, Obj, level, min_level, parse
 from lgformer.errors import LGFormerError
 from lgformer.files import atomic_write
 
 SENTENCES_PER_REF = 3
+MAX_SHARE = 0.2  # of the plural and of the absent refs each, among all refs
+MAX_OWED = 3.0  # at most this many refs of a kind are passed on to the next pictures
 KEEP_VISIBLE = 0.7  # a paste must leave every object at least this share of its pixels
 PASTE_SCALE = (0.6, 1.4)
 JPEG_QUALITY = 92
@@ -68,6 +80,7 @@ class Picture:
     instances: list[Instance]
     source: int  # index of the source image
     variant: str = ""  # "" (the photo itself), "flip", "paste<k>"
+    hidden: list[Instance] = field(default_factory=list)  # crowds and specks: there, never described
 
 
 class InstanceSet:
@@ -82,9 +95,11 @@ class InstanceSet:
         if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in _SECTIONS):
             raise LGFormerError(f"{self.path}: expected a COCO object with lists {', '.join(_SECTIONS)}")
         self.categories: dict[int, str] = {}
+        self.supercategories: dict[str, str] = {}  # name -> supercategory ("" when the set gives none)
         for k, cat in enumerate(data["categories"]):
             _need(cat, ("id", "name"), f"{self.path}: categories[{k}]")
             self.categories[cat["id"]] = str(cat["name"])
+            self.supercategories[str(cat["name"])] = str(cat.get("supercategory") or "")
         self.images: list[dict] = []
         by_id: dict[Any, dict] = {}
         for k, image in enumerate(data["images"]):
@@ -137,15 +152,16 @@ class InstanceSet:
                 f"{path}: decoded image is {pixels.shape[1]}x{pixels.shape[0]} but {self.path} declares "
                 f"{width}x{height} (image {image['id']})"
             )
-        kept = []
+        kept, hidden = [], []
         for ann in self.anns[image["id"]]:
-            if ann.get("iscrowd", 0):
-                continue
             where = f"{self.path}: annotation {ann['id']}"
             mask = decode_segmentation(ann["segmentation"], height, width, "union", where)
-            if mask.sum() >= self.min_area * height * width:
-                kept.append(Instance(ann["id"], self.categories[ann["category_id"]], mask))
-        return Picture(image["file_name"], self.split_of[index], pixels, kept, index)
+            instance = Instance(ann["id"], self.categories[ann["category_id"]], mask)
+            if ann.get("iscrowd", 0) or mask.sum() < self.min_area * height * width:
+                hidden.append(instance)
+            else:
+                kept.append(instance)
+        return Picture(image["file_name"], self.split_of[index], pixels, kept, index, hidden=hidden)
 
 
 _SECTIONS = ("images", "annotations", "categories")
@@ -196,6 +212,31 @@ def scene_objects(picture: Picture) -> list[Obj]:
     return objs
 
 
+def hidden_objects(picture: Picture) -> list[Obj]:
+    """The picture's crowds and specks as scene-graph objects whose colour and size are unknown (where their
+    mask is empty, as a crowd region covered by pastes, they stand nowhere: centre -1, -1)."""
+    objs = []
+    for inst in picture.hidden:
+        ys, xs = np.nonzero(inst.mask)
+        if len(xs) == 0:
+            objs.append(Obj(inst.category, UNKNOWN, UNKNOWN, UNKNOWN, -1.0, -1.0, 0.0))
+            continue
+        x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+        r = 0.5 * math.sqrt(float((x1 - x0) * (y1 - y0)))
+        objs.append(
+            Obj(
+                inst.category,
+                UNKNOWN,
+                UNKNOWN,
+                UNKNOWN,
+                round((x0 + x1) / 2, 1),
+                round((y0 + y1) / 2, 1),
+                round(r, 1),
+            )
+        )
+    return objs
+
+
 def refer_refs(
     objs: list[Obj],
     lex: Lexicon,
@@ -225,6 +266,46 @@ def refer_refs(
     return sorted(refs)
 
 
+def set_refs(
+    objs: list[Obj],
+    hidden: list[Obj],
+    lex: Lexicon,
+    rng: np.random.Generator,
+    expected: tuple[float, float],
+    swaps: Mapping[str, Sequence[str]],
+) -> list[tuple[tuple[int, ...], int, list[str]]]:
+    """(objects, level, sentences) of the picture's plural refs and absent ones (no objects), about
+    `expected` = (plural, absent) of each: the whole part always, the fraction with that probability."""
+    if not objs:
+        return []
+    graph = objs + hidden  # the hidden ones count when the interpreter checks a set or an absence
+    made: list[tuple[tuple[int, ...], int, list[str]]] = []
+    for kind, mean in zip(("plural", "absent"), expected):
+        for _ in range(int(mean) + (rng.random() < mean - int(mean))):
+            if kind == "plural":
+                found = describe_plural(graph, rng, SENTENCES_PER_REF, lex, named=len(objs), at_least=1)
+            else:
+                texts = describe_absent(graph, rng, SENTENCES_PER_REF, lex, swaps, len(objs), at_least=1)
+                found = None if texts is None else ((), texts)
+            if found is not None and all(found[0] != members for members, _, _ in made):
+                made.append((found[0], level(parse(found[1][0], lex), lex), found[1]))
+    return made
+
+
+def absent_nouns(picture: Picture, supercategories: Mapping[str, str], lex: Lexicon) -> dict[str, list[str]]:
+    """For each category in the picture, the categories of its supercategory that no annotation of the
+    picture has (its kept and hidden instances): the nouns an absent description may swap in."""
+    present = {inst.category for inst in picture.instances + picture.hidden}
+    return {
+        name: [
+            other
+            for other in sorted(lex.nouns)
+            if other not in present and supercategories.get(other) == supercategories.get(name)
+        ]
+        for name in present
+    }
+
+
 # ---------------------------------------------------------------------------------------------- variants
 
 
@@ -237,6 +318,7 @@ def flipped(picture: Picture) -> Picture:
         [Instance(i.ann_id, i.category, i.mask[:, ::-1].copy()) for i in picture.instances],
         picture.source,
         "flip",
+        [Instance(i.ann_id, i.category, i.mask[:, ::-1].copy()) for i in picture.hidden],
     )
 
 
@@ -247,6 +329,7 @@ def pasted(
     already there at least KEEP_VISIBLE of its pixels; covered pixels leave the objects' masks."""
     pixels = picture.pixels.copy()
     instances = [Instance(i.ann_id, i.category, i.mask.copy()) for i in picture.instances]
+    hidden = [Instance(i.ann_id, i.category, i.mask.copy()) for i in picture.hidden]
     height, width = pixels.shape[:2]
     for donor, source in zip(donors, donor_pixels):
         patch, mask = _cut(donor, source, rng, height, width)
@@ -259,7 +342,7 @@ def pasted(
             region[y : y + h, x : x + w] = mask
             if all((inst.mask & ~region).sum() >= KEEP_VISIBLE * inst.mask.sum() for inst in instances):
                 pixels[region] = patch[mask]
-                for inst in instances:
+                for inst in instances + hidden:
                     inst.mask &= ~region
                 instances.append(Instance(donor.ann_id, donor.category, region))
                 break
@@ -270,6 +353,7 @@ def pasted(
         instances,
         picture.source,
         f"paste{k}",
+        hidden,
     )
 
 
@@ -308,14 +392,23 @@ def from_instances(
     copy_paste: int = 0,
     min_area: float = 0.005,
     min_referent_area: float = 0.02,
+    plural: float = 0.0,
+    absent: float = 0.0,
 ) -> dict[str, int]:
-    """Write the referring dataset (see the module docstring); returns counts of images, objects, refs
-    and sentences."""
+    """Write the referring dataset (see the module docstring), with about the shares `plural` and `absent`
+    of all refs naming several objects or none; returns counts of images, objects, refs and sentences."""
     if per_object < 1 or copy_paste < 0 or not 0 <= min_area < 1 or not 0 <= min_referent_area < 1:
         raise LGFormerError(
             "from-instances: --per-object >= 1, --copy-paste >= 0, 0 <= --min-area < 1, "
             "0 <= --min-referent-area < 1"
         )
+    for name, share in (("plural", plural), ("absent", absent)):
+        if not 0 <= share <= MAX_SHARE:
+            raise LGFormerError(
+                f"from-instances: --{name} {share}: a share of the refs between 0 and {MAX_SHARE}"
+            )
+    per_classic = np.array([plural, absent]) / (1 - plural - absent)
+    owed = np.zeros(2)  # plural and absent refs due: a picture that cannot make its share passes it on
     source = InstanceSet(instances, images, splits, min_area)
     lex = lexicon(sorted(set(source.categories.values())))
     out = Path(out)
@@ -340,13 +433,20 @@ def from_instances(
             area = variant.pixels.shape[0] * variant.pixels.shape[1]
             large = [bool(inst.mask.sum() >= min_referent_area * area) for inst in variant.instances]
             refs = refer_refs(objs, lex, rng, per_object, large)
+            sets = []
+            if plural or absent:
+                owed = np.minimum(owed + len(refs) * per_classic, MAX_OWED)
+                swaps = absent_nouns(variant, source.supercategories, lex)
+                extra = np.random.default_rng([seed, index, number, 1])
+                sets = set_refs(objs, hidden_objects(variant), lex, extra, (owed[0], owed[1]), swaps)
+                owed -= [sum(1 for m, _, _ in sets if m), sum(1 for m, _, _ in sets if not m)]
             if number == 0:
                 atomic_write(
                     image_dir / picture.file_name, (source.image_dir / picture.file_name).read_bytes()
                 )
             else:
                 atomic_write(image_dir / variant.file_name, _jpeg(variant.pixels))
-            writer.add(variant, objs, refs)
+            writer.add(variant, objs, refs, sets)
     writer.finish(out / INSTANCES, seed)
     return writer.counts()
 
@@ -381,8 +481,15 @@ class _Writer:
         self.refs: list[dict] = []
         self.sentences = 0
         self.levels: Counter[int] = Counter()
+        self.kinds: Counter[str] = Counter()
 
-    def add(self, picture: Picture, objs: list[Obj], refs: list[tuple[int, int, list[str]]]) -> None:
+    def add(
+        self,
+        picture: Picture,
+        objs: list[Obj],
+        refs: list[tuple[int, int, list[str]]],
+        sets: list[tuple[tuple[int, ...], int, list[str]]],
+    ) -> None:
         height, width = picture.pixels.shape[:2]
         image_id = len(self.images) + 1
         self.images.append(
@@ -441,6 +548,23 @@ class _Writer:
             )
             self.sentences += len(texts)
             self.levels[lvl] += 1
+        for members, lvl, texts in sets:
+            ann = [ann_ids[i] for i in members]
+            self.refs.append(
+                refer_set_ref(
+                    len(self.refs),
+                    image_id,
+                    ann,
+                    [category_ids[picture.instances[i].category] for i in members],
+                    picture.split,
+                    lvl,
+                    texts,
+                    picture.file_name,
+                    self.sentences,
+                )
+            )
+            self.sentences += len(texts)
+            self.kinds["plural" if members else "absent"] += 1
 
     def finish(self, folder: Path, seed: int) -> None:
         instances = {
@@ -463,4 +587,5 @@ class _Writer:
             "refs": len(self.refs),
             "sentences": self.sentences,
             **{f"level {k}": v for k, v in sorted(self.levels.items())},
+            **dict(sorted(self.kinds.items())),
         }

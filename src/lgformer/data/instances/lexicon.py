@@ -97,6 +97,16 @@ COCO_NOUNS: dict[str, tuple[str, ...]] = {
     "hair drier": ("hair dryer", "hair drier"),
     "toothbrush": ("toothbrush",),
 }
+# Plural wordings where adding -s / -es to the last word is wrong, and nouns said in the singular only
+# ("skis" is already plural; "all the broccoli" is a mass); a plural is never shared by two categories.
+IRREGULAR_PLURALS = {
+    "person": "people",
+    "sheep": "sheep",
+    "knife": "knives",
+    "mouse": "mice",
+    "teddy": "teddies",
+}
+NO_PLURAL = frozenset({"skis", "scissors", "broccoli", "luggage"})
 COLOR_WORDS = {
     "white": ("white",),
     "black": ("black",),
@@ -109,6 +119,18 @@ COLOR_WORDS = {
     "purple": ("purple",),
     "pink": ("pink",),
     "brown": ("brown",),
+}
+# colours a photo's pixels or a reader may take for each other: an absent description never calls a white
+# object gray ("the gray dog" beside the one white dog is not clearly about nothing)
+NEIGHBOUR_COLORS = (
+    ("white", "gray"), ("white", "pink"), ("gray", "black"), ("gray", "blue"), ("gray", "brown"),
+    ("black", "brown"), ("black", "blue"), ("red", "orange"), ("red", "pink"), ("red", "brown"),
+    ("red", "purple"), ("orange", "yellow"), ("orange", "brown"), ("yellow", "green"), ("green", "blue"),
+    ("blue", "purple"), ("purple", "pink"),
+)  # fmt: skip
+CONFUSABLE = {
+    color: frozenset(b if a == color else a for a, b in NEIGHBOUR_COLORS if color in (a, b))
+    for color in COLOR_WORDS
 }
 SIZE_WORDS = {"small": ("small", "little", "smaller"), "large": ("big", "large", "bigger")}
 MIDDLE = "medium"  # a size that is clearly neither the big nor the small one: never said
@@ -156,7 +178,25 @@ def lexicon(categories: list[str]) -> Lexicon:
         superlatives=True,
         color_after=WEARERS & set(categories),
         negate_absent=False,
+        confusable=CONFUSABLE,
+        plurals={
+            name: plural
+            for name, words in nouns.items()
+            if (plural := tuple(plural_noun(w) for w in words if w.split()[-1] not in NO_PLURAL))
+        },
     )
+
+
+def plural_noun(noun: str) -> str:
+    """ "traffic light" -> "traffic lights", "bus" -> "buses", "person" -> "people"."""
+    *head, last = noun.split()
+    if last in IRREGULAR_PLURALS:
+        last = IRREGULAR_PLURALS[last]
+    elif last.endswith(("s", "sh", "ch", "x")):
+        last += "es"
+    else:
+        last += "s"
+    return " ".join([*head, last])
 
 
 def plain_noun(name: str) -> str:

@@ -7,7 +7,7 @@ and, parsed back from the text, resolves to the target and to nothing else.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -190,16 +190,27 @@ class _Context:
 
 
 def describe_plural(
-    objs: Sequence[Obj], rng: np.random.Generator, count: int = 3, lex: Lexicon = SYNTH_LEXICON
+    objs: Sequence[Obj],
+    rng: np.random.Generator,
+    count: int = 3,
+    lex: Lexicon = SYNTH_LEXICON,
+    named: int | None = None,
+    at_least: int = 2,
 ) -> tuple[tuple[int, ...], list[str]] | None:
     """A set of two or more objects that one plural description names, with up to `count` verified
-    expressions of it ("both triangles", "the two striped circles", "all the red shapes"), or None."""
+    expressions of it ("both triangles", "the two striped circles", "all the red shapes"), or None. Only the
+    objects before `named` may be in the set (default all): those after it are in the picture without a mask
+    of their own (a crowd, a speck), so "all the people" is never said where they would belong to it. A set
+    needs `at_least` wordings."""
+    plurals = lex.plurals or {}
     for _ in range(TRIES[2]):
-        example = objs[int(rng.integers(len(objs)))]
+        example = objs[int(rng.integers(len(objs) if named is None else named))]
+        if example.shape not in plurals:
+            continue  # a noun without a plural ("skis")
         attrs = spoken_attrs(example, rng, 0.4, lex)
-        shape = ANY_SHAPE if attrs and rng.random() < 0.3 else example.shape
+        shape = ANY_SHAPE if attrs and ANY_SHAPE in plurals and rng.random() < 0.3 else example.shape
         members = resolve_set(Desc(shape, attrs, count=ALL), objs)
-        if members is None:
+        if members is None or (named is not None and max(members) >= named):
             continue
         counts = [ALL] + ([len(members)] if len(members) in COUNT_WORDS else [])
 
@@ -208,31 +219,45 @@ def describe_plural(
 
         lvl = level(Desc(shape, attrs, count=ALL), lex)  # the count's wording leaves the level as it is
         texts = _verified(make, members, objs, lvl, rng, count, 2 * count, lex)
-        if len(texts) >= 2:
+        if len(texts) >= at_least:
             return members, texts
     return None
 
 
 def describe_absent(
-    objs: Sequence[Obj], rng: np.random.Generator, count: int = 3, lex: Lexicon = SYNTH_LEXICON
+    objs: Sequence[Obj],
+    rng: np.random.Generator,
+    count: int = 3,
+    lex: Lexicon = SYNTH_LEXICON,
+    swaps: Mapping[str, Sequence[str]] | None = None,
+    named: int | None = None,
+    at_least: int = 2,
 ) -> list[str] | None:
     """Up to `count` verified expressions that name nothing in the scene but come close: an object there
-    shares all of the description but one attribute ("the green star" where the star is red and nothing
-    green is a star)."""
+        shares all of the description but one attribute ("the green star" where the star is red and nothing
+        green is a star), or, where `swaps` gives a noun other nouns absent from the scene, all but its noun
+        ("the white cat" beside a white dog, no cat in the picture). Only objects before `named` are the near
+        one; the others still count when the interpreter checks that nothing fits. None when no description
+    with `at_least` wordings is found."""
     for _ in range(TRIES[2]):
-        near = objs[int(rng.integers(len(objs)))]
-        attr = ATTRIBUTES[int(rng.integers(len(ATTRIBUTES)))]
-        others = sorted(set(lex.attribute_words[attr]) - {near.attribute(attr)})
-        if not others:
-            continue
-        changed = (attr, others[int(rng.integers(len(others)))])
-        kept = spoken_attrs(near, rng, 0.4, lex, skip=attr)
-        attrs = tuple(sorted([*kept, changed], key=lambda p: ATTRIBUTES.index(p[0])))
-        desc = Desc(near.shape, attrs)
+        near = objs[int(rng.integers(len(objs) if named is None else named))]
+        if swaps and swaps.get(near.shape) and rng.random() < 0.5:
+            nouns = swaps[near.shape]
+            desc = Desc(nouns[int(rng.integers(len(nouns)))], spoken_attrs(near, rng, 0.5, lex))
+        else:
+            attr = ATTRIBUTES[int(rng.integers(len(ATTRIBUTES)))]
+            own = near.attribute(attr)
+            others = sorted(set(lex.attribute_words[attr]) - {own} - lex.confusable.get(own, frozenset()))
+            if not others:
+                continue
+            changed = (attr, others[int(rng.integers(len(others)))])
+            kept = spoken_attrs(near, rng, 0.4, lex, skip=attr)
+            desc = Desc(near.shape, tuple(sorted([*kept, changed], key=lambda p: ATTRIBUTES.index(p[0]))))
         if resolve_set(desc, objs) != ():
             continue
-        texts = _verified(lambda desc=desc: desc, (), objs, 2, rng, count, 2 * count, lex)
-        if len(texts) >= 2:
+        lvl = level(desc, lex)
+        texts = _verified(lambda desc=desc: desc, (), objs, lvl, rng, count, 2 * count, lex)
+        if len(texts) >= at_least:
             return texts
     return None
 

@@ -265,22 +265,21 @@ class _Writer:
             )
             self.sentences += len(texts)
         for members, texts in scene.sets:
-            ann = [ann_ids[i] for i in members] or [-1]
-            categories = [SHAPES.index(scene.objs[i].shape) + 1 for i in members] or [-1]
-            file_name = f"{Path(scene.file_name).stem}_{'_'.join(map(str, ann))}.jpg"
-            record = refer_ref(
-                len(self.refs),
-                image_id,
-                ann,
-                categories,
-                scene.split,
-                level(parse(texts[0])),
-                texts,
-                file_name,
-                self.sentences,
+            ann = [ann_ids[i] for i in members]
+            file_name = f"{Path(scene.file_name).stem}_{'_'.join(map(str, ann or [-1]))}.jpg"
+            self.refs.append(
+                refer_set_ref(
+                    len(self.refs),
+                    image_id,
+                    ann,
+                    [SHAPES.index(scene.objs[i].shape) + 1 for i in members],
+                    scene.split,
+                    level(parse(texts[0])),
+                    texts,
+                    file_name,
+                    self.sentences,
+                )
             )
-            record["no_target"] = not members
-            self.refs.append(record)
             self.sentences += len(texts)
 
     def finish(self, folder: Path) -> None:
@@ -321,6 +320,25 @@ def refer_ref(
         "category_id": category_id,
         "level": level,
     }
+
+
+def refer_set_ref(
+    ref_id: int,
+    image_id: int,
+    ann_ids: list[int],
+    category_ids: list[int],
+    split: str,
+    level: int,
+    texts: list[str],
+    file_name: str,
+    first_sent_id: int,
+) -> dict:
+    """A gRefCOCO ref naming several objects (their lists) or none (`[-1]` and `no_target`)."""
+    record = refer_ref(
+        ref_id, image_id, ann_ids or [-1], category_ids or [-1], split, level, texts, file_name, first_sent_id
+    )
+    record["no_target"] = not ann_ids
+    return record
 
 
 def deterministic_pickle(value: object) -> bytes:

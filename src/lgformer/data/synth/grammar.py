@@ -25,6 +25,7 @@ other object is clearly not.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -95,6 +96,8 @@ class Lexicon:
     color_after: frozenset[str] = frozenset()
     negate_absent: bool = True  # negate a value no other object of the noun has ("that is not purple")
     plurals: Mapping[str, tuple[str, ...]] | None = None  # plural nouns: the grammar's plural descriptions
+    # values an absent description never gives an object that has the key value (white ~ gray on a photo)
+    confusable: Mapping[str, frozenset[str]] = dataclasses.field(default_factory=dict)
 
     def worded(self, attr: str, value: str) -> bool:
         """Can the value be said? (UNKNOWN and values without words, such as a middle size, cannot.)"""
@@ -256,7 +259,10 @@ class _Words:
         self.prefixes = (
             {w: d for d, words in SUPERLATIVE_PREFIXES.items() for w in words} if lex.superlatives else {}
         )
-        self.plurals = {w: n for n, words in (lex.plurals or {}).items() for w in words}
+        self.plurals = sorted(
+            ((tuple(w.split()), n) for n, words in (lex.plurals or {}).items() for w in words),
+            key=lambda p: -len(p[0]),
+        )
 
 
 COUNTS_OF = {word: k for k, word in COUNT_WORDS.items()}
@@ -283,7 +289,7 @@ def vocabulary(lex: Lexicon = SYNTH_LEXICON) -> set[str]:
     if lex.color_after:
         words.add("in")
     if lex.plurals:
-        words |= set(t.plurals) | {"both", "all", *COUNT_WORDS.values()}
+        words |= {w for phrase, _ in t.plurals for w in phrase} | {"both", "all", *COUNT_WORDS.values()}
     return words | {w for phrase, _ in _RELATION_PHRASES for w in phrase}
 
 
@@ -379,20 +385,28 @@ class _Parser:
             self.expect("the")
             count = COUNTS_OF[self.expect(*COUNTS_OF)]
         values: dict[str, str] = {}
-        while self.peek() in self.t.adjectives and self.peek() not in self.t.plurals:
+        while self.peek() in self.t.adjectives and self.phrase_at(self.t.plurals) is None:
             attr, value = self.t.adjectives[self.expect(*self.t.adjectives)]
             if attr in values:
                 raise GrammarError(f"two {attr} words")
             values[attr] = value
-        shape = self.t.plurals[self.expect(*self.t.plurals)]
+        found = self.phrase_at(self.t.plurals)
+        if found is None:
+            raise GrammarError(f"expected a plural noun at word {self.pos + 1} of {' '.join(self.words)!r}")
+        self.pos += len(found[0])
+        shape = found[1]
         if self.peek() is not None:
             raise GrammarError(f"unexpected {self.peek()!r} after a plural noun in {' '.join(self.words)!r}")
         if shape == ANY_SHAPE and not values:
             raise GrammarError(f"{' '.join(self.words)!r} names no kind of object")
         return Desc(shape, tuple((a, values[a]) for a in ATTRIBUTES if a in values), count=count)
 
-    def noun_at(self, pos: int) -> tuple[tuple[str, ...], str] | None:
-        for phrase, noun in self.t.nouns:
+    def phrase_at(
+        self, phrases: list[tuple[tuple[str, ...], str]], pos: int | None = None
+    ) -> tuple[tuple[str, ...], str] | None:
+        """The first (longest) of `phrases` whose words start at `pos` (default: here), with its noun."""
+        pos = self.pos if pos is None else pos
+        for phrase, noun in phrases:
             if tuple(self.words[pos : pos + len(phrase)]) == phrase:
                 return phrase, noun
         return None
@@ -401,15 +415,15 @@ class _Parser:
         values: dict[str, str] = {}
         while self.peek() in self.t.adjectives:
             # a word that is an adjective and a noun ("orange") is the noun when no noun phrase follows it
-            if self.noun_at(self.pos) and not (
-                self.peek(1) in self.t.adjectives or self.noun_at(self.pos + 1)
+            if self.phrase_at(self.t.nouns) and not (
+                self.peek(1) in self.t.adjectives or self.phrase_at(self.t.nouns, self.pos + 1)
             ):
                 break
             attr, value = self.t.adjectives[self.expect(*self.t.adjectives)]
             if attr in values:
                 raise GrammarError(f"two {attr} words")
             values[attr] = value
-        found = self.noun_at(self.pos)
+        found = self.phrase_at(self.t.nouns)
         if found is None:
             raise GrammarError(f"expected a noun at word {self.pos + 1} of {' '.join(self.words)!r}")
         self.pos += len(found[0])
