@@ -47,7 +47,7 @@ from lgformer.data.instances.lexicon import color_name, lexicon, size_names
 from lgformer.data.masks import decode_segmentation, encode_rle
 from lgformer.data.sources import read_json
 from lgformer.data.synth.describe import describe, describe_absent, describe_plural
-from lgformer.data.synth.generate import deterministic_pickle, refer_ref, refer_set_ref
+from lgformer.data.synth.generate import deterministic_pickle, refer_ref
 from lgformer.data.synth.grammar import UNKNOWN, Lexicon, Obj, level, min_level, parse
 from lgformer.errors import LGFormerError
 from lgformer.files import atomic_write
@@ -531,30 +531,12 @@ class _Writer:
                     },
                 }
             )
-        for obj_index, lvl, texts in refs:
-            category = category_ids[picture.instances[obj_index].category]
+        for members, lvl, texts in [((i,), lvl, texts) for i, lvl, texts in refs] + sets:
             self.refs.append(
                 refer_ref(
                     len(self.refs),
                     image_id,
-                    ann_ids[obj_index],
-                    category,
-                    picture.split,
-                    lvl,
-                    texts,
-                    picture.file_name,
-                    self.sentences,
-                )
-            )
-            self.sentences += len(texts)
-            self.levels[lvl] += 1
-        for members, lvl, texts in sets:
-            ann = [ann_ids[i] for i in members]
-            self.refs.append(
-                refer_set_ref(
-                    len(self.refs),
-                    image_id,
-                    ann,
+                    [ann_ids[i] for i in members],
                     [category_ids[picture.instances[i].category] for i in members],
                     picture.split,
                     lvl,
@@ -564,7 +546,10 @@ class _Writer:
                 )
             )
             self.sentences += len(texts)
-            self.kinds["plural" if members else "absent"] += 1
+            if len(members) == 1:
+                self.levels[lvl] += 1
+            else:
+                self.kinds["plural" if members else "absent"] += 1
 
     def finish(self, folder: Path, seed: int) -> None:
         instances = {

@@ -246,37 +246,19 @@ class _Writer:
                     },
                 }
             )
-        for obj_index, texts in scene.refs:
-            ann_id = ann_ids[obj_index]
-            category = SHAPES.index(scene.objs[obj_index].shape) + 1
-            file_name = f"{Path(scene.file_name).stem}_{ann_id}.jpg"
+        classic = [((i,), scene.level, texts) for i, texts in scene.refs]
+        for members, lvl, texts in classic + [(m, level(parse(t[0])), t) for m, t in scene.sets]:
+            ann = [ann_ids[i] for i in members]
             self.refs.append(
                 refer_ref(
-                    len(self.refs),
-                    image_id,
-                    ann_id,
-                    category,
-                    scene.split,
-                    scene.level,
-                    texts,
-                    file_name,
-                    self.sentences,
-                )
-            )
-            self.sentences += len(texts)
-        for members, texts in scene.sets:
-            ann = [ann_ids[i] for i in members]
-            file_name = f"{Path(scene.file_name).stem}_{'_'.join(map(str, ann or [-1]))}.jpg"
-            self.refs.append(
-                refer_set_ref(
                     len(self.refs),
                     image_id,
                     ann,
                     [SHAPES.index(scene.objs[i].shape) + 1 for i in members],
                     scene.split,
-                    level(parse(texts[0])),
+                    lvl,
                     texts,
-                    file_name,
+                    f"{Path(scene.file_name).stem}_{'_'.join(map(str, ann or [-1]))}.jpg",
                     self.sentences,
                 )
             )
@@ -296,35 +278,6 @@ class _Writer:
 def refer_ref(
     ref_id: int,
     image_id: int,
-    ann_id: int | list[int],
-    category_id: int | list[int],
-    split: str,
-    level: int,
-    texts: list[str],
-    file_name: str,
-    first_sent_id: int,
-) -> dict:
-    """One REFER ref record (the fields, in the order, of the REFER release), its sentences numbered from
-    `first_sent_id`; gRefCOCO's lists for `ann_id` / `category_id` where it names several objects or none."""
-    sent_ids = list(range(first_sent_id, first_sent_id + len(texts)))
-    return {
-        "sent_ids": sent_ids,
-        "file_name": file_name,
-        "ann_id": ann_id,
-        "ref_id": ref_id,
-        "image_id": image_id,
-        "split": split,
-        "sentences": [
-            {"tokens": t.split(), "raw": t, "sent_id": s, "sent": t} for t, s in zip(texts, sent_ids)
-        ],
-        "category_id": category_id,
-        "level": level,
-    }
-
-
-def refer_set_ref(
-    ref_id: int,
-    image_id: int,
     ann_ids: list[int],
     category_ids: list[int],
     split: str,
@@ -333,11 +286,25 @@ def refer_set_ref(
     file_name: str,
     first_sent_id: int,
 ) -> dict:
-    """A gRefCOCO ref naming several objects (their lists) or none (`[-1]` and `no_target`)."""
-    record = refer_ref(
-        ref_id, image_id, ann_ids or [-1], category_ids or [-1], split, level, texts, file_name, first_sent_id
-    )
-    record["no_target"] = not ann_ids
+    """One REFER ref record (the fields, in the order, of the REFER release), its sentences numbered from
+    `first_sent_id`: one object's `ann_id` and `category_id` as numbers; gRefCOCO's lists where it names
+    several objects, `[-1]` and `no_target` where it names none."""
+    sent_ids = list(range(first_sent_id, first_sent_id + len(texts)))
+    record = {
+        "sent_ids": sent_ids,
+        "file_name": file_name,
+        "ann_id": ann_ids[0] if len(ann_ids) == 1 else ann_ids or [-1],
+        "ref_id": ref_id,
+        "image_id": image_id,
+        "split": split,
+        "sentences": [
+            {"tokens": t.split(), "raw": t, "sent_id": s, "sent": t} for t, s in zip(texts, sent_ids)
+        ],
+        "category_id": category_ids[0] if len(category_ids) == 1 else category_ids or [-1],
+        "level": level,
+    }
+    if len(ann_ids) != 1:
+        record["no_target"] = not ann_ids
     return record
 
 
