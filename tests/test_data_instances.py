@@ -23,7 +23,7 @@ from lgformer.data.instances.generate import (
 )
 from lgformer.data.instances.lexicon import MIDDLE, color_name, lexicon, size_names
 from lgformer.data.pickles import load_plain_pickle
-from lgformer.data.synth.grammar import UNKNOWN, Obj, level, parse, resolve
+from lgformer.data.synth.grammar import UNKNOWN, Desc, Obj, level, parse, resolve
 from lgformer.errors import LGFormerError
 
 COCO = SHARED / "data" / "coco-subset"
@@ -322,7 +322,7 @@ def test_crowds_and_specks_are_never_in_a_set_nor_fit_an_absence() -> None:
     objs = [
         Obj("person", "red", UNKNOWN, UNKNOWN, 40, 50, 10),
         Obj("person", "blue", UNKNOWN, UNKNOWN, 100, 50, 10),
-        Obj("car", "white", "small", UNKNOWN, 160, 80, 10),
+        Obj("car", "white", MIDDLE, UNKNOWN, 160, 80, 10),
         Obj("car", "black", "large", UNKNOWN, 220, 80, 20),
     ]
     hidden = [
@@ -344,6 +344,10 @@ def test_crowds_and_specks_are_never_in_a_set_nor_fit_an_absence() -> None:
     assert any(parse(t, lex).shape in ("cat", "truck") for t in said), said  # the swapped nouns
     assert all(resolve_set(parse(t, lex), objs + hidden) == () for t in said)
     assert not {"the gray car", "the grey car"} & said  # white's neighbour is never an absence
+    for text in said:  # nor does an absence hinge on a size, which is relative: without it, still nothing
+        desc = parse(text, lex)
+        sizeless = Desc(desc.shape, tuple(a for a in desc.attrs if a[0] != "size"))
+        assert resolve_set(sizeless, objs + hidden) == (), text
 
 
 def test_generalized_flags_need_generalized(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

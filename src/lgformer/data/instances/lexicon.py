@@ -128,12 +128,13 @@ NEIGHBOUR_COLORS = (
     ("red", "purple"), ("orange", "yellow"), ("orange", "brown"), ("yellow", "green"), ("green", "blue"),
     ("blue", "purple"), ("purple", "pink"),
 )  # fmt: skip
+SIZE_WORDS = {"small": ("small", "little", "smaller"), "large": ("big", "large", "bigger")}
+MIDDLE = "medium"  # a size that is clearly neither the big nor the small one: never said
+# a size is relative ("the small oven" is the smaller of two big ones): no size makes an absence
 CONFUSABLE = {
     color: frozenset(b if a == color else a for a, b in NEIGHBOUR_COLORS if color in (a, b))
     for color in COLOR_WORDS
-}
-SIZE_WORDS = {"small": ("small", "little", "smaller"), "large": ("big", "large", "bigger")}
-MIDDLE = "medium"  # a size that is clearly neither the big nor the small one: never said
+} | {size: frozenset(SIZE_WORDS) for size in (*SIZE_WORDS, MIDDLE)}
 WORD_RANGES = {1: (1, 4), 2: (2, 8), 3: (4, 14), 4: (6, 16)}  # multi-word nouns; 16 words fit 20 tokens
 WEARERS = frozenset({"person"})  # "the person in red"
 
