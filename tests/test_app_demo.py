@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import SHARED, save_lite_checkpoint
+from conftest import SHARED, head_checkpoint, save_lite_checkpoint
 from PIL import Image
 
 from lgformer import shipped
@@ -44,6 +44,28 @@ def test_demo_scores_every_level_and_draws_the_gallery(checkpoint, tmp_path, cap
         assert (out / tile["file"]).is_file() and tile["file"] in page
     gallery = Image.open(out / "gallery.png")
     assert gallery.width > 1000 and gallery.height > 320
+
+
+def test_a_model_with_the_head_shows_plural_and_absent_expressions(tmp_path, capsys):
+    """With the no-target head (here fixed to answer "nothing" everywhere), the demo adds the held-out scenes'
+    plural and absent expressions: every absent one is answered "nothing matches" (an empty mask, IoU 1 by the
+    GRES convention) and every plural one, given no mask, scores IoU 0."""
+    checkpoint = head_checkpoint(tmp_path / "head", -20.0)
+    out = tmp_path / "demo"
+    argv = ["demo", "--checkpoint", str(checkpoint), "--out", str(out), "--eval-refs", "4", "--scenes", "4"]
+    assert main([*argv, "--real", "none", "--device", "cpu", "--workers", "1"]) == 0
+    printed = capsys.readouterr().out
+    sets = json.loads((out / "summary.json").read_text())["sets"]
+    assert sets["absent"] >= 1 and sets["plural"] >= 1 and sets["nothing_matches"] == sets["absent"]
+    assert sets["plural_mIoU"] == 0.0
+    line = f'{sets["absent"]} expressions naming nothing, answered "nothing matches" {sets["absent"]} times'
+    assert f"nothing matches / all of these: {line}" in printed
+    tiles = json.loads((out / "summary.json").read_text())["gallery"]
+    kinds = [t for t in tiles if t["level"] in ("plural", "no target")]
+    assert len(kinds) == sets["absent"] + sets["plural"]
+    assert all(t["iou"] == (1.0 if t["level"] == "no target" else 0.0) for t in kinds)
+    page = (out / "index.html").read_text()
+    assert "Nothing matches / all of these" in page and all(t["file"] in page for t in kinds)
 
 
 def test_demo_shows_real_photos_first(checkpoint, tmp_path, capsys):

@@ -24,6 +24,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from lgformer import config as config_mod
+from lgformer.app.serve import EXAMPLE_SEED, EXAMPLE_SIZE, write_examples
 from lgformer.checkpoint import save_model
 from lgformer.model.build import build_model
 
@@ -287,7 +288,28 @@ def test_nothing_matches_is_said_on_the_page(tmp_path_factory, browser):
         )
         status = browser.find_element(By.CSS_SELECTOR, "#status").text
         assert "'the giraffe'" in status and "match probability 0.00" in status
+        table = browser.find_element(By.CSS_SELECTOR, "table").text  # a plural and an absent example
+        assert all(
+            sentence in table for _, sentence in write_examples(tmp_path_factory.mktemp("ex"), sets=True)[4:]
+        )
         link = _wait(browser, "#download a[download]")[0].get_attribute("href")
         with urllib.request.urlopen(link, timeout=10) as response:
             mask = np.asarray(Image.open(response))
         assert mask.shape == (427, 640) and not mask.any()
+
+
+def test_a_model_with_the_head_gets_a_plural_and_an_absent_example(tmp_path):
+    """The examples of a model with the no-target head end with an expression naming several objects of one
+    of the example scenes and one naming nothing in it, as the generator (verified by its interpreter) made
+    them; a model without the head gets the four classic ones."""
+    from lgformer.data.synth.generate import make_scene
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    classic, both = write_examples(tmp_path / "a"), write_examples(tmp_path / "b", sets=True)
+    assert len(classic) == 4 and both[:4] == [[row[0].replace("/a/", "/b/"), row[1]] for row in classic]
+    assert len(both) == 6
+    for (path, sentence), plural in zip(both[4:], (True, False)):
+        index = int(Path(path).stem.removeprefix("level")) - 1  # scene i is of level 1 + i % 4
+        scene = make_scene(EXAMPLE_SEED, "test", index, EXAMPLE_SIZE, 1, plural=1.0, absent=1.0)
+        members = {texts[0]: m for m, texts in scene.sets}[sentence]
+        assert len(members) >= 2 if plural else members == ()

@@ -194,6 +194,8 @@ def _demo(args: argparse.Namespace) -> int:
         )
     print(f"held-out synthetic split (test split of seed {demo.SYNTH_SEED}), oIoU / mIoU in %:")
     print("\n".join("  " + line for line in demo.level_table(summary)))
+    if summary["sets"]:
+        print(f"nothing matches / all of these: {demo.sets_line(summary['sets'])}")
     print(f"\ngallery: {out / 'gallery.png'}\npage:    {out / 'index.html'}\noverlays: {out / 'overlays'}")
     print(f"(data, scoring and gallery: {summary['seconds']:.0f} s)")
     return 0

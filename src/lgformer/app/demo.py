@@ -9,7 +9,11 @@
    training and validation scenes);
 4. measure oIoU per complexity level on it with the engine's evaluator (`resized` protocol);
 5. segment a handful of its scenes (two per level by default, an expression for each of their referred
-   objects) through the public `Segmenter` and write the overlays, a one-page gallery PNG and an HTML page.
+   objects) through the public `Segmenter` and write the overlays, a one-page gallery PNG and an HTML page;
+6. for a model with the no-target head, the same scenes as the generalized benchmark makes them, with an
+   expression naming several objects ("both triangles") and one naming nothing ("the green star" where no
+   star is green) each where the grammar has one: the plural ones' IoU against the union of their objects,
+   how many of the absent ones the model answers with "nothing matches", and their overlays.
 
 `--train` first retrains the default model's first, synthetic stage from scratch with the recipe below (the
 engine's trainer, lite preset on synthetic data, with its progress bar; the README gives the real-photo stages
@@ -21,12 +25,14 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import io
 import json
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from lgformer.files import atomic_write
@@ -100,12 +106,17 @@ def run_demo(
     counts = evaluate_model(seg.model, dataset, seg.device, dtype=seg.dtype, progress=True)
     scores = report(counts, dataset, "resized")
     tiles = _gallery_tiles(seg, dataset.referents, scenes, config.gt_rule, out / "overlays")
+    sets, set_tiles = None, []
+    if seg.model.target_head is not None:
+        sets, set_tiles = run_sets(seg, scenes, out / "overlays-sets")
+    tiles += set_tiles
     summary = {
         "real": real_scores,
         "held_out": {"split": "test", "seed": SYNTH_SEED, "refs": eval_refs, "expressions": len(dataset)},
         "oIoU": scores["oIoU"],
         "mIoU": scores["mIoU"],
         "by_level": scores.get("by_level", {}),
+        "sets": sets,
         "gallery": [{k: v for k, v in t.items() if k != "image"} for t in real_tiles + tiles],
         "seconds": round(time.perf_counter() - start, 1),
     }
@@ -148,6 +159,58 @@ def _gallery_tiles(seg: Segmenter, referents: list, scenes: int, rule: str, fold
                 }
             )
     return tiles
+
+
+def run_sets(seg: Segmenter, scenes: int, folder: Path) -> tuple[dict[str, Any], list[dict]]:
+    """The plural and absent expressions of the first `scenes` held-out scenes (the generalized benchmark's
+    scenes, each given one of each kind where the grammar has one): the plural ones' mean IoU against the
+    union of their objects, the share of absent ones answered "nothing matches", and an overlay of each."""
+    from lgformer.data.masks import decode_segmentation
+    from lgformer.data.synth.generate import REFS_PER_SCENE, make_scene
+
+    tiles: list[dict] = []
+    plural_ious: list[float] = []
+    answered: list[bool] = []
+    for index in range(scenes):
+        scene = make_scene(SYNTH_SEED, "test", index, SYNTH_SIZE, REFS_PER_SCENE, plural=1.0, absent=1.0)
+        if not scene.sets:
+            continue
+        picture = Image.open(io.BytesIO(scene.jpeg)).convert("RGB")
+        predictions = seg.predict(picture, [texts[0] for _, texts in scene.sets])
+        for (members, _), pred in zip(scene.sets, predictions):
+            truth = np.zeros((SYNTH_SIZE, SYNTH_SIZE), dtype=bool)
+            for i in members:
+                truth |= decode_segmentation(scene.masks[i], SYNTH_SIZE, SYNTH_SIZE, "union", scene.file_name)
+            if members:
+                union = (pred.mask | truth).sum()
+                iou = float((pred.mask & truth).sum() / union) if union else 0.0
+                plural_ious.append(iou)
+                kind, note = "plural", f"plural ({len(members)} objects)  IoU {iou:.2f}"
+            else:
+                iou = float(not pred.mask.any())  # the GRES convention: an empty answer is exact
+                answered.append(pred.no_target)
+                said = "nothing matches" if pred.no_target else "a mask"
+                kind, note = "no target", f"no target; answered {said} (match p {pred.target_score:.2f})"
+            image = overlay(picture, pred.mask, pred.sentence, note, truth=truth)
+            path = save_png(folder / f"{Path(scene.file_name).stem}_{kind.replace(' ', '-')}.png", image)
+            tiles.append(
+                {
+                    "image": image,
+                    "file": f"{folder.name}/{path.name}",
+                    "sentence": pred.sentence,
+                    "level": kind,
+                    "iou": round(iou, 4),
+                    "score": round(pred.score, 4),
+                }
+            )
+    summary = {
+        "scenes": scenes,
+        "plural": len(plural_ious),
+        "plural_mIoU": round(100 * float(np.mean(plural_ious)), 2) if plural_ious else None,
+        "absent": len(answered),
+        "nothing_matches": sum(answered),
+    }
+    return summary, tiles
 
 
 def level_rows(summary: dict[str, Any]) -> list[tuple[str, int, float, float]]:
@@ -199,7 +262,7 @@ def _gallery_png(tiles: list[dict], summary: dict[str, Any], columns: int = 6) -
 def _figures(tiles: list[dict]) -> str:
     return "".join(
         f"<figure><img src='{t['file']}' alt='overlay'><figcaption>&ldquo;{html.escape(t['sentence'])}&rdquo;"
-        f"<br>{'level ' if t['level'] != 'real' else ''}{t['level']}, IoU {t['iou']:.2f}, "
+        f"<br>{'level ' if isinstance(t['level'], int) else ''}{t['level']}, IoU {t['iou']:.2f}, "
         f"score {t['score']:.2f}</figcaption></figure>"
         for t in tiles
     )
@@ -217,7 +280,27 @@ mIoU {real["mIoU"]:.1f}, P@0.5 {real["P@0.5"]:.1f}. Below, the first sentence of
 """
 
 
+def sets_line(sets: dict[str, Any]) -> str:
+    """The plural and absent expressions' result in one sentence (printed and on the page)."""
+    plural = f"mean IoU {sets['plural_mIoU']:.1f}" if sets["plural"] else "none made"
+    return (
+        f'{sets["absent"]} expressions naming nothing, answered "nothing matches" {sets["nothing_matches"]} '
+        f"times; {sets['plural']} naming several objects, {plural} (first {sets['scenes']} held-out scenes)"
+    )
+
+
+def _sets_html(sets: dict[str, Any] | None, tiles: list[dict]) -> str:
+    if sets is None:
+        return ""
+    return f"""<h2>Nothing matches / all of these</h2>
+<p>The model has the no-target head. {html.escape(sets_line(sets))}.</p>
+{_figures(tiles)}
+"""
+
+
 def _gallery_html(real_tiles: list[dict], tiles: list[dict], summary: dict[str, Any]) -> str:
+    set_tiles = [t for t in tiles if not isinstance(t["level"], int)]
+    tiles = [t for t in tiles if isinstance(t["level"], int)]
     rows = "".join(
         f"<tr><td>{html.escape(n)}</td><td>{k}</td><td>{o:.1f}</td><td>{m:.1f}</td></tr>"
         for n, k, o, m in level_rows(summary)
@@ -239,7 +322,7 @@ scored with the engine's evaluator (in %).</p>
 <table><tr><th>level</th><th>expressions</th><th>oIoU</th><th>mIoU</th></tr>{rows}</table>
 <p><a href="gallery.png">gallery.png</a> (this page as one picture)</p>
 {figures}
-</body></html>
+{_sets_html(summary["sets"], set_tiles)}</body></html>
 """
 
 

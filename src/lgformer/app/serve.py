@@ -28,18 +28,22 @@ EXAMPLE_SEED = 7
 EXAMPLE_SIZE = 320
 
 
-def write_examples(folder: Path) -> list[list[str]]:
+def write_examples(folder: Path, sets: bool = False) -> list[list[str]]:
     """One synthetic scene per complexity level (from the data package's generator) with one of its
-    expressions: [image path, sentence] rows for `gr.Examples`."""
+    expressions: [image path, sentence] rows for `gr.Examples`; with `sets` (a model with the no-target
+    head) also the first expression naming several objects and the first naming nothing among them."""
     from lgformer.data.synth.generate import make_scene
 
-    rows = []
+    rows, kinds = [], {}
     for index in range(4):  # scene i is made for level 1 + i % 4
-        scene = make_scene(EXAMPLE_SEED, "test", index, EXAMPLE_SIZE, 1)
+        plural = absent = 1.0 if sets else 0.0
+        scene = make_scene(EXAMPLE_SEED, "test", index, EXAMPLE_SIZE, 1, plural=plural, absent=absent)
         path = folder / f"level{scene.level}.jpg"
         path.write_bytes(scene.jpeg)
         rows.append([str(path), scene.refs[0][1][0]])
-    return rows
+        for members, texts in scene.sets:
+            kinds.setdefault(bool(members), [str(path), texts[0]])
+    return rows + [kinds[k] for k in (True, False) if k in kinds]
 
 
 def build_app(seg: Segmenter, workdir: Path, max_upload_mb: float) -> Any:
@@ -112,7 +116,8 @@ def build_app(seg: Segmenter, workdir: Path, max_upload_mb: float) -> Any:
                 mask = gr.Image(label="Mask", type="pil", interactive=False, image_mode="L", elem_id="mask")
                 download = gr.File(label="Mask PNG", elem_id="download")
                 status = gr.Markdown(elem_id="status")
-        gr.Examples(write_examples(workdir), inputs=[upload, sentence], label="Examples (synthetic scenes)")
+        examples = write_examples(workdir, sets=seg.model.target_head is not None)
+        gr.Examples(examples, inputs=[upload, sentence], label="Examples (synthetic scenes)")
         upload.change(read, inputs=upload, outputs=preview)
         for trigger in (button.click, sentence.submit):
             trigger(segment, inputs=[upload, sentence, threshold], outputs=[result, mask, download, status])
