@@ -117,7 +117,8 @@ def build_app(seg: Segmenter, workdir: Path, max_upload_mb: float) -> Any:
                 download = gr.File(label="Mask PNG", elem_id="download")
                 status = gr.Markdown(elem_id="status")
         examples = write_examples(workdir, sets=seg.model.target_head is not None)
-        gr.Examples(examples, inputs=[upload, sentence], label="Examples (synthetic scenes)")
+        label = "Examples (synthetic scenes)"
+        gr.Examples(examples, inputs=[upload, sentence], label=label, elem_id="examples")
         upload.change(read, inputs=upload, outputs=preview)
         for trigger in (button.click, sentence.submit):
             trigger(segment, inputs=[upload, sentence, threshold], outputs=[result, mask, download, status])
