@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
+import statistics
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -35,6 +38,7 @@ from lgformer import config as config_mod
 from lgformer.arguments import add_dtype_argument, add_overrides_argument
 from lgformer.engine import bench
 from lgformer.errors import LGFormerError
+from lgformer.files import atomic_write
 from lgformer.model.build import build_model
 from lgformer.precision import autocast, autocast_dtype, tune_cpu_allocator
 
@@ -54,12 +58,15 @@ def main() -> None:
     p.add_argument("--by-module", action="store_true", help="wall time against roofline per module class")
     p.add_argument("--phases", action="store_true", help="with --train: a training step part by part")
     p.add_argument("--data", default=None, help="with --phases: a synthetic benchmark folder to load from")
+    p.add_argument("--json", type=Path, default=None, help="with --phases: also write the report here")
     add_overrides_argument(p, "config override, e.g. model.decoder_fp32=false (repeatable)")
     args = p.parse_args()
     if args.by_module and args.train:
         p.error("--by-module times inference only")
     if args.phases and not args.train:
         p.error("--phases splits a training step: add --train")
+    if args.json and not args.phases:
+        p.error("--json writes the --phases report")
 
     torch.set_num_threads(args.threads)
     tune_cpu_allocator()  # as every command does (LGFORMER_MALLOC_TUNING=0 leaves it off)
@@ -74,7 +81,10 @@ def main() -> None:
     x = bench.make_inputs(cfg, size, args.batch, device)
     amp = autocast_dtype(args.dtype)
     if args.phases:
-        print(phases(model, cfg, x, amp, device, args.runs, args.data, args.batch))
+        report = phases(model, cfg, x, amp, device, args.runs, args.data, args.batch)
+        print(format_phases(report))
+        if args.json:
+            atomic_write(args.json, json.dumps(report, indent=1) + "\n")
         return
     if args.train:
         step = bench.train_step(model, cfg, x, amp, device)
@@ -112,8 +122,9 @@ def phases(
     runs: int,
     data: str | None,
     batch: int,
-) -> str:
-    """Median wall time of each part of the trainer's step over `runs` steps (after two warm-up steps)."""
+) -> dict:
+    """Median wall time of each part of the trainer's step over `runs` steps (after two warm-up steps), the
+    backward's exclusive time per module class, and the step's GFLOP against the GEMM roofline."""
     from lgformer.engine.train import build_optimizer, freeze, set_train_mode
     from lgformer.model.loss import mask_loss
 
@@ -140,7 +151,55 @@ def phases(
             if stack:
                 stack[-1][2] += spent
 
-    # backward hooks wrap each module's output in a view, which an in-place activation may not modify
+    def forward_loss() -> torch.Tensor:
+        with autocast(device, amp):
+            logits = model(
+                x["image"], x["mask"], ids=x["ids"], upsample=False, all_outputs=m.loss_all_outputs
+            )
+            return mask_loss(logits, x["target"], m.loss_pos_weight, m.loss_all_outputs, m.loss_resolution)
+
+    loader = None
+    if data is not None:
+        from lgformer.data.dataset import build_dataset, collate
+        from lgformer.text.tokenizer import Tokenizer
+
+        data_cfg = config_mod.DataConfig(root=data, dataset="synth", image_size=x["image"].shape[-1])
+        tokenizer = Tokenizer(m.text_encoder, m.max_tokens)
+        dataset = build_dataset(data_cfg, "train", train=True, tokenizer=tokenizer)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch, collate_fn=collate, num_workers=0)
+
+    def step(record: bool) -> None:
+        t0 = now()
+        loss = forward_loss()
+        t1 = now()
+        loss.backward()
+        t2 = now()
+        if tc.clip_grad:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_grad)
+        t3 = now()
+        optimizer.step()
+        t4 = now()
+        optimizer.zero_grad(set_to_none=True)
+        t5 = now()
+        if loader is not None:
+            next(iter(loader))
+        t6 = now()
+        if record:
+            for name, (a, b) in {
+                "forward + loss": (t0, t1),
+                "backward": (t1, t2),
+                "clip gradients": (t2, t3),
+                "AdamW step": (t3, t4),
+                "zero gradients": (t4, t5),
+                "load a batch (1 process)": (t5, t6),
+            }.items():
+                if loader is not None or not name.startswith("load"):
+                    times[name].append(b - a)
+
+    # The parts by the wall clock first, without hooks; then the backward again with a hook on every module
+    # (which makes in-place activations out-of-place while they are on, and costs a little itself).
+    for k in range(runs + 2):
+        step(record=k >= 2)
     inplace = [mod for mod in model.modules() if getattr(mod, "inplace", False)]
     for mod in inplace:
         mod.inplace = False
@@ -153,69 +212,64 @@ def phases(
             (mod.register_full_backward_hook, leave),
         )
     ]
-    loader = None
-    if data is not None:
-        from lgformer.data.dataset import build_dataset, collate
-        from lgformer.text.tokenizer import Tokenizer
-
-        data_cfg = config_mod.DataConfig(root=data, dataset="synth", image_size=x["image"].shape[-1])
-        tokenizer = Tokenizer(m.text_encoder, m.max_tokens)
-        dataset = build_dataset(data_cfg, "train", train=True, tokenizer=tokenizer)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch, collate_fn=collate, num_workers=0)
     try:
         warnings.filterwarnings(
             "ignore", message=".*(backward hook|Full backward hook).*", category=UserWarning
         )
-        for k in range(runs + 2):
-            if k == 2:
-                times.clear()
-                backward.clear()
-            t0 = now()
-            with autocast(device, amp):
-                logits = model(
-                    x["image"], x["mask"], ids=x["ids"], upsample=False, all_outputs=m.loss_all_outputs
-                )
-                loss = mask_loss(
-                    logits, x["target"], m.loss_pos_weight, m.loss_all_outputs, m.loss_resolution
-                )
-            t1 = now()
-            loss.backward()
-            t2 = now()
-            if tc.clip_grad:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_grad)
-            t3 = now()
-            optimizer.step()
-            t4 = now()
+        for _ in range(runs):
+            forward_loss().backward()
             optimizer.zero_grad(set_to_none=True)
-            t5 = now()
-            if loader is not None:
-                next(iter(loader))
-            t6 = now()
-            for name, (a, b) in {
-                "forward + loss": (t0, t1),
-                "backward": (t1, t2),
-                "clip gradients": (t2, t3),
-                "AdamW step": (t3, t4),
-                "zero gradients": (t4, t5),
-                "load a batch (1 process)": (t5, t6),
-            }.items():
-                times[name].append(b - a)
     finally:
         for handle in handles:
             handle.remove()
         for mod in inplace:
             mod.inplace = True
-    median = {name: sorted(v)[len(v) // 2] for name, v in times.items()}
-    total = sum(v for name, v in median.items() if loader is not None or not name.startswith("load"))
-    lines = [f"{'part of a training step':34s} {'ms':>9s} {'share':>6s}"]
-    for name, t in median.items():
-        if loader is None and name.startswith("load"):
-            continue
-        lines.append(f"{name:34s} {t * 1e3:9.1f} {t / total:6.1%}")
-    lines.append(f"{'total':34s} {total * 1e3:9.1f}")
+    with bench.FlopsByDtype() as counter:  # forward + backward of one step
+        forward_loss().backward()
+    optimizer.zero_grad(set_to_none=True)
+    rates = {d: bench.gemm_gflops(d, device)["best"] for d in counter.flops}
+    gflop = {bench.dtype_name(d): n / 1e9 for d, n in counter.flops.items()}
+    median = {name: statistics.median(v) for name, v in times.items()}
+    return {
+        "preset": cfg.preset,
+        "size": x["image"].shape[-1],
+        "batch": batch,
+        "dtype": "fp32" if amp is None else bench.dtype_name(amp),
+        "threads": torch.get_num_threads(),
+        "device": bench.cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "torch": torch.__version__,
+        "runs": runs,
+        "parts_ms": {name: round(t * 1e3, 1) for name, t in median.items()},
+        "step_ms": round(sum(median.values()) * 1e3, 1),
+        "backward_by_module_ms": {
+            name: round(t / runs * 1e3, 1) for name, t in sorted(backward.items(), key=lambda kv: -kv[1])
+        },
+        "gflop": gflop,
+        "gemm_gflops": {bench.dtype_name(d): round(r, 1) for d, r in rates.items()},
+        "roofline_ms": round(sum(n / 1e9 / rates[d] for d, n in counter.flops.items()) * 1e3, 1),
+    }
+
+
+def format_phases(r: dict) -> str:
+    """The `phases` report as a table."""
+    total = r["step_ms"]
+    lines = [
+        f"{r['preset']} {r['size']}x{r['size']} batch {r['batch']} {r['dtype']} {r['threads']} threads "
+        f"{r['device']} torch {r['torch']} (median of {r['runs']} steps)",
+        f"{'part of a training step':34s} {'ms':>9s} {'share':>6s}",
+    ]
+    for name, t in r["parts_ms"].items():
+        lines.append(f"{name:34s} {t:9.1f} {t / total:6.1%}")
+    lines.append(f"{'total':34s} {total:9.1f}")
+    gflop = ", ".join(f"{d} {g:.1f}" for d, g in r["gflop"].items())
+    rates = ", ".join(f"{d} {g:.0f}" for d, g in r["gemm_gflops"].items())
+    lines.append(
+        f"products and convolutions: {gflop} GFLOP per step; at the GEMM rate ({rates} GFLOP/s) "
+        f"{r['roofline_ms']:.0f} ms ({r['roofline_ms'] / total:.0%} of the step)"
+    )
     lines += ["", f"{'backward, exclusive, by module class':40s} {'ms':>9s}"]
-    for name, t in sorted(backward.items(), key=lambda item: -item[1])[:25]:
-        lines.append(f"{name:40s} {t / runs * 1e3:9.1f}")
+    for name, t in list(r["backward_by_module_ms"].items())[:25]:
+        lines.append(f"{name:40s} {t:9.1f}")
     return "\n".join(lines)
 
 

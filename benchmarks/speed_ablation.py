@@ -13,19 +13,28 @@ Rounds alternate the variants; the table gives min and median seconds per forwar
 
 --in-process builds one model and alternates the variants call by call inside one process instead, which
 cancels the drift of shared cores (±5% between processes); `malloc` acts when the process starts, so it
-needs separate processes.
+needs separate processes. `plain` switches every fast path off (the paper's formulation as written).
+
+--against REV adds the code of git revision REV (checked out into a temporary worktree, all its fast paths
+on) as one more variant, alternating with this tree's process by process: before/after figures of a change.
+
+    python benchmarks/speed_ablation.py --preset lite --size 320 --batch 8 --train --variants all \
+        --against a4b6574 --rounds 4
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from lgformer.arguments import add_overrides_argument
 from lgformer.precision import autocast, autocast_dtype, precision_name, tune_cpu_allocator
@@ -48,7 +57,7 @@ FAST_PATHS = (
     "bn-fold",
     "winograd",
 )  # lgformer.model.fast.PATHS, listed here so that `--help` loads no torch
-VARIANTS = ["all", "malloc", *FAST_PATHS]
+VARIANTS = ["all", "plain", "malloc", *FAST_PATHS]
 
 
 BUILD_TIME = ("malloc",)  # acts when the process starts
@@ -56,11 +65,11 @@ BUILD_TIME = ("malloc",)  # acts when the process starts
 
 def switch_off(variant: str) -> None:
     """Switch off the variant's fast path (nothing for `all`, and for `malloc`, which the parent sets through
-    the environment) and switch every other one on."""
+    the environment; every one for `plain`) and switch every other one on."""
     from lgformer.model import fast
 
     for path in fast.PATHS:
-        fast.set_enabled(path, path != variant)
+        fast.set_enabled(path, variant != "plain" and path != variant)
 
 
 def _workload(args: argparse.Namespace) -> Callable[[], None]:
@@ -132,6 +141,13 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     add_overrides_argument(p, "config override, e.g. model.decoder_fp32=false (repeatable)")
     p.add_argument("--in-process", action="store_true", help="alternate the variants inside one process")
+    p.add_argument(
+        "--against",
+        action="append",
+        default=[],
+        metavar="REV",
+        help="also time git revision REV (repeatable)",
+    )
     p.add_argument("--variant", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.variant:
@@ -144,13 +160,19 @@ def main() -> None:
         config_mod.load(args.preset, args.overrides)
     except LGFormerError as exc:
         p.exit(2, f"speed_ablation: error: {exc}\n")
+    if args.against and args.in_process:
+        p.exit(
+            2,
+            "speed_ablation: error: --against needs a process per call, not --in-process\n",
+        )
     if args.in_process:
         if bad := [v for v in args.variants if v in BUILD_TIME]:
             why = "it acts at process start"
             p.exit(2, f"speed_ablation: error: --in-process cannot switch {', '.join(bad)}: {why}\n")
         times = in_process(args)
     else:
-        times = in_subprocesses(args)
+        with worktrees(args.against) as trees:
+            times = in_subprocesses(args, trees)
     load = os.getloadavg()[0]
     what = "training step" if args.train else "forward"
     how = "in one process" if args.in_process else "one process per variant and round"
@@ -159,21 +181,50 @@ def main() -> None:
         f"{args.threads} threads, {what}, {how} (load average {load:.2f})"
     )
     for variant, ts in times.items():
-        label = "all fast paths" if variant == "all" else f"without {variant}"
+        label = {"all": "all fast paths", "plain": "no fast path"}.get(variant, f"without {variant}")
+        if variant.startswith("@"):
+            label = f"revision {variant[1:]}"
         print(f"  {label:<26} min {min(ts) * 1e3:8.1f} ms   median {statistics.median(ts) * 1e3:8.1f} ms")
 
 
-def in_subprocesses(args: argparse.Namespace) -> dict[str, list[float]]:
-    """Each round runs every variant in a fresh child process (`--variant`)."""
-    times: dict[str, list[float]] = {v: [] for v in args.variants}
-    passthrough = [a for a in sys.argv[1:] if a != "--variants" and a not in args.variants]
+@contextlib.contextmanager
+def worktrees(revisions: list[str]) -> Iterator[dict[str, Path]]:
+    """A detached git worktree of each revision in a temporary folder, removed afterwards: {rev: folder}."""
+    repo = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory(prefix="lgformer-trees-") as tmp:
+        trees: dict[str, Path] = {}
+        try:
+            for rev in revisions:
+                folder = Path(tmp) / rev.replace("/", "_")
+                git = ["git", "-C", str(repo), "worktree", "add", "--detach", "--quiet", str(folder), rev]
+                subprocess.run(git, check=True)
+                trees[rev] = folder
+            yield trees
+        finally:
+            for folder in trees.values():
+                subprocess.run(
+                    ["git", "-C", str(repo), "worktree", "remove", "--force", str(folder)], check=False
+                )
+
+
+def in_subprocesses(args: argparse.Namespace, trees: dict[str, Path]) -> dict[str, list[float]]:
+    """Each round runs every variant in a fresh child process (`--variant`); a revision's child imports the
+    package from its worktree, with all its fast paths on."""
+    names = [*args.variants, *(f"@{rev}" for rev in trees)]
+    times: dict[str, list[float]] = {v: [] for v in names}
+    skip = {"--variants", *args.variants, "--against", *args.against}
+    passthrough = [a for a in sys.argv[1:] if a not in skip]
     for _ in range(args.rounds):
-        for variant in args.variants:
+        for variant in names:
             env = dict(os.environ, HF_HUB_OFFLINE="1")
             if variant == "malloc":
                 env["LGFORMER_MALLOC_TUNING"] = "0"
+            child_variant = variant
+            if variant.startswith("@"):
+                env["PYTHONPATH"] = str(trees[variant[1:]] / "src")
+                child_variant = "all"
             out = subprocess.run(
-                [sys.executable, __file__, *passthrough, "--variant", variant],
+                [sys.executable, __file__, *passthrough, "--variant", child_variant],
                 env=env,
                 capture_output=True,
                 text=True,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 
 import pytest
 import torch
@@ -583,3 +584,82 @@ def test_profile_by_module_charges_every_flop_to_a_module() -> None:
     assert float(rows["total"][1]) == pytest.approx(expected, abs=0.01)
     assert {"WindowAttention", "MSDeformAttn", "VLBA", "Linear", "LayerNorm"} <= rows.keys()
     assert float(rows["WindowAttention"][2]) > 0  # its matmuls are counted
+
+
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_flop_count_of_a_depthwise_convolution_backward_counts_its_groups(input_grad: bool) -> None:
+    """A convolution's backward costs its forward once per gradient asked for, depthwise ones too (PyTorch's
+    own formula counts them as dense: 48x too much here)."""
+    from lgformer.engine.bench import FlopsByDtype
+
+    conv = nn.Conv2d(48, 48, 5, padding=2, groups=48, bias=False)
+    x = torch.randn(2, 48, 12, 12, requires_grad=input_grad)
+    forward = 2 * 2 * 48 * 12 * 12 * 25
+    with FlopsByDtype() as counter:
+        conv(x).sum().backward()
+    assert counter.flops[torch.float32] == forward * (3 if input_grad else 2)
+
+
+def test_profile_phases_times_every_part_of_a_training_step() -> None:
+    """`profile_model.py --train --phases`: every part of the step timed, the backward charged to module
+    classes, and the step's products counted forward and backward (about three forwards)."""
+    from lgformer import config as config_mod
+    from lgformer.engine import bench
+    from lgformer.engine.bench import count_gflop
+    from lgformer.model.build import build_model
+
+    profile_model = load_benchmark("profile_model")
+    cfg = config_mod.load("official-swin-t", ["model.text_encoder=minilm", "model.decoder_layers=1"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, pretrained=False)
+    x = bench.make_inputs(cfg, 64, 1, torch.device("cpu"))
+    outputs = dict(upsample=False, all_outputs=cfg.model.loss_all_outputs)
+    forward = sum(count_gflop(lambda: model(x["image"], x["mask"], ids=x["ids"], **outputs)).values())
+    report = profile_model.phases(model, cfg, x, None, torch.device("cpu"), 1, None, 1)
+    assert list(report["parts_ms"]) == [
+        "forward + loss",
+        "backward",
+        "clip gradients",
+        "AdamW step",
+        "zero gradients",
+    ]
+    assert report["parts_ms"]["backward"] > 0 and report["step_ms"] >= sum(report["parts_ms"].values()) - 0.5
+    assert {"MSDeformAttn", "VLBA", "WindowAttention"} <= report["backward_by_module_ms"].keys()
+    # about three forwards (an inference forward takes some folded, cheaper forms: a little over three)
+    assert 2.5 * forward < report["gflop"]["float32"] < 3.5 * forward
+    assert report["roofline_ms"] > 0
+    assert "backward, exclusive, by module class" in profile_model.format_phases(report)
+
+
+def test_speed_ablation_checks_out_a_revision_and_removes_it() -> None:
+    """`speed_ablation.py --against REV` times another revision's package from a temporary worktree."""
+    with SPEED_ABLATION.worktrees(["HEAD"]) as trees:
+        folder = trees["HEAD"]
+        assert (folder / "src" / "lgformer" / "model" / "lgformer.py").is_file()
+    assert not folder.exists()
+
+
+def test_bf16_on_a_cpu_without_bf16_units_is_warned_about(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lgformer import precision
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: False)
+    with pytest.warns(precision.PrecisionWarning, match="without bf16 units"):
+        assert precision.autocast_dtype("bf16", cpu) == torch.bfloat16
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert precision.autocast_dtype("bf16", cpu) == torch.bfloat16
+        assert precision.autocast_dtype("fp32", cpu) is None
+
+
+def test_the_bf16_probe_agrees_with_the_kernels_cpu_flags() -> None:
+    from pathlib import Path
+
+    from lgformer.precision import cpu_has_bf16_units
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        pytest.skip("no /proc/cpuinfo on this system")
+    flags = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split()
+    assert cpu_has_bf16_units() == bool({"avx512_bf16", "amx_bf16", "amx_tile"} & set(flags))

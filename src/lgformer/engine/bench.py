@@ -133,7 +133,7 @@ class FlopsByDtype(TorchDispatchMode):
     (`lgformer.model.layers`) and the CPU flash attention that SDPA runs (window and word attention)."""
 
     def __init__(self) -> None:
-        from torch.utils.flop_counter import flop_registry, sdpa_flop_count
+        from torch.utils.flop_counter import conv_flop_count, flop_registry, sdpa_flop_count
 
         def linear_flop(x: torch.Tensor, w: torch.Tensor, *_: Any, **__: Any) -> int:
             return 2 * math.prod(x.shape[:-1]) * x.shape[-1] * w.shape[0]
@@ -141,11 +141,21 @@ class FlopsByDtype(TorchDispatchMode):
         def cpu_flash_flop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *_: Any, **__: Any) -> int:
             return sdpa_flop_count(q.shape, k.shape, v.shape)
 
+        def conv_backward_flop(
+            grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, *args: Any, **__: Any
+        ) -> int:
+            # the forward's count once per gradient asked for (PyTorch's formula ignores groups: it counts a
+            # depthwise convolution's backward as a dense one)
+            transposed, mask = args[4], args[7]
+            forward = conv_flop_count(x.shape, w.shape, grad.shape, transposed)
+            return forward * (int(mask[0]) + int(mask[1]))
+
         super().__init__()
         self.flops: dict[torch.dtype, int] = collections.defaultdict(int)
         self.formulas: dict[Any, Callable[..., int]] = {
             **flop_registry,
             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_flash_flop,
+            torch.ops.aten.convolution_backward: conv_backward_flop,
         }
         if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
             self.formulas[torch.ops.mkldnn._linear_pointwise] = linear_flop
@@ -155,8 +165,10 @@ class FlopsByDtype(TorchDispatchMode):
         out = func(*args, **kwargs)
         formula = self.formulas.get(func._overloadpacket)
         if formula is not None:
-            first = out[0] if isinstance(out, (tuple, list)) else out
-            self.count(first.dtype, formula(*args, **kwargs, out_val=out))
+            # a backward returns None for the gradients it was not asked for
+            first = next((o for o in out if o is not None), None) if isinstance(out, (tuple, list)) else out
+            if first is not None:
+                self.count(first.dtype, formula(*args, **kwargs, out_val=out))
         return out
 
     def count(self, dtype: torch.dtype, flops: int) -> None:

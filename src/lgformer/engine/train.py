@@ -55,7 +55,7 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
         raise LGFormerError("train.amp=fp16 needs a GPU; on CPU use train.amp=bf16 or off")
     if amp == "auto":
         return torch.float16 if device.type == "cuda" else None
-    return autocast_dtype("fp32" if amp == "off" else amp)
+    return autocast_dtype("fp32" if amp == "off" else amp, device)
 
 
 def batch_split(tc: TrainConfig, world_size: int) -> tuple[int, int]:

@@ -110,8 +110,10 @@ class BagSample(torch.autograd.Function):
         # over a middle axis (a size-1 innermost axis broadcasts several times slower on CPU)
         g = grad.to(dtype).view(B, Lq, heads, dh).permute(0, 2, 3, 1).reshape(n, dh, 1, Lq)
         maps = value.to(dtype).permute(0, 2, 3, 1).split([h * w for h, w in shapes], dim=3)
-        grids = (2 * locations.to(dtype) - 1).permute(0, 2, 3, 4, 1, 5)  # (B, heads, levels, points, Lq, 2)
-        a = weights.to(dtype).permute(0, 2, 3, 4, 1)  # (B, heads, levels, points, Lq)
+        # (B, heads, levels, points, Lq, 2) and (B, heads, levels, points, Lq), each copied once into this
+        # layout: the per-level products and samplers below then read contiguous rows
+        grids = (2 * locations.to(dtype) - 1).permute(0, 2, 3, 4, 1, 5).contiguous()
+        a = weights.to(dtype).permute(0, 2, 3, 4, 1).contiguous()
         grad_maps, grad_grids, grad_a = [], [], []
         for lvl, (h, w) in enumerate(shapes):
             v = maps[lvl].reshape(n, dh, h, w)
