@@ -9,9 +9,14 @@ word-length bucket. Results go to OUT/results.json and OUT/results.md.
 
 Re-running the same command continues unfinished variants from their `last` checkpoint and skips finished
 ones (and their evaluation, kept as RUN/eval-SPLIT.json), so a long benchmark survives an interrupted
-session.
+session. `--chunk N` trains the variants in turns of N steps instead of one after the other, so that a
+benchmark cut short leaves them all at about the same step; `--hours H` stops starting turns after H hours
+and reports the variants where they stand (the table gives each one's steps: a variant short of its schedule
+is evaluated mid-schedule, before its learning rate has decayed, and is marked so).
 
     python benchmarks/synthetic_ablation.py --out runs/ablation --steps 600
+    python benchmarks/synthetic_ablation.py --out runs/ablation-6k --steps 6000 --chunk 250 --hours 2 \
+        --set data.image_size=256 --set train.workers=1
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from lgformer.arguments import add_device_argument, add_overrides_argument
 from lgformer.files import atomic_write
@@ -52,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--val-every", type=int, default=200, help="validation interval in steps (default %(default)s)"
     )
+    p.add_argument("--chunk", type=int, default=None, help="train the variants in turns of this many steps")
+    p.add_argument("--hours", type=float, default=None, help="start no training turn after this many hours")
     p.add_argument("--eval-split", default="test", help="split of the reported numbers (default %(default)s)")
     p.add_argument(
         "--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS)
@@ -71,15 +79,9 @@ def ensure_data(args: argparse.Namespace) -> Path:
     return data
 
 
-def run_variant(name: str, args: argparse.Namespace, data: Path) -> dict:
-    """Train (or continue, or skip when finished) one variant, then evaluate its `last` checkpoint."""
+def variant_config(name: str, args: argparse.Namespace, data: Path) -> tuple[Any, list[str]]:
+    """The variant's config and the overrides that make it (for the command in the table)."""
     from lgformer import config as config_mod
-    from lgformer.checkpoint import load_model, load_training_state
-    from lgformer.data.dataset import build_dataset
-    from lgformer.engine import distributed
-    from lgformer.engine.evaluate import evaluate_model, report
-    from lgformer.engine.train import train
-    from lgformer.text.tokenizer import Tokenizer
 
     overrides = [
         f"data.root={data}",
@@ -92,20 +94,55 @@ def run_variant(name: str, args: argparse.Namespace, data: Path) -> dict:
         *args.overrides,
         *VARIANTS[name],
     ]
-    cfg = config_mod.load("lite", overrides)
+    return config_mod.load("lite", overrides), overrides
+
+
+def steps_done(run: Path) -> int:
+    """Optimizer steps of the run's `last` checkpoint (0 before its first save)."""
+    from lgformer.checkpoint import load_training_state
+
+    return load_training_state(run / "last")["step"] if (run / "last").is_dir() else 0
+
+
+def train_variants(names: list[str], args: argparse.Namespace, data: Path, deadline: float) -> None:
+    """Train every variant to `--steps`, in turns of `--chunk` steps (or all at once), starting no turn past
+    `deadline` (time.monotonic())."""
+    from lgformer.engine.train import train
+
+    chunk = args.chunk or args.steps
+    while time.monotonic() < deadline:
+        pending = [n for n in names if steps_done(args.out / n) < args.steps]
+        if not pending:
+            return
+        for name in pending:
+            if time.monotonic() >= deadline:
+                return
+            run = args.out / name
+            done = steps_done(run)
+            goal = min(done + chunk, args.steps)
+            how = "continuing" if done else "training"
+            print(f"== {name}: {how} to step {goal} ({' '.join(VARIANTS[name]) or 'default'})", flush=True)
+            train(
+                variant_config(name, args, data)[0], run, resume=done > 0, device=args.device, stop_after=goal
+            )
+
+
+def evaluate_variant(name: str, args: argparse.Namespace, data: Path) -> dict:
+    """Evaluate the variant's `last` checkpoint on the evaluation split (kept as RUN/eval-SPLIT.json and
+    reused while `last` stays at the same step)."""
+    from lgformer.checkpoint import load_model, load_training_state
+    from lgformer.data.dataset import build_dataset
+    from lgformer.engine import distributed
+    from lgformer.engine.evaluate import evaluate_model, report
+    from lgformer.text.tokenizer import Tokenizer
+
     run = args.out / name
-    resume = (run / "last").is_dir()
-    done = resume and load_training_state(run / "last")["step"] >= args.steps
-    if not done:
-        print(
-            f"== {name}: {'continuing' if resume else 'training'} ({' '.join(VARIANTS[name]) or 'default'})"
-        )
-        train(cfg, run, resume=resume, device=args.device)
+    _, overrides = variant_config(name, args, data)
     state = load_training_state(run / "last")
-    cached = run / f"eval-{args.eval_split}.json"  # the evaluation of this `last`, reused on re-runs
+    cached = run / f"eval-{args.eval_split}.json"
     if cached.is_file():
         kept = json.loads(cached.read_text())
-        if kept["steps"] == state["step"]:
+        if kept["steps"] == state["step"] and kept.get("schedule") == args.steps:
             return kept
     _, device = distributed.setup(args.device)
     model, cfg = load_model(run / "last", device)
@@ -119,6 +156,7 @@ def run_variant(name: str, args: argparse.Namespace, data: Path) -> dict:
     result = {
         "variant": name,
         "steps": state["step"],
+        "schedule": args.steps,
         "train_seconds": round(state["train_seconds"], 1),
         "command": command,
         "split": args.eval_split,
@@ -140,10 +178,10 @@ def markdown(results: list[dict]) -> str:
             f"{v:.1f}" if v is not None else "–"
             for v in [r["oIoU"], r["mIoU"], r["P@0.5"], r["P@0.7"], r["P@0.9"], *levels]
         ]
+        schedule = r.get("schedule", r["steps"])
+        steps = f"{r['steps']}" if r["steps"] >= schedule else f"{r['steps']} of {schedule} (mid-schedule)"
         lines.append(
-            f"| {r['variant']} | "
-            + " | ".join(cells)
-            + f" | {r['steps']} | {r['train_seconds'] / 60:.1f} min |"
+            f"| {r['variant']} | " + " | ".join(cells) + f" | {steps} | {r['train_seconds'] / 60:.1f} min |"
         )
     first = results[0]
     notes = [
@@ -166,7 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     data = ensure_data(args)
-    results = [run_variant(name, args, data) for name in names]
+    deadline = start + args.hours * 3600 if args.hours is not None else float("inf")
+    train_variants(names, args, data, deadline)
+    results = [evaluate_variant(name, args, data) for name in names if steps_done(args.out / name) > 0]
+    if not results:
+        print("no variant has a checkpoint yet", file=sys.stderr)
+        return 1
     table = markdown(results)
     atomic_write(args.out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
     atomic_write(args.out / "results.md", lambda tmp: Path(tmp).write_text(table))

@@ -48,3 +48,27 @@ def test_unknown_variant_lists_the_valid_ones(tmp_path, capsys):
         "unknown variant(s) k3; valid: linguistic, learnable-k1, learnable-k10, pwam"
         in capsys.readouterr().err
     )
+
+
+def test_variants_train_in_turns_and_a_cut_short_benchmark_reports_where_they_stand(tmp_path, capsys):
+    """--chunk trains the variants in turns (a benchmark cut short leaves them at the same step); --hours 0
+    starts no turn and reports the checkpoints as they are, marked mid-schedule."""
+    ablation = load_benchmark("synthetic_ablation")
+    data = synth_benchmark(tmp_path / "data", train=8, val=4, test=4)
+    tiny = ["data.image_size=64", "train.batch_size=2", "train.workers=0", "train.warmup_steps=0",
+            "train.val_split=null", "model.decoder_layers=1", "model.generator_layers=1"]  # fmt: skip
+    argv = ["--out", str(tmp_path / "bench"), "--data", str(data), "--device", "cpu"]
+    argv += ["--variants", "linguistic,pwam", *(a for item in tiny for a in ("--set", item))]
+    assert ablation.main([*argv, "--steps", "0", "--hours", "0"]) == 1
+    assert "no variant has a checkpoint yet" in capsys.readouterr().err
+    assert ablation.main([*argv, "--steps", "2", "--chunk", "1"]) == 0
+    turns = [line for line in capsys.readouterr().out.splitlines() if line.startswith("== ")]
+    assert [t.split(" (")[0] for t in turns] == [
+        "== linguistic: training to step 1",
+        "== pwam: training to step 1",
+        "== linguistic: continuing to step 2",
+        "== pwam: continuing to step 2",
+    ]
+    assert ablation.main([*argv, "--steps", "4", "--hours", "0"]) == 0  # a longer schedule, no time left
+    rows = (tmp_path / "bench" / "results.md").read_text().splitlines()[2:4]
+    assert all("| 2 of 4 (mid-schedule) |" in row for row in rows)
