@@ -12,11 +12,12 @@ fp32 product shows 31-33 ms under it on a 2-core Zen 4, 23 ms by the wall clock)
 without it: per module class, the wall time inside its forwards minus that of its child modules (work done by
 functions is charged to the module calling them), the GFLOP counted there and their roofline at the GEMM
 rates measured in the same process, sorted by the time over the roofline (inference only).
---train --phases splits a training step by the wall clock, without the profiler: forward + loss, backward
-(and the backward's exclusive time per module class, from backward hooks, with in-place activations made
-out-of-place while they are on), gradient clipping, the AdamW
-step, zeroing the gradients, and loading one batch of the synthetic benchmark at the preset's size
-(`--data DIR`, a `lgformer data synth` folder; left out without it).
+--train --phases splits a training step by the wall clock, without the profiler: forward + loss, backward,
+gradient clipping, the AdamW step, zeroing the gradients, and loading one batch of the synthetic benchmark at
+the preset's size (`--data DIR`, a `lgformer data synth` folder with a train split; left out without it).
+Then, in passes of their own, the backward's exclusive time per module class (backward hooks, with in-place
+activations made out-of-place while they are on) and the GFLOP of the step's products and convolutions,
+forward and backward, against the GEMM rate measured in the same process. `--json FILE` keeps the report.
 """
 
 from __future__ import annotations
