@@ -111,20 +111,18 @@ def train_variants(names: list[str], args: argparse.Namespace, data: Path, deadl
 
     chunk = args.chunk or args.steps
     while time.monotonic() < deadline:
-        pending = [n for n in names if steps_done(args.out / n) < args.steps]
+        done = {n: steps_done(args.out / n) for n in names}  # read once a round: a turn moves only its own
+        pending = [n for n in names if done[n] < args.steps]
         if not pending:
             return
         for name in pending:
             if time.monotonic() >= deadline:
                 return
-            run = args.out / name
-            done = steps_done(run)
-            goal = min(done + chunk, args.steps)
-            how = "continuing" if done else "training"
+            goal = min(done[name] + chunk, args.steps)
+            how = "continuing" if done[name] else "training"
             print(f"== {name}: {how} to step {goal} ({' '.join(VARIANTS[name]) or 'default'})", flush=True)
-            train(
-                variant_config(name, args, data)[0], run, resume=done > 0, device=args.device, stop_after=goal
-            )
+            cfg = variant_config(name, args, data)[0]
+            train(cfg, args.out / name, resume=done[name] > 0, device=args.device, stop_after=goal)
 
 
 def evaluate_variant(name: str, args: argparse.Namespace, data: Path) -> dict:
