@@ -197,7 +197,10 @@ def worktrees(revisions: list[str]) -> Iterator[dict[str, Path]]:
             for rev in revisions:
                 folder = Path(tmp) / rev.replace("/", "_")
                 git = ["git", "-C", str(repo), "worktree", "add", "--detach", "--quiet", str(folder), rev]
-                subprocess.run(git, check=True)
+                done = subprocess.run(git, capture_output=True, text=True)
+                if done.returncode:
+                    why = (done.stderr.strip().splitlines() or ["git failed"])[-1]
+                    raise SystemExit(f"speed_ablation: error: --against {rev}: {why}")
                 trees[rev] = folder
             yield trees
         finally:

@@ -66,7 +66,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add_overrides_argument(p, "extra config override for every variant (e.g. data.image_size=256)")
     add_device_argument(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.chunk is not None and args.chunk < 1:
+        p.error(f"--chunk {args.chunk}: must be at least 1 step")
+    if args.hours is not None and args.hours < 0:
+        p.error(f"--hours {args.hours}: must not be negative")
+    return args
 
 
 def ensure_data(args: argparse.Namespace) -> Path:

@@ -72,3 +72,10 @@ def test_variants_train_in_turns_and_a_cut_short_benchmark_reports_where_they_st
     assert ablation.main([*argv, "--steps", "4", "--hours", "0"]) == 0  # a longer schedule, no time left
     rows = (tmp_path / "bench" / "results.md").read_text().splitlines()[2:4]
     assert all("| 2 of 4 (mid-schedule) |" in row for row in rows)
+
+
+@pytest.mark.parametrize("bad", [["--chunk", "0"], ["--hours", "-1"]])
+def test_a_turn_of_no_steps_or_negative_hours_is_refused(tmp_path, capsys, bad):
+    with pytest.raises(SystemExit) as exit_info:
+        load_benchmark("synthetic_ablation").main(["--out", str(tmp_path), *bad])
+    assert exit_info.value.code == 2 and bad[0] in capsys.readouterr().err

@@ -663,3 +663,9 @@ def test_the_bf16_probe_agrees_with_the_kernels_cpu_flags() -> None:
         pytest.skip("no /proc/cpuinfo on this system")
     flags = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split()
     assert cpu_has_bf16_units() == bool({"avx512_bf16", "amx_bf16", "amx_tile"} & set(flags))
+
+
+def test_speed_ablation_names_a_revision_git_cannot_check_out() -> None:
+    with pytest.raises(SystemExit, match="--against no-such-rev: .*no-such-rev"):
+        with SPEED_ABLATION.worktrees(["no-such-rev"]):
+            pass
