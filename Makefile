@@ -25,12 +25,18 @@ browser:
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
+# The suite in TEST_JOBS processes of one thread each (a file's tests stay in one process, so its module
+# fixtures are built once): many tests are one-thread subprocesses or Python-bound, which a single process
+# leaves a core idle for.
+TEST_JOBS ?= 2
+PYTEST    := OMP_NUM_THREADS=1 $(OFFLINE) $(BIN)/pytest -n $(TEST_JOBS) --dist loadfile
+
 test: lint browser
-	$(OFFLINE) $(BIN)/pytest
+	$(PYTEST)
 
 # Everything but the end-to-end tests (marked slow): what a contributor runs between edits.
 test-fast: lint
-	$(OFFLINE) $(BIN)/pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 demo: $(STAMP)
 	$(OFFLINE) $(BIN)/lgformer demo
