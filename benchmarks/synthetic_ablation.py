@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -125,11 +126,28 @@ def train_argv(name: str, args: argparse.Namespace, data: Path, *, resume: bool)
     return ["train", "--config", "lite", *(arg for item in overrides for arg in ("--set", item)), *where]
 
 
+def start_turn(
+    name: str, args: argparse.Namespace, data: Path, done: int, goal: int, env: dict[str, str]
+) -> subprocess.Popen:
+    """Start the `lgformer train` process that takes variant `name` from step `done` to `goal`: its
+    output on this terminal, or with `--jobs N > 1` in RUN/console.txt."""
+    how = "continuing" if done else "training"
+    log = args.out / name / "console.txt"
+    where = f"; output in {log}" if args.jobs > 1 else ""
+    print(f"== {name}: {how} to step {goal} ({' '.join(VARIANTS[name]) or 'default'}){where}", flush=True)
+    command = [sys.executable, "-m", "lgformer.cli", *train_argv(name, args, data, resume=done > 0)]
+    command += ["--stop-after", str(goal), "--device", args.device]
+    if args.jobs == 1:
+        return subprocess.Popen(command, env=env)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
 def train_variants(names: list[str], args: argparse.Namespace, data: Path, deadline: float) -> list[str]:
     """Train every variant to `--steps` in turns of `--chunk` steps (or all at once), each turn an
-    `lgformer train` process, `--jobs` of them at a time (the variant furthest behind first), starting no
-    turn past `deadline` (time.monotonic()). With `--jobs N > 1` each process gets 1/N of the cores and
-    writes to RUN/console.txt. Returns the turns that failed."""
+    `lgformer train` process, `--jobs` of them at a time (the variant furthest behind first, each on
+    1/N of the cores), starting no turn past `deadline` (time.monotonic()). Returns the turns that failed."""
     chunk = args.chunk or args.steps
     done = {n: steps_done(args.out / n) for n in names}  # read once: a turn that ends well reaches its goal
     env = dict(os.environ)
@@ -137,40 +155,30 @@ def train_variants(names: list[str], args: argparse.Namespace, data: Path, deadl
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
     running: dict[str, tuple[subprocess.Popen, int]] = {}
     failed: list[str] = []
-    while True:
-        for name, (proc, goal) in list(running.items()):
-            if proc.poll() is not None:
-                del running[name]
-                if proc.returncode:
-                    where = f", output in {args.out / name / 'console.txt'}" if args.jobs > 1 else ""
-                    failed.append(f"{name} (exit {proc.returncode}{where})")
-                else:
-                    done[name] = goal
-        pending = [n for n in names if n not in running and done[n] < args.steps]
-        if failed or time.monotonic() >= deadline:
-            pending = []
-        if not pending and not running:
-            return failed
-        for name in sorted(pending, key=done.get)[: args.jobs - len(running)]:
-            goal = min(done[name] + chunk, args.steps)
-            how = "continuing" if done[name] else "training"
-            log = args.out / name / "console.txt"
-            where = f"; output in {log}" if args.jobs > 1 else ""
-            print(
-                f"== {name}: {how} to step {goal} ({' '.join(VARIANTS[name]) or 'default'}){where}",
-                flush=True,
-            )
-            argv = train_argv(name, args, data, resume=done[name] > 0)
-            argv += ["--stop-after", str(goal), "--device", args.device]
-            command = [sys.executable, "-m", "lgformer.cli", *argv]
-            if args.jobs > 1:
-                log.parent.mkdir(parents=True, exist_ok=True)
-                with log.open("a") as out:
-                    proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-            else:
-                proc = subprocess.Popen(command, env=env)
-            running[name] = (proc, goal)
-        time.sleep(POLL_SECONDS)
+    try:
+        while True:
+            for name, (proc, goal) in list(running.items()):
+                if proc.poll() is not None:
+                    del running[name]
+                    if proc.returncode:
+                        where = f", output in {args.out / name / 'console.txt'}" if args.jobs > 1 else ""
+                        failed.append(f"{name} (exit {proc.returncode}{where})")
+                    else:
+                        done[name] = goal
+            pending = [n for n in names if n not in running and done[n] < args.steps]
+            if failed or time.monotonic() >= deadline:
+                pending = []
+            if not pending and not running:
+                return failed
+            for name in sorted(pending, key=done.get)[: args.jobs - len(running)]:
+                goal = min(done[name] + chunk, args.steps)
+                running[name] = (start_turn(name, args, data, done[name], goal, env), goal)
+            time.sleep(POLL_SECONDS)
+    finally:  # interrupted (Ctrl-C, SIGTERM): no training process outlives the benchmark
+        for proc, _ in running.values():
+            proc.terminate()
+        for proc, _ in running.values():
+            proc.wait()
 
 
 def evaluate_variant(name: str, args: argparse.Namespace, data: Path) -> dict:
@@ -275,4 +283,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # run `finally` blocks
     sys.exit(main())

@@ -4,9 +4,15 @@ evaluated per level, lands in the results table, and a re-run reuses finished ru
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
-from conftest import load_benchmark, synth_benchmark
+from conftest import BENCHMARKS, load_benchmark, synth_benchmark
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -77,6 +83,38 @@ def test_variants_train_in_turns_side_by_side_and_a_cut_short_benchmark_reports_
     rows = (tmp_path / "bench" / "results.md").read_text().splitlines()[2:4]
     assert [row.split(" |")[0] for row in rows] == ["| linguistic", "| pwam"]
     assert all("| 2 of 4 (mid-schedule) |" in row for row in rows)
+
+
+def test_a_stopped_benchmark_stops_its_training_processes(tmp_path):
+    """SIGTERM (a session's end, `kill`) to the benchmark ends the `lgformer train` processes it started."""
+    data = synth_benchmark(tmp_path / "data", train=8, val=4, test=4)
+    out = tmp_path / "bench"
+    tiny = ["data.image_size=64", "train.batch_size=2", "train.workers=0", "model.decoder_layers=1"]
+    argv = [sys.executable, str(BENCHMARKS / "synthetic_ablation.py"), "--out", str(out), "--data", str(data)]
+    argv += ["--device", "cpu", "--jobs", "2", "--variants", "linguistic,pwam", "--steps", "1000"]
+    bench = subprocess.Popen(
+        [*argv, *(a for item in tiny for a in ("--set", item))], stdout=subprocess.PIPE, text=True
+    )
+    turns = [bench.stdout.readline(), bench.stdout.readline()]
+    assert all(turn.startswith("== ") for turn in turns)
+    logs = [out / name / "console.txt" for name in ("linguistic", "pwam")]
+    while not all(log.is_file() and "it/s" in log.read_text() for log in logs):  # both are training
+        assert bench.poll() is None
+        time.sleep(0.5)
+    bench.send_signal(signal.SIGTERM)
+    code = bench.wait(timeout=60)
+    left = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:  # ended meanwhile
+            continue
+        if f"{out}/" in command:  # a variant's run folder: one of the benchmark's training processes
+            left[int(pid)] = command
+    for pid in left:  # not left behind by a failing test either
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"left running: {list(left.values())}"
+    assert code == 128 + signal.SIGTERM
 
 
 def test_a_bad_override_is_one_line_before_any_work(tmp_path, capsys):
