@@ -14,7 +14,7 @@ benchmark cut short leaves them all at about the same step; `--hours H` stops st
 and reports the variants where they stand (the table gives each one's steps: a variant short of its schedule
 is evaluated mid-schedule, before its learning rate has decayed, and is marked so). Every turn is an
 `lgformer train` process; `--jobs N` runs N of them at once on 1/N of the cores each (on a 2-core CPU two
-one-thread processes train ~10% more steps an hour than one two-thread process), each writing to its
+one-thread processes train ~15% more steps an hour than one two-thread process), each writing to its
 RUN/console.txt.
 
     python benchmarks/synthetic_ablation.py --out runs/ablation --steps 600
@@ -146,8 +146,9 @@ def start_turn(
 
 def train_variants(names: list[str], args: argparse.Namespace, data: Path, deadline: float) -> list[str]:
     """Train every variant to `--steps` in turns of `--chunk` steps (or all at once), each turn an
-    `lgformer train` process, `--jobs` of them at a time (the variant furthest behind first, each on
-    1/N of the cores), starting no turn past `deadline` (time.monotonic()). Returns the turns that failed."""
+    `lgformer train` process, `--jobs` of them at a time (the variant furthest behind first; with more
+    than one, each on its share of the cores), starting no turn past `deadline` (time.monotonic()).
+    Returns the turns that failed."""
     chunk = args.chunk or args.steps
     done = {n: steps_done(args.out / n) for n in names}  # read once: a turn that ends well reaches its goal
     env = dict(os.environ)
