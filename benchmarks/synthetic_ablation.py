@@ -34,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from lgformer.arguments import add_device_argument, add_overrides_argument
 from lgformer.files import atomic_write
 
@@ -196,7 +198,7 @@ def evaluate_variant(name: str, args: argparse.Namespace, data: Path) -> dict:
     cached = run / f"eval-{args.eval_split}.json"
     if cached.is_file():
         kept = json.loads(cached.read_text())
-        if kept["steps"] == state["step"] and kept.get("schedule") == args.steps:
+        if kept["steps"] == state["step"] and kept.get("schedule") == args.steps and "per_sentence" in kept:
             return kept
     _, device = distributed.setup(args.device)
     model, cfg = load_model(run / "last", device)
@@ -214,14 +216,53 @@ def evaluate_variant(name: str, args: argparse.Namespace, data: Path) -> dict:
         "command": command,
         "split": args.eval_split,
         **report(counts, dataset, "resized"),
+        "per_sentence": {  # for the paired comparison of variants on the same sentences
+            "inter": counts.inter.tolist(),
+            "union": counts.union.tolist(),
+            "image": [str(dataset.referent(i).image_id) for i in range(len(dataset))],
+            "level": [dataset.referent(i).level for i in range(len(dataset))],
+        },
     }
     atomic_write(cached, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
     return result
 
 
-def markdown(results: list[dict]) -> str:
-    """The paper's Tables 2-3 in one: overall metrics and oIoU per level. The synthetic levels are worded
-    in the paper's word-length buckets (1-2, 3-7, 8-12, 13+ words), so the level columns are Table 3's."""
+def paired_differences(results: list[dict], resamples: int = 2000, seed: int = 0) -> list[dict]:
+    """oIoU of every variant minus the first's, overall and per level, on the same test sentences, with a
+    95% interval from a paired bootstrap over the test images (the sentences of one image move together:
+    they share a scene). The interval covers the test sample, not the spread between training seeds."""
+    ref = results[0]["per_sentence"]
+    images, index = np.unique(ref["image"], return_inverse=True)
+    draws = np.random.default_rng(seed).integers(0, len(images), size=(resamples, len(images)))
+    levels = np.asarray(ref["level"])
+    groups = {"overall": np.ones(len(levels), dtype=bool), **{lv: levels == int(lv) for lv in LEVELS}}
+
+    def oiou(counts: dict, select: np.ndarray) -> tuple[float, np.ndarray]:
+        """oIoU of the selection and of each resample of images."""
+        inter, union = (
+            np.bincount(index[select], np.asarray(counts[k])[select], len(images)) for k in ("inter", "union")
+        )
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return inter.sum() / union.sum(), inter[draws].sum(1) / union[draws].sum(1)
+
+    out = []
+    for r in results[1:]:
+        if r["per_sentence"]["image"] != ref["image"]:
+            raise ValueError(f"{r['variant']} was scored on other sentences than {results[0]['variant']}")
+        row: dict = {"variant": r["variant"], "against": results[0]["variant"]}
+        for group, select in groups.items():
+            if select.any():
+                (a, boot_a), (b, boot_b) = oiou(ref, select), oiou(r["per_sentence"], select)
+                low, high = np.nanpercentile(100 * (boot_b - boot_a), [2.5, 97.5])
+                row[group] = {"delta": 100 * (b - a), "low": float(low), "high": float(high)}
+        out.append(row)
+    return out
+
+
+def markdown(results: list[dict], differences: list[dict]) -> str:
+    """The paper's Tables 2-3 in one: overall metrics and oIoU per level (the synthetic levels are worded
+    in the paper's word-length buckets, 1-2, 3-7, 8-12, 13+ words, so the level columns are Table 3's),
+    then `paired_differences`."""
     head = "| variant | oIoU | mIoU | P@0.5 | P@0.7 | P@0.9 | " + " | ".join(f"L{lv} oIoU" for lv in LEVELS)
     head += " | steps | train time |"
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
@@ -244,6 +285,21 @@ def markdown(results: list[dict]) -> str:
         "",
         *[f"    {r['command']}" for r in results],
     ]
+    if differences:
+        levels = " | ".join(f"L{lv}" for lv in LEVELS)
+        head = f"| oIoU minus {first['variant']}'s [95% interval] | overall | {levels} |"
+        notes += ["", head, "|---" * (len(LEVELS) + 2) + "|"]
+        for row in differences:
+            cells = [
+                f"{d['delta']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]" if (d := row.get(g)) else "–"
+                for g in ("overall", *LEVELS)
+            ]
+            notes.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
+        notes += [
+            "",
+            "Intervals: paired bootstrap over the test images (2,000 resamples); they cover the "
+            "test sample only, not the spread between training seeds.",
+        ]
     return "\n".join(lines + notes) + "\n"
 
 
@@ -275,8 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     if not results:
         print("no variant has a checkpoint yet", file=sys.stderr)
         return 1
-    table = markdown(results)
-    atomic_write(args.out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
+    differences = paired_differences(results) if len(results) > 1 else []
+    table = markdown(results, differences)
+    kept = [{k: v for k, v in r.items() if k != "per_sentence"} for r in results]  # each run keeps its own
+    atomic_write(args.out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(kept, indent=2)))
+    text = json.dumps(differences, indent=2)
+    atomic_write(args.out / "differences.json", lambda tmp: Path(tmp).write_text(text))
     atomic_write(args.out / "results.md", lambda tmp: Path(tmp).write_text(table))
     print(table)
     print(f"benchmark wall time this session: {(time.monotonic() - start) / 60:.1f} min")

@@ -36,6 +36,11 @@ def test_two_variants_train_evaluate_and_resume(tmp_path, capsys):
     assert table[0].startswith("| variant | oIoU | mIoU | P@0.5 | P@0.7 | P@0.9 | L1 oIoU") and table[
         2
     ].startswith("| linguistic |")
+    assert "oIoU minus linguistic's [95% interval]" in (tmp_path / "bench" / "results.md").read_text()
+    [difference] = json.loads((tmp_path / "bench" / "differences.json").read_text())
+    assert difference["variant"] == "learnable-k1" and difference["against"] == "linguistic"
+    overall = difference["overall"]
+    assert overall["low"] <= overall["delta"] <= overall["high"]
     capsys.readouterr()
     assert ablation.main(argv) == 0  # finished: no training, no evaluation, the same numbers
     out = capsys.readouterr().out
@@ -43,6 +48,30 @@ def test_two_variants_train_evaluate_and_resume(tmp_path, capsys):
         "== linguistic" not in out
         and json.loads((tmp_path / "bench" / "results.json").read_text()) == results
     )
+
+
+def test_paired_differences_follow_the_sentences_and_their_images():
+    """The same sentences scored twice differ by exactly 0; a variant that is better on every level-1
+    sentence is better overall and on level 1 with an interval above 0, and the same on level 2; scores on
+    other sentences are refused."""
+    differences = load_benchmark("synthetic_ablation").paired_differences
+    images = [str(i // 3) for i in range(60)]  # 20 images of 3 sentences
+    levels = [1, 2] * 30
+    union = [100] * 60
+    a = {
+        "variant": "a",
+        "per_sentence": {"inter": [50] * 60, "union": union, "image": images, "level": levels},
+    }
+    better = [80 if lv == 1 else 50 for lv in levels]
+    b = {"variant": "b", "per_sentence": {**a["per_sentence"], "inter": better}}
+    [same, diff] = differences([a, dict(a, variant="a2"), b])
+    assert all(same[g] == {"delta": 0.0, "low": 0.0, "high": 0.0} for g in ("overall", "1", "2"))
+    assert "3" not in same  # no level-3 sentences
+    assert diff["1"]["delta"] == pytest.approx(30.0) and diff["overall"]["delta"] == pytest.approx(15.0)
+    assert 0 < diff["overall"]["low"] <= diff["overall"]["high"] and diff["2"]["delta"] == 0.0
+    moved = {"variant": "c", "per_sentence": {**a["per_sentence"], "image": images[1:] + images[:1]}}
+    with pytest.raises(ValueError, match="c was scored on other sentences than a"):
+        differences([a, moved])
 
 
 def test_unknown_variant_lists_the_valid_ones(tmp_path, capsys):
