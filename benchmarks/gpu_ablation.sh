@@ -11,7 +11,7 @@
 # (ImageNet weights in fp16: 12 MB) and the pycocotools wheel for the device's Python 3.12. Then run
 #   bash benchmarks/gpu_ablation.sh
 # there carrying .gpu (timeout ~590 s). Results land in $OUT when set (the device tool's folder), else in
-# runs/gpu-ablation: RESULTS.md, results.json, each variant's eval-test.json / log.jsonl / plots.png /
+# runs/gpu-ablation: RESULTS.md, results.json, differences.json, each variant's eval-test.json / log.jsonl / plots.png /
 # console.txt.
 # Knobs (environment): STEPS (6000), SEED (0), VARIANTS ("linguistic learnable-k1 learnable-k10 pwam"),
 # HOURS (0.12: no training turn of CHUNK (500) steps starts after that, so that the call ends with the scores
@@ -50,18 +50,12 @@ fi
 out=${OUT:-runs/gpu-ablation}
 runs=/tmp/gpu-ablation
 mkdir -p "$out" "$runs"
-if compgen -G ".gpu/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+source benchmarks/gpu_env.sh "$out"
 steps=${STEPS:-6000} seed=${SEED:-0} device=${DEVICE:-cuda}
 variants=(${VARIANTS:-linguistic learnable-k1 learnable-k10 pwam})
 workers=$(( ($(nproc) - ${#variants[@]}) / ${#variants[@]} ))
 [ "$workers" -lt 1 ] && workers=1
 
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
-  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } | tee "$out/gpu.txt"
 data=$runs/synth
 python3 -m lgformer.cli data synth --out "$data" --train "${TRAIN_REFS:-12000}" --val 1000 \
   --test "${TEST_REFS:-1000}" --seed 0 >"$out/data.txt" 2>&1 || { tail -3 "$out/data.txt"; exit 1; }
@@ -78,7 +72,7 @@ for v in "${variants[@]}"; do
   cp "$runs/$v/eval-test.json" "$runs/$v/log.jsonl" "$runs/$v/plots.png" "$runs/$v/console.txt" "$out/$v/" \
     2>/dev/null
 done
-cp "$runs/results.md" "$runs/results.json" "$out/" 2>/dev/null || { tail -5 "$out/ablation.txt"; exit 1; }
+cp "$runs/results.md" "$runs/results.json" "$runs/differences.json" "$out/" 2>/dev/null || { tail -5 "$out/ablation.txt"; exit 1; }
 mv "$out/results.md" "$out/RESULTS.md"
 cat "$out/RESULTS.md"
 ls -l "$out"

@@ -12,16 +12,10 @@
 set -uo pipefail
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
-if compgen -G ".gpu/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+source benchmarks/gpu_env.sh "$out"
 lg() { python3 -m lgformer.cli "$@"; }
 swin=(--preset official-swin-b --size 480 --device cuda --json)
 
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } | tee "$out/gpu.txt"
 if [ -f .gpu/golden_tiny_w7_224.safetensors ]; then
   lg verify-official .gpu/golden_tiny_w7_224.safetensors --variant tiny-w7 --device cuda | tee "$out/verify_cuda.txt"
 fi
