@@ -11,8 +11,8 @@
 # (ImageNet weights in fp16: 12 MB) and the pycocotools wheel for the device's Python 3.12. Then run
 #   bash benchmarks/gpu_ablation.sh
 # there carrying .gpu (timeout ~590 s). Results land in $OUT when set (the device tool's folder), else in
-# runs/gpu-ablation: RESULTS.md, results.json, differences.json, each variant's eval-test.json / log.jsonl / plots.png /
-# console.txt.
+# runs/gpu-ablation: RESULTS.md, results.json, differences.json, each variant's eval-test.json / log.jsonl /
+# plots.png / console.txt.
 # Knobs (environment): STEPS (6000), SEED (0), VARIANTS ("linguistic learnable-k1 learnable-k10 pwam"),
 # HOURS (0.12: no training turn of CHUNK (500) steps starts after that, so that the call ends with the scores
 # of wherever the variants stand, marked mid-schedule, before the device's 10-minute limit), DEVICE (cuda),
