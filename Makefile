@@ -27,16 +27,18 @@ lint: $(STAMP)
 
 # The suite in TEST_JOBS processes of one thread each (a file's tests stay in one process, so its module
 # fixtures are built once): many tests are one-thread subprocesses or Python-bound, which a single process
-# leaves a core idle for.
+# leaves a core idle for. The memory-heavy tests (marked `alone`) then run by themselves.
 TEST_JOBS ?= 2
-PYTEST    := OMP_NUM_THREADS=1 $(OFFLINE) $(BIN)/pytest -n $(TEST_JOBS) --dist loadfile
+PARALLEL  := OMP_NUM_THREADS=1 $(OFFLINE) $(BIN)/pytest -n $(TEST_JOBS) --dist loadfile
 
 test: lint browser
-	$(PYTEST)
+	$(PARALLEL) -m "not alone"
+	$(OFFLINE) $(BIN)/pytest -m alone
 
-# Everything but the end-to-end tests (marked slow): what a contributor runs between edits.
+# Everything but the end-to-end tests (marked slow, the `alone` ones among them): what a contributor runs
+# between edits.
 test-fast: lint
-	$(PYTEST) -m "not slow"
+	$(PARALLEL) -m "not slow"
 
 demo: $(STAMP)
 	$(OFFLINE) $(BIN)/lgformer demo

@@ -222,11 +222,15 @@ SLOW_TESTS = {
     "test_verify_official_any_batch_size_and_partial_golden",
 }
 SHARED_NAMES = ("SHARED", "OFFICIAL", "MINI", "PHOTOS", "grefcoco_fixture")
+# Files whose tests need most of the machine's memory (the training golden trains Swin-T + BERT-base: ~7 GB a
+# process, two under DDP): `make test` runs them by themselves after the parallel pass (`-m alone`).
+ALONE_FILES = {"test_training_golden.py"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark `slow` the files and tests above, ONNX exports and official presets anywhere, and `shared` every
-    test that reads ../shared (a module using its paths, or the `shared_data` fixture)."""
+    """Mark `slow` the files and tests above, ONNX exports and official presets anywhere, `alone` the
+    memory-heavy files, and `shared` every test that reads ../shared (a module using its paths, or the
+    `shared_data` fixture)."""
     for item in items:
         path = Path(str(item.fspath))
         name = getattr(item, "originalname", item.name)
@@ -237,6 +241,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             or "[official-swin" in item.name
         ):
             item.add_marker(pytest.mark.slow)
+        if path.name in ALONE_FILES:
+            item.add_marker(pytest.mark.alone)
         module = getattr(item, "module", None)
         if {"shared_data", "grefcoco_root"} & set(getattr(item, "fixturenames", ())) or any(
             name in vars(module) for name in SHARED_NAMES if module is not None
