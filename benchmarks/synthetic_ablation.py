@@ -47,6 +47,7 @@ VARIANTS: dict[str, list[str]] = {
 }
 LEVELS = ("1", "2", "3", "4")
 POLL_SECONDS = 0.5  # how often running turns are checked
+RESAMPLES = 2000  # bootstrap resamples of the paired differences
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -227,7 +228,7 @@ def evaluate_variant(name: str, args: argparse.Namespace, data: Path) -> dict:
     return result
 
 
-def paired_differences(results: list[dict], resamples: int = 2000, seed: int = 0) -> list[dict]:
+def paired_differences(results: list[dict], resamples: int = RESAMPLES, seed: int = 0) -> list[dict]:
     """oIoU of every variant minus the first's, overall and per level, on the same test sentences, with a
     95% interval from a paired bootstrap over the test images (the sentences of one image move together:
     they share a scene). The interval covers the test sample, not the spread between training seeds."""
@@ -297,7 +298,7 @@ def markdown(results: list[dict], differences: list[dict]) -> str:
             notes.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
         notes += [
             "",
-            "Intervals: paired bootstrap over the test images (2,000 resamples); they cover the "
+            f"Intervals: paired bootstrap over the test images ({RESAMPLES:,} resamples); they cover the "
             "test sample only, not the spread between training seeds.",
         ]
     return "\n".join(lines + notes) + "\n"
