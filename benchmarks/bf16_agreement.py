@@ -33,8 +33,10 @@ MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "refcoco-mini"
 def agreement(fp32: Segmenter, bf16: Segmenter, referents: list[Referent]) -> dict[str, float | int]:
     """Segment every sentence of `referents` with both segmenters; IoU statistics of the two masks, of their
     foregrounds (`IoU`, pooled) and of their backgrounds (`background_IoU`, pooled: a mask that covers
-    most of the image is compared on the side it leaves out)."""
+    most of the image is compared on the side it leaves out), and the largest difference between their
+    probabilities (`max_probability_difference`: zero would mean bf16 never ran)."""
     inter = union = back_inter = back_union = agree = pixels = same = 0
+    largest = 0.0
     ious = []
     for ref in referents:
         picture = read_image(ref.image)
@@ -47,6 +49,7 @@ def agreement(fp32: Segmenter, bf16: Segmenter, referents: list[Referent]) -> di
             agree += int((a.mask == b.mask).sum())
             pixels += a.mask.size
             same += int(i == u)
+            largest = max(largest, float(np.abs(a.probability - b.probability).max()))
     return {
         "sentences": len(ious),
         "IoU": inter / union if union else 1.0,
@@ -55,6 +58,7 @@ def agreement(fp32: Segmenter, bf16: Segmenter, referents: list[Referent]) -> di
         "min_IoU": float(np.min(ious)),
         "pixel_agreement": agree / pixels,
         "identical": same / len(ious),
+        "max_probability_difference": largest,
     }
 
 
@@ -97,13 +101,13 @@ def main() -> None:
     if args.json:
         print(json.dumps(results, indent=2))
         return
-    header = ("sentences", "IoU", "background", "mean", "worst", "pixels", "identical")
+    header = ("sentences", "IoU", "background", "mean", "worst", "pixels", "identical", "max |dp|")
     print(f"{'source':<16} " + " ".join(f"{h:>{max(7, len(h))}}" for h in header))
     for name, r in results.items():
         print(
             f"{name:<16} {r['sentences']:>9} {r['IoU']:>7.4f} {r['background_IoU']:>10.4f} "
             f"{r['mean_IoU']:>7.4f} {r['min_IoU']:>7.4f} "
-            f"{r['pixel_agreement']:>7.5f} {r['identical']:>9.1%}"
+            f"{r['pixel_agreement']:>7.5f} {r['identical']:>9.1%} {r['max_probability_difference']:>8.4f}"
         )
 
 

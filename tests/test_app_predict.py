@@ -7,10 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import PHOTOS, bomb_png_header, save_lite_checkpoint
 from PIL import Image
 
 from lgformer.cli import main
+from lgformer.predictor import Segmenter
 
 MAN = PHOTOS / "COCO_train2014_000000460370.jpg"  # 640 x 427
 BEAR = PHOTOS / "COCO_train2014_000000157714.jpg"  # 640 x 480
@@ -45,8 +47,16 @@ def test_predict_writes_masks_overlays_and_summary(checkpoint, tmp_path, capsys)
     assert "wrote 4 masks and overlays" in capsys.readouterr().out
 
 
-def test_dtype_takes_the_short_and_torch_names(checkpoint, tmp_path, capsys):
-    masks = {}
+def test_dtype_takes_the_short_and_torch_names(checkpoint, tmp_path, capsys, monkeypatch):
+    masks, dtypes = {}, []
+    build = Segmenter.from_pretrained
+
+    def recording(*args, **kwargs) -> Segmenter:
+        seg = build(*args, **kwargs)
+        dtypes.append(seg.dtype)
+        return seg
+
+    monkeypatch.setattr(Segmenter, "from_pretrained", recording)
     for name in ("bf16", "bfloat16"):
         out = tmp_path / name
         argv = ["predict", "--checkpoint", str(checkpoint), "--image", str(MAN), "--text", "the man texting"]
@@ -54,7 +64,7 @@ def test_dtype_takes_the_short_and_torch_names(checkpoint, tmp_path, capsys):
         masks[name] = np.asarray(
             Image.open(out / json.loads((out / "predictions.json").read_text())["predictions"][0]["mask"])
         )
-    assert np.array_equal(masks["bf16"], masks["bfloat16"])
+    assert np.array_equal(masks["bf16"], masks["bfloat16"]) and dtypes == [torch.bfloat16] * 2
     with pytest.raises(SystemExit) as exit_:
         main(["predict", "--image", str(MAN), "--text", "a man", "--dtype", "int8"])
     assert (

@@ -157,9 +157,26 @@ CASES = [
 ]  # fmt: skip
 
 
+def _check_success(name: str, files: Path, out: Path, stdout: str) -> None:
+    """What a succeeding case must have produced: a grey or RGBA photo gives the full-size 0/255 mask of the
+    object it names; `data stats` counts the file's sentences."""
+    if name.startswith("predict-"):
+        (record,) = json.loads((out / "predictions.json").read_text())["predictions"]
+        mask = np.asarray(Image.open(out / record["mask"]))
+        assert (record["width"], record["height"]) == Image.open(PHOTO).size and mask.shape == (480, 640)
+        assert set(np.unique(mask).tolist()) <= {0, 255}
+        assert record["area"] == int((mask == 255).sum()) > 0 and not record["no_target"], record
+    elif name == "stats-jsonl-ok":
+        records = [json.loads(line) for line in (files / "ok.jsonl").read_text().splitlines()]
+        count = sum(len(record["sentences"]) for record in records)
+        assert (
+            f"refs               {len(records)}\n" in stdout and f"sentences          {count}\n" in stdout
+        ), stdout
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input(files: Path, tmp_path: Path, case: tuple[str, str, int, str]) -> None:
-    _, template, code, words = case
+    name, template, code, words = case
     out = tmp_path / "out"
     values = {"d": files, "out": out, "photo": PHOTO, "coco": COCO, "golden": TRAINING_GOLDEN}
     argv = shlex.split(template.format(**values))
@@ -171,8 +188,9 @@ def test_bad_input(files: Path, tmp_path: Path, case: tuple[str, str, int, str])
     if code:
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and words in lines[0], done.stderr
-    else:  # succeeds, with the warning named where there is one
+    else:  # succeeds, with the warning named where there is one, and writes what it should
         assert words in done.stderr, done.stderr
+        _check_success(name, files, out, done.stdout)
     # nothing half-written: no output folder for a refusal, and never a temporary file left behind
     if code and out.exists():
         assert not list(out.iterdir()), sorted(p.name for p in out.iterdir())

@@ -99,8 +99,10 @@ def test_checkpoint_whose_weights_do_not_fit_its_preset(capsys, run, tmp_path):
 
 
 def test_eval_needs_one_source(capsys, run):
-    _error(capsys, ["eval", *EVAL_DATA])
-    _error(capsys, ["eval", "--checkpoint", str(run / "last"), "--predictions", str(run), *EVAL_DATA])
+    for sources in ([], ["--checkpoint", str(run / "last"), "--predictions", str(run)]):
+        assert "give exactly one of --checkpoint DIR or --predictions DIR" in _error(
+            capsys, ["eval", *sources, *EVAL_DATA]
+        )
 
 
 def test_eval_fp16_needs_a_gpu(capsys, run):

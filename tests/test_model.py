@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -200,16 +202,27 @@ def test_bad_config_values_are_named():
 @pytest.mark.parametrize("preset", ["lite", "official-swin-t"])
 def test_training_after_inference_mode_evaluation(preset):
     """Size-keyed caches (window orders, masks, position tables) first filled under inference_mode, as
-    validation does, must still serve a training step at the same size afterwards."""
-    model, _ = _model(preset, ["model.drop_path=0.0"])
+    validation does, must still serve a training step at the same size afterwards: the same logits and
+    gradients as a twin model that never ran under inference_mode."""
     image, ids, mask = _inputs(1, 64, [6])
-    model.eval()
-    with torch.inference_mode():
-        model(image, mask, ids=ids)
-    model.train()
-    logits = model(image, mask, ids=ids, upsample=False)
-    mask_loss(logits, (torch.rand(1, 64, 64) > 0.5).float()).backward()
-    assert model.head.mlp[0].weight.grad is not None
+    target = (torch.rand(1, 64, 64, generator=torch.Generator().manual_seed(2)) > 0.5).float()
+    built, _ = _model(preset, ["model.drop_path=0.0"])
+    runs = []
+    for evaluated_first, model in ((True, built), (False, copy.deepcopy(built))):
+        if evaluated_first:
+            model.eval()
+            with torch.inference_mode():
+                model(image, mask, ids=ids)
+        model.train()
+        torch.manual_seed(3)  # the same dropout draws in both
+        logits = model(image, mask, ids=ids, upsample=False)
+        mask_loss(logits, target).backward()
+        runs.append((logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (logits, grads), (twin_logits, twin_grads) = runs
+    assert torch.equal(logits, twin_logits)
+    assert grads.keys() == twin_grads.keys() and "head.mlp.0.weight" in grads
+    for name, grad in grads.items():
+        assert torch.equal(grad, twin_grads[name]), name
 
 
 @pytest.mark.parametrize("exclude", [False, True], ids=["full", "text-encoder-excluded"])

@@ -84,6 +84,7 @@ def test_bf16_masks_agree_with_fp32_masks(fp32, held_out):
     for name, refs in (("refcoco-mini", script.mini_referents()), ("synthetic val", held_out)):
         result = script.agreement(fp32, bf16, refs)
         assert min(result["IoU"], result["background_IoU"]) >= 0.98, (name, result)
+        assert result["max_probability_difference"] > 0, (name, result)  # bf16 did run
 
 
 @pytest.mark.parametrize(

@@ -110,10 +110,13 @@ def test_linear_under_bf16_autocast_is_autocasts_product(activation: str | None)
         assert got.dtype == expected.dtype == torch.bfloat16
         torch.testing.assert_close(got.float(), expected.float(), rtol=1e-2, atol=1e-2)
         w.requires_grad_()
-        y = linear(x, w, b, activation)
+        w_ref = w.detach().clone().requires_grad_()
+        y, y_ref = linear(x, w, b, activation), ref_fn(F.linear(x, w_ref, b))
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
-    assert w.grad is not None and w.grad.shape == w.shape
+    y_ref.float().sum().backward()
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    torch.testing.assert_close(w.grad, w_ref.grad, rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not onednn.PACK_WEIGHTS, reason="oneDNN weight prepacking is an x86 CPU path")
