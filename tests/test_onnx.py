@@ -64,7 +64,7 @@ def test_export_matches_pytorch_on_a_real_photo(checkpoint, lite, tmp_path, caps
     assert reported <= 1e-3 and "opset 18" in printed
 
     graph = onnx.load(str(path))
-    assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) == 18
     assert "GridSample" in {node.op_type for node in graph.graph.node}
     dims = {
         i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.graph.input
