@@ -88,7 +88,8 @@ def test_path_pil_and_array_inputs_agree(seg):
     assert np.array_equal(by_path.probability, by_pil.probability)
     assert np.array_equal(by_path.probability, by_array.probability)
     grey = seg.predict(picture.convert("L"), "man texting")  # any PIL mode is decoded to RGB
-    assert grey.mask.shape == (427, 640)
+    grey_rgb = seg.predict(np.asarray(picture.convert("L").convert("RGB")), "man texting")
+    assert grey.mask.shape == (427, 640) and np.array_equal(grey.probability, grey_rgb.probability)
 
 
 def test_threshold_is_on_the_probability(seg):
