@@ -15,7 +15,7 @@ from lgformer import config as config_mod
 from lgformer.checkpoint import read_config
 from lgformer.cli import main
 from lgformer.config import Config
-from lgformer.engine.train import batch_split, lr_factor, param_groups, train
+from lgformer.engine.train import Log, batch_split, lr_factor, param_groups, train
 from lgformer.errors import LGFormerError
 from lgformer.model.build import build_model
 
@@ -90,6 +90,8 @@ def test_resume_mid_epoch_gives_identical_weights(tmp_path, synth, deterministic
     train(cfg, tmp_path / "straight")
     stopped = train(cfg, tmp_path / "resumed", stop_after=3)
     assert stopped.stopped_early and read_config(tmp_path / "resumed" / "last")[1]["step"] == 3
+    with (tmp_path / "resumed" / "log.jsonl").open("a") as log:  # a kill while a line was being appended
+        log.write('{"step": 4, "epoch": 1.0, "lo')
     resumed = train(cfg, tmp_path / "resumed", resume=True)
     assert resumed.step == 6 and not resumed.stopped_early
     a = load_file(tmp_path / "straight" / "last" / "model.safetensors")
@@ -97,6 +99,16 @@ def test_resume_mid_epoch_gives_identical_weights(tmp_path, synth, deterministic
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [r["step"] for r in _records(tmp_path / "resumed") if "loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6]  # the log continues without duplicates
+
+
+def test_resume_reads_the_log_a_kill_cut_short_and_refuses_a_damaged_one(tmp_path):
+    lines = [json.dumps({"step": step, "loss": 1.0 / step}) for step in (1, 2, 3)]
+    (tmp_path / "log.jsonl").write_text("\n".join(lines) + '\n{"step": 4, "lo')
+    assert [r["step"] for r in Log(tmp_path, keep_until=2).records] == [1, 2]
+    assert (tmp_path / "log.jsonl").read_text() == "\n".join(lines[:2]) + "\n"  # rewritten to what is kept
+    (tmp_path / "log.jsonl").write_text(f'{lines[0]}\n{{"step": 2, "lo\n{lines[2]}\n')
+    with pytest.raises(LGFormerError, match=r"log.jsonl: record 2 is not valid JSON"):
+        Log(tmp_path, keep_until=3)
 
 
 def test_resume_with_another_set_of_trainable_parameters_is_a_clear_error(tmp_path):

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from lgformer.errors import LGFormerError
+from lgformer.files import atomic_write
 
 
 @dataclass
@@ -319,7 +320,7 @@ def apply_override(cfg: Config, item: str) -> Config:
 
 
 def save(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def _deep_update(

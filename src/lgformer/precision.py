@@ -34,7 +34,7 @@ class PrecisionWarning(UserWarning):
 @cache
 def cpu_has_bf16_units() -> bool:
     """Whether this CPU computes bf16 products natively (AVX512-BF16 or AMX). Elsewhere oneDNN emulates them,
-    and bf16 autocast runs slower than fp32 (2.5x slower on an AVX-512 Xeon without them)."""
+    and bf16 autocast runs slower than fp32 (README, "Speed")."""
     import torch
 
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")

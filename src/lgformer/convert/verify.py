@@ -73,9 +73,7 @@ def true_fp32() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = matmul
 
 
-def verify_official(
-    golden: str | Path, variant: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
-) -> dict[str, float]:
+def verify_official(golden: str | Path, variant: str, device: torch.device | str = "cpu") -> dict[str, float]:
     """Max abs difference of each `logits_i` in the golden file against our model run on `device`."""
     golden = Path(golden)
     if not golden.is_file():
@@ -87,11 +85,8 @@ def verify_official(
     targets = sorted((k for k in data if k.startswith("logits_")), key=lambda k: int(k.split("_")[1]))
     if not targets:
         raise LGFormerError(f"{golden}: holds no logits_<i> tensors to compare")
-    model = build_recipe_model(variant).to(device, dtype)
-    inputs = {
-        k: data[k].to(device, dtype if data[k].is_floating_point() else None)
-        for k in ("image", "text_mask", "text_features")
-    }
+    model = build_recipe_model(variant).to(device)
+    inputs = {k: data[k].to(device) for k in ("image", "text_mask", "text_features")}
     with torch.no_grad(), true_fp32():
         logits = model(inputs["image"], inputs["text_mask"], text_features=inputs["text_features"]).cpu()
     diffs = {}

@@ -8,7 +8,7 @@ loop does; under CPU bf16 the parameters' bf16 copies are made once, in the warm
 (`lgformer.model.layers`), as in any repeated inference. GFLOP are counted per compute dtype with PyTorch's
 flop formulas (matmuls, convolutions, attention; deformable sampling and elementwise work not counted). The
 roofline is the time those flops take at the best n x n GEMM rate measured in the same process at each
-dtype and thread count, over `torch.mm` and the network's own `linear` (oneDNN on x86 CPUs, 1.15-2x
+dtype and thread count, over `torch.mm` and the network's own `linear` (oneDNN on x86 CPUs, faster than
 `torch.mm`'s MKL sgemm on AMD); efficiency is roofline / median latency, so a mixed policy (bf16 autocast
 with the authors' fp32 pixel decoder) is held to each part's own rate. The ratio against `torch.mm` alone is
 reported too. On CPU memory is the peak resident set (VmHWM, reset before each phase); on GPU
@@ -101,8 +101,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def gemm_size(probe_gflops: float, n: int = GEMM_SIZE) -> int:
     """The n of the rate-measuring product: `n` halved (down to GEMM_PROBE) while one product would take over
-    GEMM_BUDGET_S at the probe's rate. fp16 on CPUs without native fp16 arithmetic runs at ~3 GFLOP/s, where
-    a 2048 product takes several seconds."""
+    GEMM_BUDGET_S at the probe's rate: fp16 on a CPU without native fp16 arithmetic is emulated, and a
+    full-size product would take seconds."""
     while n > GEMM_PROBE and 2 * n**3 / (probe_gflops * 1e9) > GEMM_BUDGET_S:
         n //= 2
     return n

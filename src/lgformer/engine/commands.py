@@ -142,7 +142,8 @@ def _train(args: argparse.Namespace) -> int:
     if distributed.world().main:
         best = f", best val oIoU {result.best_oiou:.2f}" if result.best_oiou is not None else ""
         state = "stopped" if result.stopped_early else "finished"
-        print(f"{state} at step {result.step}{best}; checkpoint {result.last}")
+        took = f" after {result.train_seconds / 60:.1f} min of training"
+        print(f"{state} at step {result.step}{took}{best}; checkpoint {result.last}")
     return 0
 
 

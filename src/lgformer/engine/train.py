@@ -266,13 +266,24 @@ class Log:
         self.plot_path = out / "plots.png"
         self.records: list[dict[str, Any]] = []
         if keep_until is not None and self.path.is_file():  # resume: drop what the checkpoint does not cover
-            lines = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-            self.records = [r for r in lines if r["step"] <= keep_until]
+            self.records = [r for r in self._read() if r["step"] <= keep_until]
             body = "".join(json.dumps(r) + "\n" for r in self.records)
             atomic_write(self.path, lambda tmp: Path(tmp).write_text(body))
         else:
             self.path.write_text("")
         self.last_plot = 0.0
+
+    def _read(self) -> list[dict[str, Any]]:
+        """The logged records; a last line cut short (the process killed while appending it) is dropped."""
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        records = []
+        for number, line in enumerate(lines, 1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if number < len(lines):
+                    raise LGFormerError(f"{self.path}: record {number} is not valid JSON") from None
+        return records
 
     def write(self, record: dict[str, Any], plot: bool = False) -> None:
         self.records.append(record)
@@ -317,11 +328,12 @@ class Trainer:
 
     def __init__(self, cfg: Config, out: str | Path, *, resume: bool = False, device: str = "auto") -> None:
         from lgformer.data.dataset import build_dataset
-        from lgformer.model.build import build_model
+        from lgformer.model.build import build_model, validate
         from lgformer.text.tokenizer import Tokenizer
 
         self.cfg, self.tc, self.out = cfg, cfg.train, Path(out)
         tc = self.tc
+        validate(cfg.model)  # before the data is read
         recover_run(self.out)
         if resume:
             _check_same_model(read_config(self.out / "last")[0], cfg, self.out / "last")

@@ -36,8 +36,12 @@ def validate(cfg: ModelConfig) -> None:
     for name, valid in CHOICES.items():
         if getattr(cfg, name) not in valid:
             raise LGFormerError(f"model.{name}={getattr(cfg, name)!r}; valid: {', '.join(valid)}")
-    if len(cfg.fusion_heads) != 4:
-        raise LGFormerError(f"model.fusion_heads needs 4 entries (one per stage), got {cfg.fusion_heads}")
+    if len(cfg.fusion_heads) != 4 or min(cfg.fusion_heads) < 1:
+        raise LGFormerError(f"model.fusion_heads needs 4 entries >= 1 (one a stage), got {cfg.fusion_heads}")
+    for name in ("decoder_heads", "generator_heads"):
+        heads = getattr(cfg, name)
+        if heads < 1 or cfg.decoder_dim % heads:
+            raise LGFormerError(f"model.{name}={heads}; it must divide model.decoder_dim={cfg.decoder_dim}")
     for name in ("drop_path", "text_dropout"):
         rate = getattr(cfg, name)
         if rate is not None and not 0 <= rate < 1:
@@ -109,6 +113,12 @@ def build_model(cfg: ModelConfig, pretrained: bool = True, init: bool = True) ->
     trunk = build_trunk(cfg, pretrained)
     text_encoder = TextEncoder.build(cfg.text_encoder, pretrained=pretrained, dropout=cfg.text_dropout)
     text_dim = text_encoder.dim
+    for stage, (width, heads) in enumerate(zip(trunk.channels, cfg.fusion_heads)):
+        if width % heads or text_dim % heads:
+            raise LGFormerError(
+                f"model.fusion_heads[{stage}]={heads}; it must divide the stage's width {width} and the text "
+                f"width {text_dim}"
+            )
     image_encoder = MultiModalBackbone(
         trunk, text_dim, cfg.fusion, cfg.fusion_heads, fp32_stages=cfg.encoder_fp32_stages
     )
