@@ -26,6 +26,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from lgformer import config as config_mod
 from lgformer.app.serve import EXAMPLE_SEED, EXAMPLE_SIZE, write_examples
 from lgformer.checkpoint import save_model
+from lgformer.cli import main
 from lgformer.model.build import build_model
 
 # Debian's browser (`make test` installs chromium + chromium-driver), found on PATH; never a downloaded one.
@@ -312,3 +313,14 @@ def test_a_model_with_the_head_gets_a_plural_and_an_absent_example(tmp_path):
         scene = make_scene(EXAMPLE_SEED, "test", index, EXAMPLE_SIZE, 1, plural=1.0, absent=1.0)
         members = {texts[0]: m for m, texts in scene.sets}[sentence]
         assert len(members) >= 2 if plural else members == ()
+
+
+def test_a_taken_port_is_a_one_line_error_before_the_model_loads(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--checkpoint", "/nowhere", "--port", str(port)]) == 2
+    err = capsys.readouterr().err  # the address is refused before the (missing) checkpoint is looked for
+    expected = f"--host 127.0.0.1 --port {port}: cannot serve there (Address already in use)"
+    assert err == f"lgformer serve: error: {expected}\n"

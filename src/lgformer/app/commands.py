@@ -145,9 +145,13 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from lgformer.app.serve import serve
+    from lgformer.app.serve import check_address, serve
+    from lgformer.errors import LGFormerError
     from lgformer.predictor import Segmenter
 
+    if not args.max_upload_mb > 0:
+        raise LGFormerError(f"--max-upload-mb {args.max_upload_mb}: expected a positive size")
+    check_address(args.host, args.port)
     seg = Segmenter.from_pretrained(args.checkpoint, args.device, args.dtype, args.overrides)
     serve(seg, args.host, args.port, args.max_upload_mb)
     return 0

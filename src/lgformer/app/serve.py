@@ -11,6 +11,7 @@ version checks are off (no network calls).
 from __future__ import annotations
 
 import signal
+import socket
 import tempfile
 import threading
 import uuid
@@ -127,6 +128,20 @@ def build_app(seg: Segmenter, workdir: Path, max_upload_mb: float) -> Any:
 
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt  # the server stops as on Ctrl-C, and the temporary folder is removed
+
+
+def check_address(host: str, port: int) -> None:
+    """Fail early, in one line, where the page could not be served: a port out of range, an unknown host,
+    or an address already taken (checked by binding it for a moment)."""
+    if not 1 <= port <= 65535:
+        raise LGFormerError(f"--port {port}: expected 1 to 65535")
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise LGFormerError(f"--host {host} --port {port}: cannot serve there ({reason})") from None
 
 
 def serve(seg: Segmenter, host: str = "127.0.0.1", port: int = 7860, max_upload_mb: float = 20.0) -> None:
