@@ -158,7 +158,7 @@ def _export_onnx(args: argparse.Namespace) -> int:
     diff = export_onnx(
         seg.model, seg.cfg, args.out, image, sentence, args.size, args.max_tokens, optimize=args.optimize
     )
-    size = args.size or seg.image_size
+    size = seg.image_size if args.size is None else args.size
     print(
         f"wrote {args.out} (opset {OPSET}, input {size}x{size}, dynamic batch and tokens); "
         f"ONNX Runtime vs PyTorch max abs logit difference {diff:.2e}"

@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from lgformer.config import Config
+from lgformer.config import MIN_IMAGE_SIZE, Config
 from lgformer.data.images import image_tensor
 from lgformer.errors import LGFormerError
 from lgformer.files import atomic_write
@@ -120,14 +120,14 @@ def export_onnx(
             "ONNX export needs onnx, onnxscript and onnxruntime: pip install 'lgformer[onnx]'"
         ) from None
 
-    size = size or cfg.data.image_size
-    max_tokens = max_tokens or cfg.model.max_tokens
+    size = cfg.data.image_size if size is None else size
+    max_tokens = cfg.model.max_tokens if max_tokens is None else max_tokens
     if max_tokens > cfg.model.max_tokens or max_tokens < 2:
         raise LGFormerError(
             f"--max-tokens {max_tokens}: must be between 2 and the model's {cfg.model.max_tokens}"
         )
-    if size < 32:
-        raise LGFormerError(f"--size {size}: too small (at least 32)")
+    if size < MIN_IMAGE_SIZE:
+        raise LGFormerError(f"--size {size}: too small (at least {MIN_IMAGE_SIZE})")
     graph = _Graph(model.eval().float().cpu())
     tokenizer = Tokenizer(cfg.model.text_encoder, max_tokens)
     ids, mask = tokenizer([sentence, sentence.split()[0]])
