@@ -160,6 +160,8 @@ CASES = [
     ("verify-training-truncated", "verify-official-training {d}/cut.safetensors --variant tiny-w7", 2, "cannot load the training golden"),
     ("verify-training-write-folder", "verify-official-training {golden} --variant tiny-w7 --write {d}", 2, "is a folder, expected a file name"),
     ("export-onnx-out-is-folder", "export onnx --out {d}", 2, "is a folder, expected a file name"),
+    ("summary-size-zero", "summary --size 0", 2, "data.image_size=0; it must be at least 32 pixels"),
+    ("bench-size-small", "bench --size 7", 2, "data.image_size=7; it must be at least 32 pixels"),
     ("export-onnx-size-zero", "export onnx --size 0 --out {out}.onnx", 2, "--size 0: too small (at least 32)"),
     ("export-onnx-tokens-zero", "export onnx --max-tokens 0 --out {out}.onnx", 2, "--max-tokens 0: must be between 2"),
 ]  # fmt: skip

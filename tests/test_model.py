@@ -257,3 +257,12 @@ def test_checkpoints_load_without_random_initialisation(tmp_path, monkeypatch, e
     assert {name: getattr(torch.nn.init, name) for name in INITIALISERS} == spies
     build_model(cfg.model, pretrained=False)
     assert {"normal_", "trunc_normal_", "xavier_uniform_", "kaiming_uniform_"} <= set(calls)  # they do run
+
+
+def test_summary_traces_the_shapes_at_the_size_asked(capsys):
+    from lgformer.cli import main
+
+    assert main(["summary", "--size", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "backbone features at 64x64: (24, 16, 16), (48, 8, 8), (120, 4, 4), (352, 2, 2)" in out
+    assert "output logits: (1, 4, 64, 64)" in out

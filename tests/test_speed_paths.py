@@ -419,6 +419,7 @@ def test_bench_json_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([*argv, "--set", "model.decoder_fp32=false"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["decoder_fp32"] is False and report["encoder_fp32_stages"] == 4  # the lite preset
+    assert report["size"] == 64
     for field in (
         "latency",
         "images_per_s",

@@ -293,8 +293,9 @@ def run(
         torch.set_num_threads(threads)
     _, dev = setup(device)
     amp = autocast_dtype(dtype)
-    cfg = config_mod.load(preset, list(overrides))
-    size = size or cfg.data.image_size
+    sized = [f"data.image_size={size}"] if size is not None else []
+    cfg = config_mod.load(preset, [*overrides, *sized])  # `size` is checked as data.image_size
+    size = cfg.data.image_size
     torch.manual_seed(0)
     model = build_model(cfg.model, pretrained=False).to(dev).eval()
     x = make_inputs(cfg, size, batch, dev)

@@ -21,9 +21,10 @@ def _summary(args: argparse.Namespace) -> int:
     from lgformer import config as config_mod
     from lgformer.model.build import build_model
 
-    cfg = config_mod.load(args.config, args.overrides)
+    sized = [f"data.image_size={args.size}"] if args.size is not None else []
+    cfg = config_mod.load(args.config, [*args.overrides, *sized])  # --size is checked as data.image_size
     model = build_model(cfg.model, pretrained=False).eval()
-    size = args.size or cfg.data.image_size
+    size = cfg.data.image_size
     print(
         f"preset: {cfg.preset or args.config}  backbone: {cfg.model.backbone}  fusion: {cfg.model.fusion}  "
         f"text encoder: {cfg.model.text_encoder}"
