@@ -136,6 +136,31 @@ def test_unusable_sentences_are_errors(seg, sentence, message):
         seg.predict(PHOTO, ["man texting", sentence])
 
 
+@pytest.mark.parametrize(
+    ("text", "options", "message"),
+    [
+        (5, {}, "text: expected an expression or a list of them, got int"),
+        (None, {}, "text: expected an expression or a list of them, got NoneType"),
+        ([], {}, "give one or more expressions"),
+        (["man texting", 5], {}, "expression 5: expected a string, got int"),
+        (["man texting"] * 3, {"batch_size": 0}, "batch_size 0 must be a whole number >= 1"),
+        (["man texting"] * 3, {"batch_size": -1}, "batch_size -1 must be"),  # gave [] before
+        (["man texting"] * 3, {"batch_size": 2.0}, "batch_size 2.0 must be"),
+    ],
+)
+def test_bad_text_and_batch_size_are_errors(seg, text, options, message):
+    with pytest.raises(LGFormerError, match=message):
+        seg.predict(PHOTO, text, **options)
+
+
+def test_any_iterable_of_sentences_is_a_list(seg):
+    together = seg.predict(PHOTO, ["man texting", "a black bag"])
+    for sentences in (("man texting", "a black bag"), iter(["man texting", "a black bag"])):
+        got = seg.predict(PHOTO, sentences)
+        assert [r.sentence for r in got] == ["man texting", "a black bag"]
+        assert all(np.array_equal(a.probability, b.probability) for a, b in zip(got, together))
+
+
 def test_partly_readable_sentences_warn_and_still_predict(seg):
     long = " ".join(("the tall man in the dark coat " * 72).split()[:500])  # 500 words, one token each
     with pytest.warns(

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,7 +86,9 @@ def encode_sentences(tokenizer: Tokenizer, sentences: Sequence[str]) -> tuple[to
     if isinstance(sentences, str) or not sentences:
         raise LGFormerError("give one or more expressions")
     for sentence in sentences:
-        if not isinstance(sentence, str) or not sentence.strip():
+        if not isinstance(sentence, str):
+            raise LGFormerError(f"expression {sentence!r}: expected a string, got {type(sentence).__name__}")
+        if not sentence.strip():
             raise LGFormerError("empty expression: describe the object, e.g. 'the red car on the left'")
     unk = tokenizer.encode(["[UNK]"])[0][1]  # special tokens are never split
     limit = tokenizer.max_tokens
@@ -162,6 +164,10 @@ class Segmenter:
         for name, value in (("threshold", threshold), ("no_target_threshold", no_target_threshold)):
             if not 0.0 < value < 1.0:
                 raise LGFormerError(f"{name} {value} must be strictly between 0 and 1")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise LGFormerError(f"batch_size {batch_size!r} must be a whole number >= 1")
+        if not isinstance(text, (str, Iterable)):
+            raise LGFormerError(f"text: expected an expression or a list of them, got {type(text).__name__}")
         sentences = [text] if isinstance(text, str) else list(text)
         ids, text_mask = encode_sentences(self.tokenizer, sentences)
         picture = read_image(image)
