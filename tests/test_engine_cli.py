@@ -143,8 +143,9 @@ def test_saved_masks_score_like_the_checkpoint(capsys, run, tmp_path, protocol):
 @pytest.mark.parametrize(
     "args, needle",
     [
-        (["--threads", "0"], "--threads must be >= 1"),
-        (["--repeat", "0"], "must be >= 1"),
+        (["--threads", "0"], "--threads 0: expected a whole number >= 1"),
+        (["--repeat", "0"], "--repeat 0: expected a whole number >= 1"),
+        (["--batch", "-2"], "--batch -2: expected a whole number >= 1"),
         (["--device", "tpu"], "valid: auto, cpu, cuda, cuda:N"),
     ],
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from lgformer.errors import LGFormerError
 from lgformer.precision import PRECISIONS, precision_name
 
 
@@ -21,3 +22,11 @@ def add_dtype_argument(p: argparse._ActionsContainer, help: str) -> None:
 def add_overrides_argument(p: argparse._ActionsContainer, help: str) -> None:
     """Repeatable `--set KEY=VALUE` dotted config overrides, collected in `args.overrides`."""
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
+def check_at_least(minimum: int, **flags: int | None) -> None:
+    """Refuse, before any work, a count flag under `minimum` (e.g. `check_at_least(1, batch_size=0)` names
+    `--batch-size 0`); a None flag is left to its default."""
+    for name, value in flags.items():
+        if value is not None and value < minimum:
+            raise LGFormerError(f"--{name.replace('_', '-')} {value}: expected a whole number >= {minimum}")

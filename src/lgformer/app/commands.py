@@ -6,7 +6,12 @@ import argparse
 import os
 from pathlib import Path
 
-from lgformer.arguments import add_device_argument, add_dtype_argument, add_overrides_argument
+from lgformer.arguments import (
+    add_device_argument,
+    add_dtype_argument,
+    add_overrides_argument,
+    check_at_least,
+)
 from lgformer.shipped import DEFAULT_MODEL, SHIPPED
 
 
@@ -162,6 +167,9 @@ def _demo(args: argparse.Namespace) -> int:
     from lgformer.files import check_output_folder
     from lgformer.predictor import Segmenter
 
+    check_at_least(1, eval_refs=args.eval_refs, scenes=args.scenes, workers=args.workers)
+    if args.train:
+        check_at_least(1, steps=args.steps, train_refs=args.train_refs, val_refs=args.val_refs)
     check_output_folder(args.out)
     checkpoint = args.checkpoint
     if args.train:

@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+from lgformer.arguments import check_at_least
 from lgformer.config import DATASETS
 from lgformer.errors import LGFormerError
 
@@ -295,6 +296,8 @@ def _synth(args: argparse.Namespace) -> int:
     from lgformer.files import check_output_folder
 
     shares = _generalized_shares(args)
+    check_at_least(0, seed=args.seed, train=args.train, val=args.val, test=args.test)
+    check_at_least(1, workers=args.workers)
     check_output_folder(args.out)
     start = time.perf_counter()
     counts = generate(
@@ -324,6 +327,7 @@ def _from_instances(args: argparse.Namespace) -> int:
     from lgformer.files import check_output_folder
 
     shares = _generalized_shares(args)
+    check_at_least(0, seed=args.seed)
     check_output_folder(args.out)
     start = time.perf_counter()
     counts = from_instances(

@@ -8,7 +8,12 @@ import sys
 import warnings
 from pathlib import Path
 
-from lgformer.arguments import add_device_argument, add_dtype_argument, add_overrides_argument
+from lgformer.arguments import (
+    add_device_argument,
+    add_dtype_argument,
+    add_overrides_argument,
+    check_at_least,
+)
 from lgformer.config import DATASETS
 
 
@@ -167,6 +172,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     if (args.checkpoint is None) == (args.predictions is None):
         raise LGFormerError("give exactly one of --checkpoint DIR or --predictions DIR")
+    check_at_least(1, batch_size=args.batch_size)
+    check_at_least(0, workers=args.workers)
     if not 0 < args.no_target_threshold < 1:
         raise LGFormerError(
             f"--no-target-threshold {args.no_target_threshold}: must be strictly between 0 and 1"
@@ -253,10 +260,8 @@ def _bench(args: argparse.Namespace) -> int:
     import json
 
     from lgformer.engine import bench
-    from lgformer.errors import LGFormerError
 
-    if min(args.batch, args.repeat, *(v for v in (args.size, args.threads) if v is not None)) < 1:
-        raise LGFormerError("--batch, --repeat, --size and --threads must be >= 1")
+    check_at_least(1, batch=args.batch, repeat=args.repeat, size=args.size, threads=args.threads)
     report = bench.run(
         args.preset,
         size=args.size,

@@ -166,6 +166,8 @@ def generate(
     `absent` of all refs besides; returns the numbers of images, objects and refs."""
     if size < 96:
         raise LGFormerError(f"synth: image size {size} is too small (at least 96)")
+    if size > 2048:
+        raise LGFormerError(f"synth: image size {size} is too large (at most 2048)")
     for name, share in (("plural", plural), ("absent", absent)):
         if not 0 <= share <= 1 / (REFS_PER_SCENE + 2):
             raise LGFormerError(
