@@ -393,6 +393,33 @@ def test_attend_normalised_folds_the_instance_norm(heads: int) -> None:
         assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 
 
+@pytest.mark.parametrize("shift", [0, 3])
+def test_bf16_training_window_attention_is_the_fused_kernels_up_to_bf16_rounding(shift: int) -> None:
+    """In CPU bf16 training the window attention runs its products in bf16 (the fused kernel would upcast
+    them to fp32 math for the trained bias): output and gradients stay as near the fp32 computation as the
+    fused kernel's under autocast, and differ from it (the path is taken)."""
+    from lgformer.model.swin import WindowAttention
+
+    torch.manual_seed(0)
+    attn = WindowAttention(64, 2, 7)
+    nn.init.normal_(attn.relative_position_bias_table, std=0.5)
+    x = torch.randn(2, 14, 21, 64)
+    grad = torch.randn(2, 14, 21, 64)
+
+    def run(amp: bool, *off: str) -> list[torch.Tensor]:
+        inputs = [x.clone().requires_grad_(), *attn.parameters()]
+        with fast.disabled(*off) if off else contextlib.nullcontext():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                out = attn(inputs[0], shift)
+        return [out.float().detach(), *torch.autograd.grad(out.float(), inputs, grad)]
+
+    exact, fused, explicit = run(False), run(True, "window-explicit"), run(True)
+    assert not torch.equal(explicit[0], fused[0])
+    for e, f, q in zip(exact, fused, explicit):
+        error, fused_error = (q - e).norm() / e.norm(), (f - e).norm() / e.norm()
+        assert 0 < error < max(2 * fused_error, 1e-3) and error < 0.02
+
+
 def test_deformable_sampling_backward_matches_embedding_bag_autograd() -> None:
     """The bag sampler's own backward (grid_sampler-based) equals autograd through its embedding_bag forward
     (the `bag-backward` path off), and both sample as the plain `grid_sample` form does (float64)."""

@@ -33,7 +33,8 @@ PATHS = {
     "long axis of the transposed scores (plain: softmax(-1))",
     "window-order": "Swin windows gathered in one index pass, only real tokens projected, windows of one "
     "pattern batched (plain: pad, roll, partition, attend, reverse)",
-    "window-explicit": "Swin window attention written out in CPU inference (plain: the fused SDPA kernel)",
+    "window-explicit": "Swin window attention written out in CPU inference, and in CPU bf16 training with "
+    "its products in bf16 (plain: the fused SDPA kernel, which trains a bias in fp32 math)",
     "attn-fold": "cross-attention of few queries folds the key projection into the query (plain: keys "
     "projected)",
     "xattn-fold": "cross-attention over few keys folds the query and output projections into the keys "

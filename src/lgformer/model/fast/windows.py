@@ -160,12 +160,25 @@ def _window_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     CPU inference and export take the explicit form: on CPU it is faster than the fused kernel for
     Swin's windows (fp32 and bf16), and the exporter's decomposition of SDPA lays its
     output out differently from the fused kernel's, which then fails on a later reshape (torch 2.13).
-    Training and GPUs keep the fused kernel, which does not store the (windows, heads, c, M) probabilities.
+    CPU bf16 training takes `_bf16_training_attention`. Other training and GPUs keep the fused kernel, which
+    does not store the (windows, heads, c, M) probabilities.
     """
-    inference = q.device.type == "cpu" and not torch.is_grad_enabled() and fast.enabled("window-explicit")
-    if torch.compiler.is_exporting() or inference:
+    cpu = q.device.type == "cpu" and fast.enabled("window-explicit")
+    if torch.compiler.is_exporting() or (cpu and not torch.is_grad_enabled()):
         return _explicit_attention(q, k, v, mask)
+    if cpu and q.dtype == torch.bfloat16 and mask.requires_grad:
+        return _bf16_training_attention(q, k, v, mask)
     return _fused_attention(q, k, v, mask)
+
+
+def _bf16_training_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """`_window_attention` in CPU bf16 training, as the authors' explicit attention runs under autocast: the
+    two products in bf16, the bias add and the softmax in fp32. The fused kernel takes no mask that needs a
+    gradient (the trained bias table), so for it PyTorch falls back to its math form with every operand
+    upcast to fp32, whose products leave a CPU's bf16 units idle (README, "Training speed")."""
+    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.contiguous().transpose(-2, -1))
+    probabilities = (scores.float() + mask.float()).softmax(-1)
+    return torch.matmul(probabilities.to(v.dtype), v)
 
 
 def _explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
