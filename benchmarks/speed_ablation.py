@@ -53,6 +53,7 @@ FAST_PATHS = (
     "window-explicit",
     "attn-fold",
     "xattn-fold",
+    "xattn-explicit",
     "vlba-fold",
     "bn-fold",
     "winograd",

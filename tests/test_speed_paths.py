@@ -420,6 +420,36 @@ def test_bf16_training_window_attention_is_the_fused_kernels_up_to_bf16_rounding
         assert 0 < error < max(2 * fused_error, 1e-3) and error < 0.02
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_bf16_training_attention_over_few_keys_is_the_fused_kernels_up_to_bf16_rounding(padded: bool) -> None:
+    """In CPU bf16 training, cross-attention over few keys is written out: output and gradients stay as near
+    the fp32 computation as the fused kernel's under autocast, padded keys get no weight, and it differs
+    from the fused kernel's (the path is taken)."""
+    from lgformer.model.attention import multi_head_attention
+
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(32, 4, kdim=24, vdim=24, batch_first=True)
+    query, words = torch.randn(2, 50, 32), torch.randn(2, 7, 24)
+    padding = torch.zeros(2, 7, dtype=torch.bool)
+    padding[1, 4:] = padded
+    grad = torch.randn(2, 50, 32)
+
+    def run(amp: bool, *off: str) -> list[torch.Tensor]:
+        inputs = [query.clone().requires_grad_(), words.clone().requires_grad_(), *mha.parameters()]
+        with fast.disabled(*off) if off else contextlib.nullcontext():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                out = multi_head_attention(mha, inputs[0], inputs[1], inputs[1], padding).float()
+        return [out.detach(), *torch.autograd.grad(out, inputs, grad)]
+
+    exact, fused, explicit = run(False), run(True, "xattn-explicit"), run(True)
+    assert not torch.equal(explicit[0], fused[0])
+    if padded:  # no weight on padded words, so no gradient either
+        assert not explicit[2][1, 4:].any()
+    for e, f, q in zip(exact, fused, explicit):
+        error, fused_error = (q - e).norm() / e.norm(), (f - e).norm() / e.norm()
+        assert 0 < error < max(2 * fused_error, 1e-3) and error < 0.02
+
+
 def test_deformable_sampling_backward_matches_embedding_bag_autograd() -> None:
     """The bag sampler's own backward (grid_sampler-based) equals autograd through its embedding_bag forward
     (the `bag-backward` path off), and both sample as the plain `grid_sample` form does (float64)."""

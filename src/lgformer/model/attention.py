@@ -8,7 +8,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lgformer.model import fast
-from lgformer.model.fast.attention import folded_attention, folded_query_attention
+from lgformer.model.fast.attention import (
+    FEW_KEYS,
+    few_keys_attention,
+    folded_attention,
+    folded_query_attention,
+)
 from lgformer.model.layers import Linear, linear
 
 
@@ -55,7 +60,8 @@ def multi_head_attention(
       (`folded_attention`);
     - many queries, few keys (the pixel decoder's pixels -> 20 words), in CPU inference: the query and
       output projections act on the keys and values instead of on every query
-      (`folded_query_attention`). Training and GPUs keep the fused kernel, which stores no scores.
+      (`folded_query_attention`). Training and GPUs keep the fused kernel, which stores no scores, except
+      CPU bf16 training over few keys, which writes it out (`few_keys_attention`).
     """
     e, heads = mha.embed_dim, mha.num_heads
     if mha._qkv_same_embed_dim:
@@ -91,11 +97,14 @@ def _projected_query_attention(
     heads: int,
     mask: Tensor | None,
 ) -> Tensor:
-    """`folded_query_attention` as written: every query projected, the fused kernel, the output projection
-    (training, GPUs, and where the fold has more multiply-adds)."""
+    """`folded_query_attention` as written: every query projected, the fused kernel (`few_keys_attention` in
+    CPU bf16 training over few keys), the output projection (training, GPUs, and where the fold has more
+    multiply-adds)."""
     e = query.shape[-1]
-    q = linear(query, wq, bq)
-    out = F.scaled_dot_product_attention(
-        *(t.unflatten(-1, (heads, e // heads)).transpose(1, 2) for t in (q, k, v)), attn_mask=mask
-    )
+    q, k, v = (t.unflatten(-1, (heads, e // heads)).transpose(1, 2) for t in (linear(query, wq, bq), k, v))
+    explicit = q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled()
+    if explicit and k.shape[-2] <= FEW_KEYS and fast.enabled("xattn-explicit"):
+        out = few_keys_attention(q, k, v, mask)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return linear(out.transpose(1, 2).flatten(2), wo, bo)

@@ -40,6 +40,8 @@ PATHS = {
     "projected)",
     "xattn-fold": "cross-attention over few keys folds the query and output projections into the keys "
     "(plain: queries projected, fused kernel)",
+    "xattn-explicit": "in CPU bf16 training, cross-attention over few keys written out (plain: the fused "
+    "kernel, whose bf16 backward is slow over few keys)",
     "vlba-fold": "VLBA's language branch folds sym_value into its instance norm (plain: sym_value on every "
     "token, then the norm)",
     "bn-fold": "EfficientNet-Lite2's BatchNorms folded into their convolutions (plain: BN after the conv)",

@@ -1,6 +1,7 @@
 """Algebraic forms of attention with fewer multiply-adds where keys and queries are lopsided: the
 `attn-fold` and `xattn-fold` fast paths of `model/attention.py`'s `multi_head_attention`, and the
-`vlba-fold` path of `model/fusion.py`'s `attend_normalised`."""
+`vlba-fold` path of `model/fusion.py`'s `attend_normalised`; and its `xattn-explicit` path, attention over
+few keys written out for CPU bf16 training."""
 
 from __future__ import annotations
 
@@ -52,6 +53,22 @@ def folded_query_attention(
     p = scores.view(b, heads, lk, lq).softmax(-2).view(b, heads * lk, lq)
     out = torch.matmul(p.transpose(1, 2), folded_v)  # (B, Lq, E)
     return out if bo is None else out + bo
+
+
+# the most keys `few_keys_attention` is taken for: its stored scores grow with the keys, and from 80 keys on
+# it trains slower than the fused kernel (README, "Training speed")
+FEW_KEYS = 40
+
+
+def few_keys_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """softmax(q kᵀ/√d + mask) v for bf16 q (B, heads, Lq, d) over few keys k, v (B, heads, Lk, d), written
+    out as the fused kernel computes it: the scores in fp32 from the bf16 operands, the softmax in fp32, the
+    probabilities rounded to bf16 for the product with v. On CPU the fused kernel's bf16 backward runs at a
+    third of this speed for the pixel decoder's pixels -> 20 words; the (Lq, Lk) scores are small here."""
+    scores = torch.matmul(q.float() * q.shape[-1] ** -0.5, k.float().transpose(-2, -1))
+    if mask is not None:
+        scores = scores + mask
+    return torch.matmul(scores.softmax(-1).to(v.dtype), v)
 
 
 def folded_attention(
