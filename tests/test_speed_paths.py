@@ -24,6 +24,7 @@ from lgformer.model.deformable_attention import ms_deform_attn_sample
 from lgformer.model.fast import onednn, winograd
 from lgformer.model.fusion import attend_normalised
 from lgformer.model.layers import Conv1x1, Conv3x3, Linear, linear
+from lgformer.precision import cpu_info
 
 GOLDEN = OFFICIAL / "golden_tiny_w7_224.safetensors"
 NEEDS_ONEDNN_BF16 = pytest.mark.skipif(
@@ -88,12 +89,34 @@ def test_linear_matches_f_linear_with_gradients(activation: str | None) -> None:
             linear(x, w, b, activation), ref_fn(F.linear(x, w, b)), rtol=1e-5, atol=1e-5
         )
     grads = []
-    for fn in (lambda *a: linear(*a, activation), lambda *a: ref_fn(F.linear(*a))):
+    forms = [lambda *a: linear(*a, activation), lambda *a: ref_fn(F.linear(*a))]
+    if onednn.ONEDNN:  # oneDNN's own training product, whichever form `linear` trains with on this CPU
+        forms.append(lambda *a: ref_fn(onednn.OneDNNLinear.apply(*a)))
+    for fn in forms:
         inputs = [t.clone().requires_grad_() for t in (x, w, b)]
         fn(*inputs).square().sum().backward()
         grads.append([t.grad for t in inputs])
-    for got, expected in zip(*grads):
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    for other in grads[:1] + grads[2:]:
+        for got, expected in zip(other, grads[1]):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("on_onednn", [True, False])
+def test_fp32_training_products_take_onednn_only_where_it_is_chosen(
+    monkeypatch: pytest.MonkeyPatch, on_onednn: bool
+) -> None:
+    """fp32 training products run on oneDNN where `ONEDNN_FP32_TRAINING` says (not on Intel CPUs, whose MKL
+    sgemm trains faster), else through autograd's `F.linear`; inference stays on oneDNN either way."""
+    monkeypatch.setattr(onednn, "ONEDNN_FP32_TRAINING", on_onednn)
+    x, w = torch.randn(5, 8), torch.randn(4, 8, requires_grad=True)
+    name = type(linear(x, w).grad_fn).__name__
+    assert (name == "OneDNNLinearBackward") == (on_onednn and onednn.ONEDNN)
+    assert name == "OneDNNLinearBackward" or name.startswith("MmBackward")
+
+
+def test_onednn_fp32_training_follows_the_cpu_vendor() -> None:
+    intel = cpu_info().get("vendor_id") == "GenuineIntel"
+    assert onednn.ONEDNN_FP32_TRAINING == (onednn.ONEDNN and not intel)
 
 
 @pytest.mark.parametrize("activation", [None, "relu", "gelu", "tanh"])

@@ -14,6 +14,7 @@ import os
 import platform
 import warnings
 from functools import cache
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lgformer.errors import LGFormerError
@@ -29,6 +30,18 @@ _HEAP_LIMIT = 1 << 30
 
 class PrecisionWarning(UserWarning):
     """The precision asked for runs slower than fp32 on this machine."""
+
+
+@cache
+def cpu_info() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo ('vendor_id', 'model name', 'cpu family', ...); empty
+    where there is no such file (not Linux)."""
+    fields: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    return fields
 
 
 @cache

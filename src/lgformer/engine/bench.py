@@ -37,7 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lgformer import config as config_mod
 from lgformer.config import Config
-from lgformer.precision import autocast, autocast_dtype, precision_name
+from lgformer.precision import autocast, autocast_dtype, cpu_info, precision_name
 
 GEMM_SIZE = 2048  # n of the n x n x n product that measures a dtype's GEMM rate on a CPU
 GEMM_SIZE_CUDA = 8192  # on a GPU, where 2048 is too small to reach the peak
@@ -46,16 +46,11 @@ GEMM_BUDGET_S = 0.5  # the longest one measuring product may take
 VALID_TOKENS = 12  # [CLS] + 10 wordpieces + [SEP], a typical RefCOCO expression
 CLEAR_REFS = Path("/proc/self/clear_refs")
 STATUS = Path("/proc/self/status")
-CPUINFO = Path("/proc/cpuinfo")
 
 
 def cpu_name() -> str:
     """'AMD EPYC (family 26, model 2, 2 CPUs)' from /proc/cpuinfo, else the platform's processor string."""
-    fields: dict[str, str] = {}
-    with contextlib.suppress(OSError):
-        for line in CPUINFO.read_text().splitlines():
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())
+    fields = cpu_info()
     name = fields.get("model name") or platform.processor() or "cpu"
     family = (
         f"family {fields['cpu family']}, model {fields.get('model', '?')}, " if "cpu family" in fields else ""

@@ -22,7 +22,8 @@ from collections.abc import Iterator
 from lgformer.errors import LGFormerError
 
 PATHS = {
-    "onednn": "fp32 products and 1x1 convolutions through oneDNN (plain: F.linear, conv2d)",
+    "onednn": "fp32 products and 1x1 convolutions through oneDNN, in training on CPUs other than Intel's "
+    "(plain: F.linear, conv2d)",
     "bf16-onednn": "bf16 autocast products through oneDNN, activations fused (plain: autocast's F.linear)",
     "prepack": "weights cast and blocked for oneDNN once, kept while unchanged (plain: on every call)",
     "fused-act": "ReLU / GELU / tanh fused into the oneDNN product (plain: applied after it)",

@@ -3,7 +3,8 @@
 `linear` computes `F.linear` then an optional activation (relu, exact gelu, tanh): the product every
 `Linear`, `Conv1x1` and the text encoder use. Where a fast path applies it takes oneDNN instead:
 an fp32 product on an x86 CPU runs on oneDNN (`mkldnn._linear_pointwise`, AVX-512 kernels) instead of
-MKL's sgemm, which on AMD CPUs takes a slower AVX2 path; the result is identical up to summation order. Under
+MKL's sgemm, which on AMD CPUs takes a slower AVX2 path (so fp32 training takes it there only,
+`ONEDNN_FP32_TRAINING`); the result is identical up to summation order. Under
 CPU bf16 autocast, inference casts the operands to bf16 as autocast does and calls the same oneDNN
 primitive, so that ReLU/GELU/tanh are fused into the product there too. Inference keeps a parameter's
 weight in oneDNN's blocked layout between calls (`packed_weight`): always in bf16, in fp32 for products of
@@ -23,12 +24,18 @@ from torch import Tensor, nn
 
 from lgformer.model import fast
 from lgformer.model.common import ACTIVATIONS, kept_while_unchanged
+from lgformer.precision import cpu_info
 
 ONEDNN = (
     platform.machine().lower() in ("x86_64", "amd64")
     and torch.backends.mkldnn.is_available()
     and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 )
+
+# fp32 training products on oneDNN (`OneDNNLinear`) pay where MKL's sgemm takes its AVX2 path (AMD CPUs);
+# on Intel CPUs MKL runs AVX-512 kernels and, without inference's prepacked weights and fused activations,
+# autograd through `F.linear` trains faster (README, "Training speed")
+ONEDNN_FP32_TRAINING = ONEDNN and cpu_info().get("vendor_id") != "GenuineIntel"
 
 # oneDNN's bf16 products need AVX-512 (or AVX-NE-CONVERT); elsewhere bf16 autocast keeps `F.linear`
 ONEDNN_BF16 = ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -126,12 +133,13 @@ def drop_packed_weights(module: nn.Module) -> None:
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None) -> Tensor:
     """`F.linear`, then `activation` (relu, exact gelu, tanh) if given: on oneDNN for CPU tensors in fp32
     outside autocast or in bf16 autocast (module docstring). Inference fuses the activation into the
-    product; training runs fp32 products on oneDNN and bf16 ones through autocast's `F.linear`."""
+    product; training runs fp32 products on oneDNN (but on Intel CPUs, `ONEDNN_FP32_TRAINING`) and bf16 ones
+    through autocast's `F.linear`."""
     dtype = onednn_dtype(x, weight)
     grad = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
-    if dtype is None or (grad and dtype != torch.float32):
+    if dtype is None or (grad and (dtype != torch.float32 or not ONEDNN_FP32_TRAINING)):
         y = F.linear(x, weight, bias)
     elif grad:
         y = OneDNNLinear.apply(x, weight, bias)
