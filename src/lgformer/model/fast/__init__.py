@@ -2,9 +2,9 @@
 
 Every model file computes the paper's plain formulation; where a CPU can take a faster route to the same
 numbers (up to summation order, and under bf16 autocast up to where bf16 rounds), the file asks
-`enabled(path)` before taking it. All paths are on by
-default; `disabled()` turns all (or the named ones) off for a block, e.g. to compare a fast path with its
-plain form in a test, to export to ONNX, or to time what each one is worth (`benchmarks/speed_ablation.py`).
+`enabled(path)` before taking it. All paths are on by default; `disabled()` turns all (or the named ones)
+off for a block, e.g. to compare a fast path with its plain form in a test, to export to ONNX, or to time
+what each one is worth (`benchmarks/speed_ablation.py`).
 The switch is per process, not per thread.
 
     from lgformer.model import fast
