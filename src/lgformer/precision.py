@@ -35,10 +35,15 @@ class PrecisionWarning(UserWarning):
 @cache
 def cpu_info() -> dict[str, str]:
     """The first processor's fields of /proc/cpuinfo ('vendor_id', 'model name', 'cpu family', ...); empty
-    where there is no such file (not Linux)."""
+    where there is no such file (not Linux). Read up to the blank line that ends the first processor's block:
+    the model package asks at import, and on a many-core machine the file repeats the block per core."""
     fields: dict[str, str] = {}
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+    with contextlib.suppress(OSError), Path("/proc/cpuinfo").open() as info:
+        for line in info:
+            if not line.strip():
+                if fields:
+                    break
+                continue
             key, _, value = line.partition(":")
             fields.setdefault(key.strip(), value.strip())
     return fields
