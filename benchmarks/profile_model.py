@@ -41,7 +41,7 @@ from lgformer.engine import bench
 from lgformer.errors import LGFormerError
 from lgformer.files import atomic_write
 from lgformer.model.build import build_model
-from lgformer.precision import autocast, autocast_dtype, tune_cpu_allocator
+from lgformer.precision import autocast, autocast_dtype, reexec_with_hugepage_heap, tune_cpu_allocator
 
 
 def main() -> None:
@@ -345,4 +345,5 @@ def by_module(model: nn.Module, step: Callable[[], None], device: torch.device, 
 
 
 if __name__ == "__main__":
+    reexec_with_hugepage_heap()  # set up as the `lgformer` command is
     main()

@@ -7,13 +7,17 @@
 
 Every variant runs in its own process (fresh allocator state) with one fast path switched off through the
 public switch (`lgformer.model.fast`, whose `PATHS` describe each one): `all` switches nothing off,
-`malloc` leaves glibc's default mmap/trim thresholds (LGFORMER_MALLOC_TUNING=0), and every other variant
-is the name of a fast path.
+`malloc` leaves glibc's allocator as it is (LGFORMER_MALLOC_TUNING=0: default mmap/trim thresholds, 4 KB
+pages), `hugepages` keeps the tuned heap in 4 KB pages (glibc.malloc.hugetlb=0), and every other variant
+is the name of a fast path. Every process is set up as the `lgformer` command sets itself up
+(`lgformer.precision.reexec_with_hugepage_heap`, `tune_cpu_allocator`).
 Rounds alternate the variants; the table gives min and median seconds per forward (or training step).
 
 --in-process builds one model and alternates the variants call by call inside one process instead, which
-cancels the drift of shared cores (±5% between processes); `malloc` acts when the process starts, so it
-needs separate processes. `plain` switches every fast path off (the paper's formulation as written).
+cancels the drift of shared cores (±5% between processes); `malloc` and `hugepages` act when the process
+starts, so they need separate processes. `plain` switches every fast path off (the paper's formulation as
+written) and, in a process of its own, leaves the allocator as `malloc` does: the stand-in for the
+authors' code, which runs as a plain Python process.
 
 --against REV adds the code of git revision REV (checked out into a temporary worktree, all its fast paths
 on) as one more variant, alternating with this tree's process by process: before/after figures of a change.
@@ -37,7 +41,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from lgformer.arguments import add_overrides_argument
-from lgformer.precision import autocast, autocast_dtype, precision_name, tune_cpu_allocator
+from lgformer.precision import (
+    autocast,
+    autocast_dtype,
+    precision_name,
+    reexec_with_hugepage_heap,
+    tune_cpu_allocator,
+)
 
 FAST_PATHS = (
     "onednn",
@@ -58,15 +68,15 @@ FAST_PATHS = (
     "bn-fold",
     "winograd",
 )  # lgformer.model.fast.PATHS, listed here so that `--help` loads no torch
-VARIANTS = ["all", "plain", "malloc", *FAST_PATHS]
+VARIANTS = ["all", "plain", "malloc", "hugepages", *FAST_PATHS]
 
 
-BUILD_TIME = ("malloc",)  # acts when the process starts
+BUILD_TIME = ("malloc", "hugepages")  # act when the process starts
 
 
 def switch_off(variant: str) -> None:
-    """Switch off the variant's fast path (nothing for `all`, and for `malloc`, which the parent sets through
-    the environment; every one for `plain`) and switch every other one on."""
+    """Switch off the variant's fast path (nothing for `all`, and for `malloc` and `hugepages`, which the
+    parent sets through the environment; every one for `plain`) and switch every other one on."""
     from lgformer.model import fast
 
     for path in fast.PATHS:
@@ -103,6 +113,16 @@ def _timed(fn: Callable[[], None]) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def child_environment(variant: str) -> dict[str, str]:
+    """The environment of a variant's process; the allocator variants (and `plain`) are set here."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    if variant in ("malloc", "plain"):
+        env["LGFORMER_MALLOC_TUNING"] = "0"
+    elif variant == "hugepages":
+        env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), "glibc.malloc.hugetlb=0"]))
+    return env
 
 
 def child(args: argparse.Namespace) -> None:
@@ -183,6 +203,8 @@ def main() -> None:
     )
     for variant, ts in times.items():
         label = {"all": "all fast paths", "plain": "no fast path"}.get(variant, f"without {variant}")
+        if variant == "plain" and not args.in_process:
+            label = "no fast path, default malloc"
         if variant.startswith("@"):
             label = f"revision {variant[1:]}"
         print(f"  {label:<26} min {min(ts) * 1e3:8.1f} ms   median {statistics.median(ts) * 1e3:8.1f} ms")
@@ -220,9 +242,7 @@ def in_subprocesses(args: argparse.Namespace, trees: dict[str, Path]) -> dict[st
     passthrough = [a for a in sys.argv[1:] if a not in skip]
     for _ in range(args.rounds):
         for variant in names:
-            env = dict(os.environ, HF_HUB_OFFLINE="1")
-            if variant == "malloc":
-                env["LGFORMER_MALLOC_TUNING"] = "0"
+            env = child_environment(variant)
             child_variant = variant
             if variant.startswith("@"):
                 env["PYTHONPATH"] = str(trees[variant[1:]] / "src")
@@ -239,4 +259,6 @@ def in_subprocesses(args: argparse.Namespace, trees: dict[str, Path]) -> dict[st
 
 
 if __name__ == "__main__":
+    if {"--variant", "--in-process"} & set(sys.argv):  # a process that times the network
+        reexec_with_hugepage_heap()
     main()

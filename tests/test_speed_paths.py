@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -753,3 +756,66 @@ def test_speed_ablation_names_a_revision_git_cannot_check_out() -> None:
     with pytest.raises(SystemExit, match="--against no-such-rev: .*no-such-rev"):
         with SPEED_ABLATION.worktrees(["no-such-rev"]):
             pass
+
+
+def test_hugepage_heap_environment_adds_glibcs_tunable_only_where_it_changes_something() -> None:
+    """The `lgformer` command restarts itself with glibc.malloc.hugetlb=1 where the kernel gives 2 MB pages
+    only on request (THP `madvise`); it keeps other tunables and a choice already made, and leaves the
+    allocator alone under LGFORMER_MALLOC_TUNING=0."""
+    from lgformer.precision import hugepage_heap_environment
+
+    env = {"HOME": "/root"}
+    added = hugepage_heap_environment(env, "madvise")
+    if added is None:  # only without glibc 2.35 or later
+        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+        assert name != "glibc" or tuple(map(int, version.split(".")[:2])) < (2, 35)
+        return
+    assert added == {"HOME": "/root", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    assert env == {"HOME": "/root"}
+    other = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
+    assert hugepage_heap_environment(other, "madvise") == {
+        "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    }
+    assert hugepage_heap_environment(env, "always") is None  # every large mapping gets 2 MB pages already
+    assert hugepage_heap_environment(env, "never") is None
+    assert hugepage_heap_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "madvise") is None
+    assert hugepage_heap_environment({"LGFORMER_MALLOC_TUNING": "0"}, "madvise") is None
+
+
+def test_reexec_with_hugepage_heap_restarts_the_program_once_with_the_tunable() -> None:
+    """A program that calls `reexec_with_hugepage_heap` first runs again, same arguments, with the
+    environment `hugepage_heap_environment` gives on this machine (unchanged where it gives None)."""
+    from lgformer.precision import hugepage_heap_environment
+
+    code = (
+        "import os, sys\n"
+        "print('start', flush=True)\n"
+        "from lgformer.precision import allocator_name, reexec_with_hugepage_heap\n"
+        "reexec_with_hugepage_heap()\n"
+        "print(os.environ.get('GLIBC_TUNABLES', ''), sys.argv[1:], allocator_name(), sep='|')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    out = subprocess.run(
+        [sys.executable, "-c", code, "an-argument"], env=env, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    expected = hugepage_heap_environment(env)
+    tunables, argv, allocator = out[-1].split("|")
+    assert argv == "['an-argument']"
+    if expected is None:
+        assert out[0] == "start" and len(out) == 2 and tunables == ""
+    else:  # printed 'start' before and after the restart, then ran on once
+        assert out[:2] == ["start", "start"] and len(out) == 3
+        assert tunables == expected["GLIBC_TUNABLES"] and allocator == "tuned glibc heap, 2 MB pages"
+
+
+def test_speed_ablation_sets_the_allocator_of_each_variants_process() -> None:
+    """`plain` (the authors' stand-in) and `malloc` leave glibc's allocator as it is, `hugepages` keeps the
+    tuned heap in 4 KB pages; no variant's process restarts itself with 2 MB pages against that."""
+    from lgformer.precision import hugepage_heap_environment
+
+    for variant in ("plain", "malloc"):
+        env = SPEED_ABLATION.child_environment(variant)
+        assert env["LGFORMER_MALLOC_TUNING"] == "0" and hugepage_heap_environment(env, "madvise") is None
+    env = SPEED_ABLATION.child_environment("hugepages")
+    assert env["GLIBC_TUNABLES"].endswith("glibc.malloc.hugetlb=0")
+    assert hugepage_heap_environment(env, "madvise") is None and "LGFORMER_MALLOC_TUNING" not in env

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from lgformer.errors import LGFormerError
-from lgformer.precision import tune_cpu_allocator
+from lgformer.precision import reexec_with_hugepage_heap, tune_cpu_allocator
 
 Handler = Callable[[argparse.Namespace], int | None]
 
@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:  # run as the `lgformer` program, not called from Python
+        reexec_with_hugepage_heap()
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Handler = args.handler

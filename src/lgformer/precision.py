@@ -12,7 +12,9 @@ import contextlib
 import ctypes
 import os
 import platform
+import sys
 import warnings
+from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +28,8 @@ PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # short
 _SHORT = {long: short for short, long in PRECISIONS.items()}
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _HEAP_LIMIT = 1 << 30
+_THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+_HUGETLB = "glibc.malloc.hugetlb"
 
 
 class PrecisionWarning(UserWarning):
@@ -117,8 +121,9 @@ def tune_cpu_allocator() -> bool:
     glibc maps every allocation above 32 MB afresh and returns it on free, so each large activation of a
     forward or backward pass page-faults and zero-fills its memory again (what that costs: README, "Speed").
     Raising the mmap and trim thresholds keeps those pages in the heap for reuse; peak resident memory stays
-    about the same. The command line, the engine's `setup` and `Segmenter` call this; set
-    LGFORMER_MALLOC_TUNING=0 to leave the allocator alone. Returns whether the thresholds were set.
+    about the same. The command line, the engine's `setup` and `Segmenter` call this (the command line
+    also backs that heap with 2 MB pages: `reexec_with_hugepage_heap`); set LGFORMER_MALLOC_TUNING=0 to
+    leave the allocator alone. Returns whether the thresholds were set.
     """
     if os.environ.get("LGFORMER_MALLOC_TUNING", "1") == "0" or platform.system() != "Linux":
         return False
@@ -129,3 +134,68 @@ def tune_cpu_allocator() -> bool:
         )
     except (OSError, AttributeError):  # not glibc
         return False
+
+
+def transparent_hugepage_mode() -> str | None:
+    """The kernel's transparent-huge-page mode for anonymous memory (always, madvise or never); None where
+    the kernel does not say (not Linux, no THP)."""
+    try:
+        text = _THP_MODE.read_text()
+    except OSError:
+        return None
+    start, end = text.find("["), text.find("]")
+    return text[start + 1 : end] if 0 <= start < end else None
+
+
+def hugepage_heap_environment(
+    environ: Mapping[str, str], thp_mode: str | None = None
+) -> dict[str, str] | None:
+    """`environ` with glibc's `glibc.malloc.hugetlb=1` tunable added to GLIBC_TUNABLES, or None where it
+    would change nothing or is not wanted.
+
+    Where the kernel gives 2 MB pages only to memory that asks for them (THP mode `madvise`, the usual
+    default), glibc asks for them for its heap with this tunable, which it reads when a process starts. The
+    heap that `tune_cpu_allocator` keeps large tensors in is then backed by 2 MB pages: fewer TLB misses in
+    the memory-bound products and casts of a training step (README, "Speed"). None: LGFORMER_MALLOC_TUNING=0,
+    THP mode (`thp_mode`, else the kernel's) not `madvise`, no glibc 2.35 or later, or GLIBC_TUNABLES already
+    names the tunable (that choice stands).
+    """
+    mode = thp_mode if thp_mode is not None else transparent_hugepage_mode()
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    if environ.get("LGFORMER_MALLOC_TUNING", "1") == "0" or mode != "madvise" or _HUGETLB in tunables:
+        return None
+    try:
+        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()  # "glibc 2.36"
+        glibc = tuple(int(part) for part in version.split(".")[:2])
+    except (AttributeError, OSError, ValueError):  # not glibc
+        return None
+    if name != "glibc" or glibc < (2, 35):
+        return None
+    return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, [tunables, f"{_HUGETLB}=1"]))}
+
+
+def allocator_name() -> str:
+    """How this process's CPU memory allocator is set, for benchmark reports: glibc's defaults or the tuned
+    heap (`tune_cpu_allocator`), and whether the kernel backs it with 2 MB pages."""
+    mode = transparent_hugepage_mode()
+    asked = f"{_HUGETLB}=1" in os.environ.get("GLIBC_TUNABLES", "")
+    hugepages = mode == "always" or (mode == "madvise" and asked)
+    name = "tuned glibc heap" if tune_cpu_allocator() else "allocator defaults"
+    return f"{name}, {'2 MB' if hugepages else '4 KB'} pages"
+
+
+def reexec_with_hugepage_heap() -> None:
+    """Start this program again in the same process (same pid, arguments and open files) with
+    `hugepage_heap_environment`, where that adds the tunable; otherwise return. For a program's entry point
+    before it does any work (the `lgformer` command, the benchmark scripts): a library cannot restart the
+    process that imports it, and calls `tune_cpu_allocator` alone."""
+    env = hugepage_heap_environment(os.environ)
+    argv = getattr(sys, "orig_argv", None)
+    if env is None or not sys.executable or not argv:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(sys.executable, argv, env)
+    except OSError:  # the interpreter cannot be started again: go on with 4 KB pages
+        return

@@ -37,7 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lgformer import config as config_mod
 from lgformer.config import Config
-from lgformer.precision import autocast, autocast_dtype, cpu_info, precision_name
+from lgformer.precision import allocator_name, autocast, autocast_dtype, cpu_info, precision_name
 
 GEMM_SIZE = 2048  # n of the n x n x n product that measures a dtype's GEMM rate on a CPU
 GEMM_SIZE_CUDA = 8192  # on a GPU, where 2048 is too small to reach the peak
@@ -308,6 +308,7 @@ def run(
         "threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
         "torch": torch.__version__,
+        "allocator": allocator_name() if dev.type == "cpu" else None,
         "repeat": repeat,
         "decoder_fp32": cfg.model.decoder_fp32,
         "encoder_fp32_stages": cfg.model.encoder_fp32_stages,
@@ -379,6 +380,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"(vs torch.mm: {r['efficiency_vs_torch_mm']:.2f})",
         f"  {memory:<20} {r['peak_memory_mb']:9.1f} MB",
     ]
+    if r.get("allocator"):
+        lines.append(f"  allocator            {r['allocator']}")
     if "train" in r:
         t = r["train"]
         lines.append(
