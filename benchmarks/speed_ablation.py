@@ -41,13 +41,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from lgformer.arguments import add_overrides_argument
-from lgformer.precision import (
-    autocast,
-    autocast_dtype,
-    precision_name,
-    reexec_with_hugepage_heap,
-    tune_cpu_allocator,
-)
+from lgformer.precision import autocast, autocast_dtype, precision_name, tune_cpu_allocator
 
 FAST_PATHS = (
     "onednn",
@@ -260,5 +254,10 @@ def in_subprocesses(args: argparse.Namespace, trees: dict[str, Path]) -> dict[st
 
 if __name__ == "__main__":
     if {"--variant", "--in-process"} & set(sys.argv):  # a process that times the network
-        reexec_with_hugepage_heap()
+        # set up as the `lgformer` command is; the package of an --against revision from before that
+        # function starts as that revision's command did
+        with contextlib.suppress(ImportError):
+            from lgformer.precision import reexec_with_hugepage_heap
+
+            reexec_with_hugepage_heap()
     main()
