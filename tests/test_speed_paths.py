@@ -790,8 +790,9 @@ def test_reexec_with_hugepage_heap_restarts_the_program_once_with_the_tunable() 
     code = (
         "import os, sys\n"
         "print('start', flush=True)\n"
-        "from lgformer.precision import allocator_name, reexec_with_hugepage_heap\n"
+        "from lgformer.precision import allocator_name, reexec_with_hugepage_heap, tune_cpu_allocator\n"
         "reexec_with_hugepage_heap()\n"
+        "tune_cpu_allocator()\n"
         "print(os.environ.get('GLIBC_TUNABLES', ''), sys.argv[1:], allocator_name(), sep='|')\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}

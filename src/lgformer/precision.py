@@ -155,8 +155,8 @@ def hugepage_heap_environment(
 
     Where the kernel gives 2 MB pages only to memory that asks for them (THP mode `madvise`, the usual
     default), glibc asks for them for its heap with this tunable, which it reads when a process starts. The
-    heap that `tune_cpu_allocator` keeps large tensors in is then backed by 2 MB pages: fewer TLB misses in
-    the memory-bound products and casts of a training step (README, "Speed"). None: LGFORMER_MALLOC_TUNING=0,
+    heap that `tune_cpu_allocator` keeps large tensors in is then backed by 2 MB pages, which the
+    memory-bound work of a training step gains from (README, "Speed"). None: LGFORMER_MALLOC_TUNING=0,
     THP mode (`thp_mode`, else the kernel's) not `madvise`, no glibc 2.35 or later, or GLIBC_TUNABLES already
     names the tunable (that choice stands).
     """
@@ -175,13 +175,16 @@ def hugepage_heap_environment(
 
 
 def allocator_name() -> str:
-    """How this process's CPU memory allocator is set, for benchmark reports: glibc's defaults or the tuned
-    heap (`tune_cpu_allocator`), and whether the kernel backs it with 2 MB pages."""
+    """How this process's CPU memory allocator is set, for benchmark reports: its defaults or the tuned glibc
+    heap (`tune_cpu_allocator`, if it was called), and on Linux whether the kernel backs it with 2 MB
+    pages."""
+    tuned = tune_cpu_allocator.cache_info().currsize > 0 and tune_cpu_allocator()  # cached: no side effect
+    name = "tuned glibc heap" if tuned else "allocator defaults"
     mode = transparent_hugepage_mode()
+    if mode is None:
+        return name
     asked = f"{_HUGETLB}=1" in os.environ.get("GLIBC_TUNABLES", "")
-    hugepages = mode == "always" or (mode == "madvise" and asked)
-    name = "tuned glibc heap" if tune_cpu_allocator() else "allocator defaults"
-    return f"{name}, {'2 MB' if hugepages else '4 KB'} pages"
+    return f"{name}, {'2 MB' if mode == 'always' or (mode == 'madvise' and asked) else '4 KB'} pages"
 
 
 def reexec_with_hugepage_heap() -> None:
