@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -119,9 +120,13 @@ def test_forward_backward() -> None:
 @pytest.mark.parametrize(
     "kernel, stride, groups", [(1, 1, 1), (3, 1, 8), (5, 2, 8)], ids=["1x1", "depthwise", "depthwise-same"]
 )
-def test_conv_bn_folds_in_inference_only_and_follows_updates(kernel: int, stride: int, groups: int) -> None:
-    """Inference folds the BatchNorm into the conv: the same map as bn(conv(x)) for every conv kind the trunk
-    uses, refreshed after an in-place update of the statistics; with autograd the BN runs as a module."""
+def test_conv_bn_folds_eval_mode_batchnorms_and_follows_updates(
+    kernel: int, stride: int, groups: int
+) -> None:
+    """A BatchNorm in eval mode is folded into the conv: the same map as bn(conv(x)) for every conv kind the
+    trunk uses, refreshed after an in-place update of the statistics; with autograd (training with frozen
+    statistics) the fold is differentiable and gives the module's gradients; a BN in training mode runs as
+    a module and updates its statistics."""
     torch.manual_seed(0)
     conv, bn = same_conv(8, 8, kernel, stride=stride, groups=groups), torch.nn.BatchNorm2d(8, eps=1e-3)
     with torch.no_grad():
@@ -142,5 +147,50 @@ def test_conv_bn_folds_in_inference_only_and_follows_updates(kernel: int, stride
     with torch.no_grad():
         torch.testing.assert_close(conv_bn(conv, bn, x), bn(conv(x)), rtol=1e-5, atol=1e-5)
     x.requires_grad_()
-    conv_bn(conv, bn, x).sum().backward()
-    assert conv.weight.grad is not None and bn.weight.grad is not None
+    grad_out = torch.randn_like(bn(conv(x)))
+    trained = [x, conv.weight, bn.weight, bn.bias]
+    want = torch.autograd.grad(bn(conv(x)), trained, grad_out)
+    folded = bn._folded
+    got = torch.autograd.grad(conv_bn(conv, bn, x), trained, grad_out)
+    assert bn._folded is folded  # a differentiable fold, not the cached one
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    bn.train()
+    mean = bn.running_mean.clone()
+    torch.testing.assert_close(
+        conv_bn(conv, bn, x),
+        torch.nn.functional.batch_norm(
+            conv(x), mean, bn.running_var.clone(), bn.weight, bn.bias, True, 0.0, bn.eps
+        ),
+    )
+    assert not torch.equal(bn.running_mean, mean)
+
+
+def test_frozen_batchnorm_training_gradients_of_the_folded_trunk() -> None:
+    """Training the pretrained trunk with frozen BatchNorm statistics (the `lite` recipe): the folded form's
+    gradients of every weight are the fp64 computation's within fp32 rounding, as the plain form's (conv,
+    then the BN module) are."""
+    from lgformer.model import fast
+
+    torch.manual_seed(0)
+    model = EfficientNetLite2.pretrained().train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.eval()
+    x = torch.randn(2, 3, 96, 64)
+
+    def grads(net: torch.nn.Module, image: torch.Tensor) -> list[torch.Tensor]:
+        net.zero_grad(set_to_none=True)
+        sum(f.square().mean() for f in net(image)).backward()
+        return [p.grad.double() for p in net.parameters()]
+
+    exact = grads(copy.deepcopy(model).double(), x.double())
+    folded = grads(model, x)
+    with fast.disabled("bn-fold"):
+        plain = grads(model, x)
+
+    def error(got: list[torch.Tensor]) -> float:
+        return max(float((g - e).norm() / e.norm()) for g, e in zip(got, exact))
+
+    assert error(folded) < 1e-4
+    assert error(plain) < 1e-4

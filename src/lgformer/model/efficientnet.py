@@ -81,12 +81,18 @@ class Conv2dSame(nn.Conv2d):
 
 
 def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
-    """bn(conv(x)); in inference the `bn-fold` fast path folds the BN into the convolution
-    (`model/fast/batchnorm.py`)."""
+    """bn(conv(x)); with the BN in eval mode (inference, and training with frozen statistics) the `bn-fold`
+    fast path folds it into the convolution (`model/fast/batchnorm.py`)."""
     tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
-    if bn.training or torch.is_grad_enabled() or tracing or not fast.enabled("bn-fold"):
+    if bn.training or tracing or not fast.enabled("bn-fold"):
         return bn(conv(x))
     return folded_conv_bn(conv, bn, x)
+
+
+def relu6(x: torch.Tensor) -> torch.Tensor:
+    """ReLU6 in place, except on a view autograd tracks (a 1x1 convolution's channels-last output once its BN
+    is folded): in place there, autograd would copy the whole map three times in the backward."""
+    return F.relu6(x, inplace=not (x.requires_grad and x._is_view()))
 
 
 class Stem(nn.Module):
@@ -101,7 +107,6 @@ class Stem(nn.Module):
         )
         self.conv = same_conv(3, STEM_CHANNELS, 3, stride=2)
         self.bn = _bn(STEM_CHANNELS)
-        self.act = nn.ReLU6(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Channels-last from here on: oneDNN's depthwise convolutions (above all their backward) are several
@@ -109,7 +114,7 @@ class Stem(nn.Module):
         if fast.enabled("channels-last"):
             x = x.contiguous(memory_format=torch.channels_last)
         x = torch.addcmul(self.input_shift, x, self.input_scale)
-        return self.act(conv_bn(self.conv, self.bn, x))
+        return relu6(conv_bn(self.conv, self.bn, x))
 
 
 class MBConv(nn.Module):
@@ -124,15 +129,14 @@ class MBConv(nn.Module):
         self.bn1 = _bn(mid)
         self.project_conv = same_conv(mid, cout, 1)
         self.bn2 = _bn(cout)
-        self.act = nn.ReLU6(inplace=True)
         self.residual = stride == 1 and cin == cout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B,cin,H,W) -> (B,cout,H/stride,W/stride)."""
         y = x
         if self.expand_conv is not None:
-            y = self.act(conv_bn(self.expand_conv, self.bn0, y))
-        y = self.act(conv_bn(self.depthwise_conv, self.bn1, y))
+            y = relu6(conv_bn(self.expand_conv, self.bn0, y))
+        y = relu6(conv_bn(self.depthwise_conv, self.bn1, y))
         y = conv_bn(self.project_conv, self.bn2, y)
         return y + x if self.residual else y
 
