@@ -45,8 +45,8 @@ PATHS = {
     "kernel, whose bf16 backward is slow over few keys)",
     "vlba-fold": "VLBA's language branch folds sym_value into its instance norm (plain: sym_value on every "
     "token, then the norm)",
-    "bn-fold": "EfficientNet-Lite2's eval-mode BatchNorms folded into their convolutions, in inference and in "
-    "training with frozen statistics (plain: BN after the conv)",
+    "bn-fold": "EfficientNet-Lite2's eval-mode BatchNorms folded into their convolutions, in inference and "
+    "in training with frozen statistics (plain: BN after the conv)",
     "winograd": "the pixel decoder's 3x3 output convolution as Winograd F(4x4, 3x3) (plain: conv2d)",
 }
 
