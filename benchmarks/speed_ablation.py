@@ -60,6 +60,7 @@ FAST_PATHS = (
     "xattn-explicit",
     "vlba-fold",
     "bn-fold",
+    "dw-weight-grad",
     "winograd",
 )  # lgformer.model.fast.PATHS, listed here so that `--help` loads no torch
 VARIANTS = ["all", "plain", "malloc", "hugepages", *FAST_PATHS]

@@ -166,6 +166,43 @@ def test_conv_bn_folds_eval_mode_batchnorms_and_follows_updates(
     assert not torch.equal(bn.running_mean, mean)
 
 
+@pytest.mark.parametrize("kernel", [3, 5])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "folded-bias"])
+def test_depthwise_weight_gradient_fast_path_is_the_plain_gradient(
+    kernel: int, stride: int, bias: bool
+) -> None:
+    """The trunk's depthwise convolutions in training: with `dw-weight-grad` (5x5 kernels) the output and the
+    gradients of input, weight and a folded BN's bias are, as oneDNN's, within fp32 rounding of the fp64 ones,
+    on odd and even sizes at both strides; 3x3 kernels keep oneDNN's backward."""
+    from lgformer.model import fast
+    from lgformer.model.efficientnet import DepthwiseConv
+
+    torch.manual_seed(0)
+    conv = same_conv(6, 6, kernel, stride=stride, groups=6)
+    assert isinstance(conv, DepthwiseConv)
+    x = torch.randn(3, 6, 13, 10).contiguous(memory_format=torch.channels_last).requires_grad_()
+    b = torch.randn(6, requires_grad=True) if bias else None
+
+    def run(dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        weight, inp = conv.weight.to(dtype), x.to(dtype)
+        y = conv._conv_forward(inp, weight, None if b is None else b.to(dtype))
+        g = torch.linspace(-1, 1, y.numel(), dtype=dtype).view_as(y)
+        taken = type(y.grad_fn).__name__.startswith("DepthwiseConvBackward")
+        assert taken == (kernel >= 5 and fast.enabled("dw-weight-grad"))
+        wrt = [x, conv.weight] + ([b] if b is not None else [])
+        return (y.double(), *(t.double() for t in torch.autograd.grad(y, wrt, g)))
+
+    fast_form = run(torch.float32)
+    with fast.disabled("dw-weight-grad"):
+        plain = run(torch.float32)
+        exact = run(torch.float64)
+    assert fast_form[0].shape[-2:] == (math.ceil(13 / stride), math.ceil(10 / stride))
+    for got, want, reference in zip(fast_form, plain, exact):
+        torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(want, reference, rtol=1e-5, atol=1e-5)
+
+
 def test_frozen_batchnorm_training_gradients_of_the_folded_trunk() -> None:
     """Training the pretrained trunk with frozen BatchNorm statistics (the `lite` recipe): the folded form's
     gradients of every weight are the fp64 computation's within fp32 rounding, as the plain form's (conv,

@@ -23,6 +23,7 @@ from lgformer.errors import LGFormerError
 from lgformer.model import fast
 from lgformer.model.common import IMAGENET_MEAN, IMAGENET_STD
 from lgformer.model.fast.batchnorm import folded_conv_bn
+from lgformer.model.fast.depthwise import MIN_KERNEL, depthwise_conv
 from lgformer.model.layers import Conv1x1
 from lgformer.safe_load import load_torch_file
 
@@ -65,19 +66,51 @@ def same_conv(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1
     """Bias-free conv with TensorFlow "SAME" padding (symmetric k // 2 when stride is 1)."""
     if kernel == 1 and stride == 1 and groups == 1:
         return Conv1x1(cin, cout, bias=False)
+    if groups == cin == cout:
+        return DepthwiseConv(cin, kernel, stride)
     if stride == 1:
         return nn.Conv2d(cin, cout, kernel, padding=kernel // 2, groups=groups, bias=False)
     return Conv2dSame(cin, cout, kernel, stride=stride, groups=groups, bias=False)
+
+
+def same_pad(x: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Pad (B,C,H,W) as TensorFlow "SAME" does before a stride-2 conv: k − 2 in all on even sizes, k − 1 on
+    odd ones, the extra one after."""
+    ph = kernel - 2 + x.shape[-2] % 2
+    pw = kernel - 2 + x.shape[-1] % 2
+    return F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
 
 
 class Conv2dSame(nn.Conv2d):
     """Stride-2 conv padded like TensorFlow "SAME" for the actual input size: (B,C,H,W) -> ceil(H/2, W/2)."""
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        k = self.kernel_size[0]
-        ph = k - 2 + x.shape[-2] % 2  # total padding: k - 2 on even sizes, k - 1 on odd ones
-        pw = k - 2 + x.shape[-1] % 2
-        return super()._conv_forward(F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)), weight, bias)
+        return super()._conv_forward(same_pad(x, self.kernel_size[0]), weight, bias)
+
+
+class DepthwiseConv(nn.Conv2d):
+    """kxk depthwise conv with TensorFlow "SAME" padding, at stride 1 or 2 (as `Conv2dSame`). In CPU fp32
+    training the `dw-weight-grad` fast path takes 5x5 kernels' weight gradient as one depthwise
+    convolution of the input by the output gradient (`model/fast/depthwise.py`)."""
+
+    def __init__(self, channels: int, kernel: int, stride: int) -> None:
+        padding = kernel // 2 if stride == 1 else 0
+        super().__init__(channels, channels, kernel, stride, padding, groups=channels, bias=False)
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        kernel, stride = self.kernel_size[0], self.stride[0]
+        if stride != 1:
+            x = same_pad(x, kernel)
+        if (
+            kernel >= MIN_KERNEL
+            and torch.is_grad_enabled()
+            and x.device.type == "cpu"
+            and not torch.is_autocast_enabled("cpu")
+            and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+            and fast.enabled("dw-weight-grad")
+        ):
+            return depthwise_conv(x, weight, bias, stride, self.padding[0])
+        return F.conv2d(x, weight, bias, self.stride, self.padding, 1, self.groups)
 
 
 def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,8 @@ PATHS = {
     "token, then the norm)",
     "bn-fold": "EfficientNet-Lite2's eval-mode BatchNorms folded into their convolutions, in inference and "
     "in training with frozen statistics (plain: BN after the conv)",
+    "dw-weight-grad": "in CPU fp32 training, EfficientNet-Lite2's 5x5 depthwise weight gradients as one "
+    "depthwise convolution of the input by the output gradient (plain: oneDNN's depthwise backward)",
     "winograd": "the pixel decoder's 3x3 output convolution as Winograd F(4x4, 3x3) (plain: conv2d)",
 }
 
