@@ -188,7 +188,7 @@ def test_depthwise_weight_gradient_fast_path_is_the_plain_gradient(
         weight, inp = conv.weight.to(dtype), x.to(dtype)
         y = conv._conv_forward(inp, weight, None if b is None else b.to(dtype))
         g = torch.linspace(-1, 1, y.numel(), dtype=dtype).view_as(y)
-        taken = type(y.grad_fn).__name__.startswith("DepthwiseConvBackward")
+        taken = type(y.grad_fn).__name__.startswith("DepthwiseConvFunctionBackward")
         assert taken == (kernel >= 5 and fast.enabled("dw-weight-grad"))
         wrt = [x, conv.weight] + ([b] if b is not None else [])
         return (y.double(), *(t.double() for t in torch.autograd.grad(y, wrt, g)))

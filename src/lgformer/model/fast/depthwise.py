@@ -33,7 +33,7 @@ def weight_gradient(x: Tensor, grad: Tensor, kernel: int, stride: int, padding: 
     return per_image.view(B, C, kernel, kernel).sum(0).unsqueeze(1)
 
 
-class DepthwiseConv(torch.autograd.Function):
+class DepthwiseConvFunction(torch.autograd.Function):
     """`F.conv2d(x, weight, bias, stride, padding, groups=C)`; its weight gradient by `weight_gradient`, the
     input gradient by oneDNN as before."""
 
@@ -65,4 +65,4 @@ class DepthwiseConv(torch.autograd.Function):
 def depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding: int) -> Tensor:
     """A depthwise convolution (square kernel, same stride and padding on both axes) whose backward takes
     the weight gradient above."""
-    return DepthwiseConv.apply(x, weight, bias, stride, padding)
+    return DepthwiseConvFunction.apply(x, weight, bias, stride, padding)
