@@ -1,5 +1,6 @@
 """What every box of the network shares: the input normalisation the trunks expect, the activations by
-name, and two caches (tensors kept while their sources are unchanged, tables that depend only on sizes)."""
+name, two caches (tensors kept while their sources are unchanged, tables that depend only on sizes) and
+whether the model is being traced."""
 
 from __future__ import annotations
 
@@ -18,6 +19,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}
 
 T = TypeVar("T")
+
+
+def tracing() -> bool:
+    """Whether `torch.compile` or `torch.jit.trace` is recording the model (fast paths keep plain ops)."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 def kept_while_unchanged(

@@ -21,7 +21,7 @@ from torch import nn
 
 from lgformer.errors import LGFormerError
 from lgformer.model import fast
-from lgformer.model.common import IMAGENET_MEAN, IMAGENET_STD
+from lgformer.model.common import IMAGENET_MEAN, IMAGENET_STD, tracing
 from lgformer.model.fast.batchnorm import folded_conv_bn
 from lgformer.model.fast.depthwise import MIN_KERNEL, depthwise_conv
 from lgformer.model.layers import Conv1x1
@@ -106,18 +106,17 @@ class DepthwiseConv(nn.Conv2d):
             and torch.is_grad_enabled()
             and x.device.type == "cpu"
             and not torch.is_autocast_enabled("cpu")
-            and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+            and not tracing()
             and fast.enabled("dw-weight-grad")
         ):
             return depthwise_conv(x, weight, bias, stride, self.padding[0])
-        return F.conv2d(x, weight, bias, self.stride, self.padding, 1, self.groups)
+        return super()._conv_forward(x, weight, bias)
 
 
 def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     """bn(conv(x)); with the BN in eval mode (inference, and training with frozen statistics) the `bn-fold`
     fast path folds it into the convolution (`model/fast/batchnorm.py`)."""
-    tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
-    if bn.training or tracing or not fast.enabled("bn-fold"):
+    if bn.training or tracing() or not fast.enabled("bn-fold"):
         return bn(conv(x))
     return folded_conv_bn(conv, bn, x)
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lgformer.model import fast
-from lgformer.model.common import ACTIVATIONS, kept_while_unchanged
+from lgformer.model.common import ACTIVATIONS, kept_while_unchanged, tracing
 from lgformer.precision import cpu_info
 
 ONEDNN = (
@@ -59,8 +59,7 @@ def onednn_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
         and torch.backends.mkldnn.enabled
         and x.device.type == "cpu"
         and x.numel() > 0
-        and not torch.compiler.is_compiling()
-        and not torch.jit.is_tracing()
+        and not tracing()
     ):
         return None
     if torch.is_autocast_enabled("cpu"):
