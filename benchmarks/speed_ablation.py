@@ -61,6 +61,7 @@ FAST_PATHS = (
     "vlba-fold",
     "bn-fold",
     "dw-weight-grad",
+    "dw-strided-grad",
     "winograd",
 )  # lgformer.model.fast.PATHS, listed here so that `--help` loads no torch
 VARIANTS = ["all", "plain", "malloc", "hugepages", *FAST_PATHS]

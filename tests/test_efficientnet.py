@@ -203,6 +203,47 @@ def test_depthwise_weight_gradient_fast_path_is_the_plain_gradient(
         torch.testing.assert_close(want, reference, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel", [3, 5])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_backward_fast_paths_under_bf16_autocast(kernel: int, stride: int) -> None:
+    """Under CPU bf16 autocast the depthwise convolution runs in bf16 either way; with `dw-weight-grad` (5x5)
+    and `dw-strided-grad` (stride 2, input gradient in fp32) its output and gradients are as near the fp64
+    ones as oneDNN's bf16 backward's, on odd and even sizes, and each path is taken exactly where it applies."""
+    from lgformer.model import fast
+    from lgformer.model.efficientnet import DepthwiseConv
+
+    torch.manual_seed(0)
+    conv = same_conv(24, 24, kernel, stride=stride, groups=24)
+    assert isinstance(conv, DepthwiseConv)
+    x = torch.randn(3, 24, 17, 14).contiguous(memory_format=torch.channels_last).requires_grad_()
+    b = torch.randn(24, requires_grad=True)
+
+    def run(dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
+            weight, inp = conv.weight.to(torch.float64 if dtype == torch.float64 else torch.float32), x
+            if dtype == torch.float64:
+                inp = x.double()
+            y = conv._conv_forward(inp, weight, b.to(weight.dtype))
+        g = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
+        taken = type(y.grad_fn).__name__.startswith("DepthwiseConvFunctionBackward")
+        if dtype == torch.bfloat16:
+            assert y.dtype == torch.bfloat16
+            wanted = (kernel >= 5 and fast.enabled("dw-weight-grad")) or (
+                stride == 2 and fast.enabled("dw-strided-grad")
+            )
+            assert taken == wanted
+        return (y.double(), *(t.double() for t in torch.autograd.grad(y, [x, conv.weight, b], g)))
+
+    fast_form = run(torch.bfloat16)
+    with fast.disabled("dw-weight-grad", "dw-strided-grad"):
+        plain = run(torch.bfloat16)
+        exact = run(torch.float64)
+    for got, want, reference in zip(fast_form, plain, exact):
+        scale = reference.abs().max().item()
+        torch.testing.assert_close(got, reference, rtol=2e-2, atol=1e-2 * scale)
+        torch.testing.assert_close(want, reference, rtol=2e-2, atol=1e-2 * scale)
+
+
 def test_frozen_batchnorm_training_gradients_of_the_folded_trunk() -> None:
     """Training the pretrained trunk with frozen BatchNorm statistics (the `lite` recipe): the folded form's
     gradients of every weight are the fp64 computation's within fp32 rounding, as the plain form's (conv,

@@ -89,9 +89,10 @@ class Conv2dSame(nn.Conv2d):
 
 
 class DepthwiseConv(nn.Conv2d):
-    """kxk depthwise conv with TensorFlow "SAME" padding, at stride 1 or 2 (as `Conv2dSame`). In CPU fp32
-    training the `dw-weight-grad` fast path takes 5x5 kernels' weight gradient as one depthwise
-    convolution of the input by the output gradient (`model/fast/depthwise.py`)."""
+    """kxk depthwise conv with TensorFlow "SAME" padding, at stride 1 or 2 (as `Conv2dSame`). In CPU training
+    the `dw-weight-grad` fast path takes 5x5 kernels' weight gradient as one depthwise convolution of the
+    input by the output gradient, and under bf16 autocast `dw-strided-grad` takes the stride-2 input gradient
+    in fp32 (`model/fast/depthwise.py`)."""
 
     def __init__(self, channels: int, kernel: int, stride: int) -> None:
         padding = kernel // 2 if stride == 1 else 0
@@ -101,15 +102,11 @@ class DepthwiseConv(nn.Conv2d):
         kernel, stride = self.kernel_size[0], self.stride[0]
         if stride != 1:
             x = same_pad(x, kernel)
-        if (
-            kernel >= MIN_KERNEL
-            and torch.is_grad_enabled()
-            and x.device.type == "cpu"
-            and not torch.is_autocast_enabled("cpu")
-            and not tracing()
-            and fast.enabled("dw-weight-grad")
-        ):
-            return depthwise_conv(x, weight, bias, stride, self.padding[0])
+        if torch.is_grad_enabled() and x.device.type == "cpu" and not tracing():
+            by_conv = kernel >= MIN_KERNEL and fast.enabled("dw-weight-grad")
+            input_fp32 = stride != 1 and torch.is_autocast_enabled("cpu") and fast.enabled("dw-strided-grad")
+            if by_conv or input_fp32:
+                return depthwise_conv(x, weight, bias, stride, self.padding[0], by_conv, input_fp32)
         return super()._conv_forward(x, weight, bias)
 
 

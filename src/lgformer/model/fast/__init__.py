@@ -47,8 +47,10 @@ PATHS = {
     "token, then the norm)",
     "bn-fold": "EfficientNet-Lite2's eval-mode BatchNorms folded into their convolutions, in inference and "
     "in training with frozen statistics (plain: BN after the conv)",
-    "dw-weight-grad": "in CPU fp32 training, EfficientNet-Lite2's 5x5 depthwise weight gradients as one "
+    "dw-weight-grad": "in CPU training, EfficientNet-Lite2's 5x5 depthwise weight gradients as one "
     "depthwise convolution of the input by the output gradient (plain: oneDNN's depthwise backward)",
+    "dw-strided-grad": "in CPU bf16 training, the input gradients of EfficientNet-Lite2's stride-2 depthwise "
+    "convolutions in fp32 (plain: oneDNN's bf16 depthwise backward, several times slower there)",
     "winograd": "the pixel decoder's 3x3 output convolution as Winograd F(4x4, 3x3) (plain: conv2d)",
 }
 
