@@ -206,9 +206,10 @@ def test_depthwise_weight_gradient_fast_path_is_the_plain_gradient(
 @pytest.mark.parametrize("kernel", [3, 5])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_depthwise_backward_fast_paths_under_bf16_autocast(kernel: int, stride: int) -> None:
-    """Under CPU bf16 autocast the depthwise convolution runs in bf16 either way; with `dw-weight-grad` (5x5)
-    and `dw-strided-grad` (stride 2, input gradient in fp32) its output and gradients are as near the fp64
-    ones as oneDNN's bf16 backward's, on odd and even sizes, and each path is taken exactly where it applies."""
+    """Under CPU bf16 autocast the depthwise convolution runs in bf16 either way; with `dw-weight-grad`
+    (5x5) and `dw-strided-grad` (stride 2, input gradient in fp32) its output and gradients are as near the
+    fp64 ones as oneDNN's bf16 backward's, on odd and even sizes, and each path is taken exactly where it
+    applies."""
     from lgformer.model import fast
     from lgformer.model.efficientnet import DepthwiseConv
 
@@ -219,11 +220,10 @@ def test_depthwise_backward_fast_paths_under_bf16_autocast(kernel: int, stride: 
     b = torch.randn(24, requires_grad=True)
 
     def run(dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """bf16: fp32 tensors under bf16 autocast; float64: the reference."""
+        wide = torch.float64 if dtype == torch.float64 else torch.float32
         with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
-            weight, inp = conv.weight.to(torch.float64 if dtype == torch.float64 else torch.float32), x
-            if dtype == torch.float64:
-                inp = x.double()
-            y = conv._conv_forward(inp, weight, b.to(weight.dtype))
+            y = conv._conv_forward(x.to(wide), conv.weight.to(wide), b.to(wide))
         g = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
         taken = type(y.grad_fn).__name__.startswith("DepthwiseConvFunctionBackward")
         if dtype == torch.bfloat16:

@@ -204,8 +204,9 @@ PRESETS: dict[str, typing.Callable[[], Config]] = {
             l2va_ffn=512,
             generator_layers=3,
             generator_ffn=1024,
-            # Under bf16 the whole EfficientNet-Lite2 encoder stays fp32: it costs nothing on a CPU (its bf16
-            # convolutions are no faster) and keeps bf16 masks at IoU >= 0.98 with fp32 (README, "Speed").
+            # Under bf16 the whole EfficientNet-Lite2 encoder stays fp32: it keeps bf16 masks at IoU >= 0.98
+            # with fp32 (README, "Speed"). On a CPU with AMX it trains faster in bf16 (encoder_fp32_stages=0;
+            # README, "Training speed").
             encoder_fp32_stages=4,
         ),
         data=DataConfig(image_size=320),

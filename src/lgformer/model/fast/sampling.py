@@ -125,7 +125,7 @@ class BagSample(torch.autograd.Function):
                 grad_maps.append(gv)
                 grad_grids.append(gg)
             if need_weights:
-                grad_a.append((torch.grid_sampler_2d(v, grid, 0, 0, False) * g).sum(1))  # (n, points, Lq)
+                grad_a.append(torch.grid_sampler_2d(v, grid, 0, 0, False).mul_(g).sum(1))  # (n, points, Lq)
         grad_value = grad_loc = grad_weights = None
         if need_value:
             grad_value = torch.cat([gv.view(B, heads, dh, -1) for gv in grad_maps], dim=3)
