@@ -76,14 +76,12 @@ class DepthwiseConvFunction(torch.autograd.Function):
         s, p = ctx.stride, ctx.padding
         channels = weight.shape[0]
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-        oneDNN = [need_x and not ctx.input_fp32, need_weight and not ctx.by_conv, False]
-        grad_x, grad_weight, _ = (
-            torch.ops.aten.convolution_backward(
-                grad, x, weight, None, [s, s], [p, p], [1, 1], False, [0, 0], channels, oneDNN
+        on_onednn = [need_x and not ctx.input_fp32, need_weight and not ctx.by_conv, False]
+        grad_x = grad_weight = None
+        if any(on_onednn):
+            grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+                grad, x, weight, None, [s, s], [p, p], [1, 1], False, [0, 0], channels, on_onednn
             )
-            if any(oneDNN)
-            else (None, None, None)
-        )
         if need_x and ctx.input_fp32:
             grad_x = strided_input_gradient(grad, weight, s, p, list(x.shape[-2:]))
         if need_weight and ctx.by_conv:
