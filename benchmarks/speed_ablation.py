@@ -50,6 +50,7 @@ FAST_PATHS = (
     "fused-act",
     "bert-onednn",
     "channels-last",
+    "native-sampler",
     "bag-sampler",
     "bag-backward",
     "short-softmax",

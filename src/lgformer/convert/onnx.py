@@ -11,10 +11,10 @@ Dynamic axes: `batch` (any size) and `tokens` (2 up to the export's --max-tokens
 `max_tokens`: the decoder's key table has that many rows). S is fixed at export (--size, default the
 checkpoint's `data.image_size`). Upsampling to a photo's own size is left to the caller (bilinear).
 
-Deformable attention: on CPU the model samples with one weighted `embedding_bag` over the four bilinear
-neighbours (the `bag-sampler` fast path); the export runs with that path off (`fast.disabled`), so the graph
-holds the plain `grid_sample` formulation (docs/architecture.md#multi-scale-deformable-attention), which
-maps onto ONNX GridSample. The parity check compares ONNX Runtime with the model as it runs in PyTorch,
+Deformable attention: on CPU the model samples with a C kernel (the `native-sampler` fast path) or one
+weighted `embedding_bag` over the four bilinear neighbours (`bag-sampler`); the export runs with both off
+(`fast.disabled`), so the graph holds the plain `grid_sample` formulation
+(docs/architecture.md#multi-scale-deformable-attention), which maps onto ONNX GridSample. The parity check compares ONNX Runtime with the model as it runs in PyTorch,
 fast paths on, so it covers the difference.
 """
 
@@ -79,7 +79,7 @@ def _export_mode() -> Iterator[None]:
     try:
         for logger in loggers:
             logger.setLevel(logging.ERROR)
-        with warnings.catch_warnings(), fast.disabled("bag-sampler"):
+        with warnings.catch_warnings(), fast.disabled("native-sampler", "bag-sampler"):
             warnings.simplefilter("ignore", (UserWarning, FutureWarning, DeprecationWarning))
             yield
     finally:

@@ -3,7 +3,8 @@ docs/architecture.md#multi-scale-deformable-attention.
 
 Bilinear sampling is exactly `grid_sample(mode='bilinear', padding_mode='zeros', align_corners=False)`
 at `grid = 2·loc − 1`, which is what the authors' CUDA kernel computes (`grid_sample_attention`). On a CPU
-the same sums are taken by one weighted `embedding_bag` with its own backward (`model/fast/sampling.py`).
+the same sums are taken by a small C kernel built on first use, or where none can be built by one weighted
+`embedding_bag` with its own backward (`model/fast/sampling.py`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lgformer.model import fast
-from lgformer.model.fast.sampling import BagSample, bag_sample, compute_dtype, softmax_last
+from lgformer.model.fast.sampling import (
+    BagSample,
+    NativeSample,
+    bag_sample,
+    compute_dtype,
+    native_applies,
+    native_sample,
+    softmax_last,
+)
 from lgformer.model.layers import Linear
 
 
@@ -31,10 +40,15 @@ def ms_deform_attn_sample(
     S, levels = value.shape[1], locations.shape[3]
     if sum(h * w for h, w in shapes) != S or len(shapes) != levels:
         raise ValueError(f"value length {S} and {levels} sampled levels do not match level shapes {shapes}")
+    grad = value.requires_grad or locations.requires_grad or weights.requires_grad
+    grad = grad and torch.is_grad_enabled()
+    if fast.enabled("native-sampler") and native_applies(value, locations):
+        if grad:
+            return NativeSample.apply(value, locations, weights, tuple(shapes))
+        return native_sample(value, tuple(shapes), locations, weights).to(value.dtype)
     if not fast.enabled("bag-sampler"):
         return grid_sample_attention(value, shapes, locations, weights)
-    grad = value.requires_grad or locations.requires_grad or weights.requires_grad
-    if torch.is_grad_enabled() and grad and fast.enabled("bag-backward"):
+    if grad and fast.enabled("bag-backward"):
         return BagSample.apply(value, locations, weights, tuple(shapes))
     return bag_sample(value, shapes, locations, weights)
 

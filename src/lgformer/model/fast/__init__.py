@@ -29,6 +29,8 @@ PATHS = {
     "fused-act": "ReLU / GELU / tanh fused into the oneDNN product (plain: applied after it)",
     "bert-onednn": "the text encoder's products through oneDNN (plain: F.linear)",
     "channels-last": "the EfficientNet-Lite2 trunk in channels-last memory (plain: NCHW)",
+    "native-sampler": "deformable sampling forward and backward by a C kernel built on first use with the "
+    "system's compiler, a head's channels at a time (plain: the bag-sampler path, or grid_sample)",
     "bag-sampler": "deformable sampling as one weighted embedding_bag (plain: grid_sample per level)",
     "bag-backward": "the embedding_bag sampler's own backward (plain: autograd through embedding_bag)",
     "short-softmax": "the deformable attention's softmax over its 12 (level, point) logits taken along the "

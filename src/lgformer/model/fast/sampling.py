@@ -1,5 +1,9 @@
-"""The deformable attention's CPU sampler: the `bag-sampler`, `bag-backward` and `short-softmax` fast paths
-of `model/deformable_attention.py`.
+"""The deformable attention's CPU sampler: the `native-sampler`, `bag-sampler`, `bag-backward` and
+`short-softmax` fast paths of `model/deformable_attention.py`.
+
+`NativeSample` and `native_sample` run the C kernel `sampling.c` (built on first use, `native.py`): forward
+and backward one pass each over the model's own layouts, the backward adding a head's channels at once.
+Where it cannot be built, the embedding_bag sampler below runs.
 
 `bag_sample` computes what `grid_sample_attention` computes (bilinear, zero padding, align_corners=False at
 2·loc − 1, weighted and summed) as one weighted `embedding_bag` over the four integer neighbours of every
@@ -14,16 +18,94 @@ gradient) and gets the attention-weight gradient from a `grid_sampler_2d` gather
 
 from __future__ import annotations
 
+import ctypes
 import itertools
+from functools import cache
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lgformer.model.common import tracing
+from lgformer.model.fast import native
+
 
 def compute_dtype(t: Tensor) -> torch.dtype:
     """float32 for half/bfloat16/float32 inputs, float64 for float64."""
     return torch.promote_types(t.dtype, torch.float32)
+
+
+@cache
+def sampling_kernels() -> ctypes.CDLL | None:
+    """`sampling.c` built and loaded with its signatures, or None where it cannot be built (warned once)."""
+    lib = native.library("sampling")
+    if lib is not None:
+        pointer, size = ctypes.c_void_p, ctypes.c_int64
+        lib.lgformer_sample_forward.argtypes = [pointer] * 6 + [size] * 7 + [ctypes.c_int]
+        lib.lgformer_sample_backward.argtypes = [pointer] * 9 + [size] * 7 + [ctypes.c_int]
+        lib.lgformer_sample_forward.restype = lib.lgformer_sample_backward.restype = None
+    return lib
+
+
+def native_applies(value: Tensor, locations: Tensor) -> bool:
+    """Whether the C kernel can sample these: CPU tensors computed in float32 (not float64), not being traced
+    (the kernel reads memory), kernel built."""
+    return (
+        value.device.type == "cpu"
+        and not tracing()
+        and torch.promote_types(compute_dtype(value), locations.dtype) == torch.float32
+        and sampling_kernels() is not None
+    )
+
+
+def _kernel_arguments(value: Tensor, locations: Tensor, shapes: tuple) -> tuple:
+    """The level table (H, W per level; first pixel of each) and the sizes both kernels take after it."""
+    B, S, heads, dh = value.shape
+    _, Lq, _, levels, points, _ = locations.shape
+    table = torch.tensor([[h, w] for h, w in shapes], dtype=torch.int64)
+    starts = torch.tensor([0, *itertools.accumulate(h * w for h, w in shapes[:-1])], dtype=torch.int64)
+    return (table, starts), (B, S, Lq, heads, dh, levels, points, torch.get_num_threads())
+
+
+def _pointer(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def native_sample(value: Tensor, shapes: tuple, locations: Tensor, weights: Tensor) -> Tensor:
+    """The forward of `ms_deform_attn_sample` by the C kernel (`native_applies` must hold)."""
+    value, locations, weights = (t.to(torch.float32).contiguous() for t in (value, locations, weights))
+    tables, sizes = _kernel_arguments(value, locations, shapes)
+    B, S, Lq, heads, dh = sizes[:5]
+    out = value.new_empty(B, Lq, heads * dh)
+    arrays = (value, locations, weights, out, *tables)
+    sampling_kernels().lgformer_sample_forward(*map(_pointer, arrays), *sizes)
+    return out
+
+
+class NativeSample(torch.autograd.Function):
+    """`native_sample` with the C kernel's backward: value, location and weight gradients in one pass."""
+
+    @staticmethod
+    def forward(ctx, value: Tensor, locations: Tensor, weights: Tensor, shapes: tuple) -> Tensor:
+        ctx.shapes, ctx.dtypes = shapes, (value.dtype, locations.dtype, weights.dtype)
+        value, locations, weights = (t.to(torch.float32).contiguous() for t in (value, locations, weights))
+        ctx.save_for_backward(value, locations, weights)
+        return native_sample(value, shapes, locations, weights).to(ctx.dtypes[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+        value, locations, weights = ctx.saved_tensors
+        need = ctx.needs_input_grad[:3]
+        grad_value = torch.zeros_like(value) if need[0] else None
+        grad_loc = torch.empty_like(locations) if need[1] else None
+        grad_weights = torch.empty_like(weights) if need[2] else None
+        tables, sizes = _kernel_arguments(value, locations, ctx.shapes)
+        arrays = (value, locations, weights, grad.to(torch.float32).contiguous(), grad_value, grad_loc)
+        arrays += (grad_weights, *tables)
+        sampling_kernels().lgformer_sample_backward(*map(_pointer, arrays), *sizes)
+        grads = (grad_value, grad_loc, grad_weights)
+        return *(None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)), None
 
 
 def bag_sample(value: Tensor, shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor) -> Tensor:

@@ -1,0 +1,90 @@
+"""C kernels shipped as source in this folder, built on first use with the system's C compiler and loaded
+through ctypes.
+
+Why C: a few CPU passes have no fast stock PyTorch op (the deformable sampler's backward scatters channel
+by channel in `grid_sampler_2d_backward`). Plain C with no PyTorch headers builds in a second, needs no build
+step at install, and where it cannot be built the model keeps its PyTorch path: `library` warns once
+(`NativeWarning`) and returns None.
+
+A kernel is built once per source, compiler and CPU (it is tuned to the CPU, `-march=native`) into the cache
+folder: `$LGFORMER_CACHE`, else `$XDG_CACHE_HOME/lgformer`, else `~/.cache/lgformer`. `$CC` names the compiler
+(default `cc`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from functools import cache
+from pathlib import Path
+
+from lgformer.precision import cpu_info
+
+CACHE_ENV = "LGFORMER_CACHE"
+# Sums may be reordered (vectorised), NaN and infinities kept; -march=native where the compiler knows it.
+FLOAT_FLAGS = ("-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math")
+FLAG_SETS = (("-O3", "-march=native", *FLOAT_FLAGS), ("-O3", *FLOAT_FLAGS))
+
+
+class NativeWarning(UserWarning):
+    """A C kernel could not be built or loaded: the slower PyTorch path runs instead."""
+
+
+def cache_folder() -> Path:
+    """Where built kernels are kept (module docstring)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lgformer"
+
+
+def _build(compiler: str, flags: tuple[str, ...], source: Path, target: Path) -> str | None:
+    """Compile `source` into the shared library `target` (written whole, then renamed); None, or why not."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        return f"cannot write {target.parent} ({exc.strerror or exc})"
+    os.close(fd)
+    command = [compiler, *flags, "-shared", "-fPIC", "-pthread", "-o", tmp, str(source)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        if done.returncode:
+            return f"{' '.join(command)} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}"
+        os.replace(tmp, target)
+        return None
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{' '.join(command)} failed: {exc}"
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+@cache
+def library(name: str) -> ctypes.CDLL | None:
+    """The kernel `name` (this folder's `name.c`) built and loaded; None, warned once, where it cannot be."""
+    source = Path(__file__).with_name(f"{name}.c")
+    compiler = shutil.which(os.environ.get("CC") or "cc")
+    if compiler is None:
+        reason = f"no C compiler ({os.environ.get('CC') or 'cc'}) on PATH"
+    else:
+        machine = [platform.machine(), cpu_info().get("model name", ""), cpu_info().get("flags", "")]
+        for flags in FLAG_SETS:
+            key = "\0".join([source.read_text(), os.path.realpath(compiler), *flags, *machine])
+            target = cache_folder() / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+            reason = None if target.exists() else _build(compiler, flags, source, target)
+            if reason is None:
+                try:
+                    return ctypes.CDLL(str(target))
+                except OSError as exc:
+                    reason = f"cannot load {target} ({exc})"
+    warnings.warn(
+        f"lgformer: the C kernel {name}.c is not built ({reason}); its slower PyTorch path runs instead",
+        NativeWarning,
+        stacklevel=2,
+    )
+    return None

@@ -1,0 +1,143 @@
+"""The `native-sampler` fast path: the deformable sampler's C kernel (`model/fast/sampling.c`), built on first
+use by `model/fast/native.py`: pinned to the plain `grid_sample` form, forward and every gradient; its build
+cached and its absence survived."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from lgformer.model import fast
+from lgformer.model.deformable_attention import grid_sample_attention, ms_deform_attn_sample
+from lgformer.model.fast import native
+from lgformer.model.fast.sampling import NativeSample, native_applies, sampling_kernels
+
+SHAPES = [(3, 4), (5, 7), (9, 11)]
+
+
+@pytest.fixture
+def build_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A cache folder of the test's own, the built kernels forgotten before and after."""
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
+    native.library.cache_clear()
+    sampling_kernels.cache_clear()
+    yield tmp_path
+    native.library.cache_clear()
+    sampling_kernels.cache_clear()
+
+
+def inputs(dh: int = 16, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """value, locations (some off the map, on its border and far outside), weights and an output gradient."""
+    g = torch.Generator().manual_seed(seed)
+    S = sum(h * w for h, w in SHAPES)
+    value = torch.randn(2, S, 3, dh, generator=g)
+    loc = torch.rand(2, 10, 3, 3, 2, 2, generator=g) * 1.6 - 0.3
+    loc[0, 0, 0, 0, 0] = torch.tensor([-0.5 / 4, 0.5])  # x̃ = −1: only the right neighbours read
+    loc[0, 1, 1, 2, 1] = torch.tensor([1e30, -1e30])
+    loc[1, 2, 2, 1, 0] = torch.tensor([0.999, 0.0])
+    weights = torch.rand(2, 10, 3, 3, 2, generator=g)
+    return value, loc, weights, torch.randn(2, 10, 3 * dh, generator=g)
+
+
+def sample_and_grads(value, loc, weights, grad, *off: str) -> list[torch.Tensor]:
+    leaves = [t.clone().requires_grad_() for t in (value, loc, weights)]
+    with fast.disabled(*off) if off else contextlib.nullcontext():  # disabled() with no name: all paths off
+        out = ms_deform_attn_sample(leaves[0], SHAPES, leaves[1], leaves[2])
+    return [out.detach(), *torch.autograd.grad(out, leaves, grad)]
+
+
+def relative_error(got: torch.Tensor, exact: torch.Tensor) -> float:
+    return ((got.double() - exact).norm() / exact.norm()).item()
+
+
+@pytest.mark.parametrize("dh", [16, 5])
+def test_native_sampler_matches_plain_form(build_in: Path, monkeypatch: pytest.MonkeyPatch, dh: int) -> None:
+    """Sample and value, location and weight gradients as near the float64 plain form as its float32 run is,
+    and the kernel is what ran."""
+    value, loc, weights, grad = inputs(dh)
+    calls, apply = [], NativeSample.apply
+    monkeypatch.setattr(NativeSample, "apply", lambda *args: calls.append(1) or apply(*args))
+    assert native_applies(value, loc)
+    kernel = sample_and_grads(value, loc, weights, grad)
+    assert calls == [1]
+    exact = sample_and_grads(
+        *(t.double() for t in (value, loc, weights, grad)), "native-sampler", "bag-sampler"
+    )
+    plain = sample_and_grads(value, loc, weights, grad, "native-sampler", "bag-sampler")
+    for got, fp32, ref in zip(kernel, plain, exact):
+        assert got.dtype == torch.float32 and got.shape == ref.shape
+        assert relative_error(got, ref) < max(4 * relative_error(fp32, ref), 1e-6)
+    # the point at x̃ = −1 and the ones far outside have their exact gradients (zero where nothing is read)
+    assert kernel[2][0, 1, 1, 2, 1].eq(0).all() and kernel[3][0, 1, 1, 2, 1] == 0
+    torch.testing.assert_close(
+        kernel[2][0, 0, 0, 0, 0].double(), exact[2][0, 0, 0, 0, 0], rtol=1e-5, atol=1e-5
+    )
+
+
+def test_native_sampler_inference_bf16_and_nan(build_in: Path) -> None:
+    """Without autograd the forward kernel alone; a bf16 value gets a bf16 sample and value gradient; a NaN
+    location makes its query's sample NaN, as the plain form does."""
+    value, loc, weights, grad = inputs(seed=1)
+    with torch.no_grad():
+        fast_out = ms_deform_attn_sample(value, SHAPES, loc, weights)
+    torch.testing.assert_close(
+        fast_out, grid_sample_attention(value, SHAPES, loc, weights), rtol=1e-5, atol=1e-5
+    )
+    low = sample_and_grads(value.bfloat16(), loc, weights, grad.bfloat16())
+    plain = sample_and_grads(value.bfloat16(), loc, weights, grad.bfloat16(), "native-sampler", "bag-sampler")
+    assert [t.dtype for t in low] == [torch.bfloat16, torch.bfloat16, torch.float32, torch.float32]
+    for got, ref in zip(low, plain):
+        torch.testing.assert_close(got.float(), ref.float(), rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+    loc[1, 3, 0, 1, 1, 0] = float("nan")
+    out = ms_deform_attn_sample(value, SHAPES, loc, weights)
+    assert out[1, 3, :16].isnan().all() and not out[1, 3, 16:].isnan().any() and not out[0].isnan().any()
+
+
+def test_native_sampler_same_bits_on_any_thread_count(build_in: Path) -> None:
+    """Each (batch, head) map is one thread's whole: the split over threads changes no bit."""
+    value, loc, weights, grad = inputs(seed=2)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 5):
+            torch.set_num_threads(n)
+            results.append(sample_and_grads(value, loc, weights, grad))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+def test_native_build_is_cached(build_in: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Built once into the cache folder (no temporary file left), then loaded from it with no compiler run."""
+    assert sampling_kernels() is not None
+    assert [p.suffix for p in build_in.iterdir()] == [".so"]
+    native.library.cache_clear()
+    sampling_kernels.cache_clear()
+
+    def no_compiler(*args: object, **kwargs: object) -> None:
+        raise AssertionError("rebuilt")
+
+    monkeypatch.setattr(native.subprocess, "run", no_compiler)
+    assert sampling_kernels() is not None
+
+
+@pytest.mark.parametrize("compiler", ["no-such-cc", "false"])
+def test_native_sampler_falls_back_without_a_compiler(
+    build_in: Path, monkeypatch: pytest.MonkeyPatch, compiler: str
+) -> None:
+    """No compiler, or one that fails: one warning saying why, and the embedding_bag sampler runs instead."""
+    monkeypatch.setenv("CC", compiler)
+    value, loc, weights, grad = inputs(seed=3)
+    with pytest.warns(native.NativeWarning, match="no C compiler" if compiler == "no-such-cc" else "failed"):
+        got = sample_and_grads(value, loc, weights, grad)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per process
+        assert not native_applies(value, loc)
+    assert not list(build_in.iterdir())
+    bag = sample_and_grads(value, loc, weights, grad, "native-sampler")
+    assert all(torch.equal(a, b) for a, b in zip(got, bag))
