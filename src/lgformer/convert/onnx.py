@@ -14,8 +14,8 @@ checkpoint's `data.image_size`). Upsampling to a photo's own size is left to the
 Deformable attention: on CPU the model samples with a C kernel (the `native-sampler` fast path) or one
 weighted `embedding_bag` over the four bilinear neighbours (`bag-sampler`); the export runs with both off
 (`fast.disabled`), so the graph holds the plain `grid_sample` formulation
-(docs/architecture.md#multi-scale-deformable-attention), which maps onto ONNX GridSample. The parity check compares ONNX Runtime with the model as it runs in PyTorch,
-fast paths on, so it covers the difference.
+(docs/architecture.md#multi-scale-deformable-attention), which maps onto ONNX GridSample. The parity check
+compares ONNX Runtime with the model as it runs in PyTorch, fast paths on, so it covers the difference.
 """
 
 from __future__ import annotations
