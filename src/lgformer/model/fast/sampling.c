@@ -27,77 +27,105 @@ typedef struct {
     int64_t begin, end; /* the (batch, head) maps b·heads + h of this job */
 } Job;
 
-/* A sampling point at (x, y) in [0, 1] on an H x W map: its top-left neighbour and bilinear fractions.
- * `corner` returns 1 for a point that reads the map, 0 for one with every neighbour outside it (x̃ < −1 or
- * x̃ ≥ W): it adds nothing and gets no gradient, and −1 for a NaN location, which makes its sample and
- * gradients NaN as `grid_sample` does (a diverged run shows a NaN loss instead of a silent zero). */
+/* A sampling point on its level: its four neighbours' rows (top-left, top-right, bottom-left, bottom-right)
+ * in the level's value map and in its gradient, and its bilinear fractions. */
 typedef struct {
-    int64_t x0, y0;
+    const float *v[4];
+    float *gv[4];
     float fx, fy;
-} Corner;
+} Point;
 
-static int corner(float x, float y, int64_t H, int64_t W, Corner *c) {
+/* Locate (x, y) in [0, 1] on an H x W map of rows `row` floats apart. Returns 1 for a point that reads the
+ * map; 0 for one with every neighbour outside it (x̃ = x·W − 0.5 < −1 or ≥ W), which adds nothing and gets no
+ * gradient; −1 for a NaN location, whose sample and gradients are NaN as `grid_sample`'s are (a diverged run
+ * shows a NaN loss, not a silent zero). A neighbour outside the map reads `zeros` and writes its own row of
+ * `trash` (dh floats each; `grad` may be NULL), so that the loops over channels take no branch and no two
+ * written rows alias. */
+static int locate(float x, float y, int64_t H, int64_t W, int64_t row, const float *map, float *grad,
+                  const float *zeros, float *trash, int64_t dh, Point *p) {
     x = x * (float)W - 0.5f;
     y = y * (float)H - 0.5f;
     if (isnan(x) || isnan(y)) return -1;
     if (!(x >= -1.0f && x < (float)W && y >= -1.0f && y < (float)H)) return 0;
     const float xf = floorf(x), yf = floorf(y);
-    c->x0 = (int64_t)xf;
-    c->y0 = (int64_t)yf;
-    c->fx = x - xf;
-    c->fy = y - yf;
+    p->fx = x - xf;
+    p->fy = y - yf;
+    for (int n = 0; n < 4; n++) {
+        const int64_t xn = (int64_t)xf + (n & 1), yn = (int64_t)yf + (n >> 1);
+        const int inside = xn >= 0 && xn < W && yn >= 0 && yn < H;
+        p->v[n] = inside ? map + (yn * W + xn) * row : zeros;
+        p->gv[n] = inside && grad ? grad + (yn * W + xn) * row : trash + n * dh;
+    }
     return 1;
 }
 
-/* Rows of the four neighbours (top-left, top-right, bottom-left, bottom-right) in `map` and, where `grad` is
- * not NULL, in its gradient; a neighbour outside the map reads `zeros` and writes `trash` (dh floats each),
- * so that the loops over channels below take no branch. */
-static void neighbours(const Corner *c, int64_t H, int64_t W, int64_t row, const float *map, float *grad,
-                       const float *zeros, float *trash, const float *v[4], float *gv[4]) {
-    for (int n = 0; n < 4; n++) {
-        const int64_t x = c->x0 + (n & 1), y = c->y0 + (n >> 1);
-        const int inside = x >= 0 && x < W && y >= 0 && y < H;
-        v[n] = inside ? map + (y * W + x) * row : zeros;
-        gv[n] = inside && grad ? grad + (y * W + x) * row : trash;
+/* out += Σ s_n v_n over dh channels. */
+static void add_sample(float *restrict out, const float *restrict v0, const float *restrict v1,
+                       const float *restrict v2, const float *restrict v3, float s0, float s1, float s2,
+                       float s3, int64_t dh) {
+    for (int64_t i = 0; i < dh; i++) out[i] += s0 * v0[i] + s1 * v1[i] + s2 * v2[i] + s3 * v3[i];
+}
+
+/* One point's backward, with g its head's incoming gradient, a its attention weight and w_n its bilinear
+ * weights: the value rows get a·w_n·g; returned through `d`: g·Σ w_n v_n (the sample: the attention weight's
+ * gradient) and g·∂sample/∂x̃, g·∂sample/∂ỹ. */
+static void point_backward(const float *restrict g, const float *restrict v0, const float *restrict v1,
+                           const float *restrict v2, const float *restrict v3, float *restrict g0,
+                           float *restrict g1, float *restrict g2, float *restrict g3, float fx, float fy,
+                           float a, int64_t dh, float d[3]) {
+    const float ex = 1 - fx, ey = 1 - fy, w0 = ex * ey, w1 = fx * ey, w2 = ex * fy, w3 = fx * fy;
+    float sample = 0.0f, dx = 0.0f, dy = 0.0f;
+    for (int64_t i = 0; i < dh; i++) {
+        sample += g[i] * (w0 * v0[i] + w1 * v1[i] + w2 * v2[i] + w3 * v3[i]);
+        dx += g[i] * (ey * (v1[i] - v0[i]) + fy * (v3[i] - v2[i]));
+        dy += g[i] * (ex * (v2[i] - v0[i]) + fx * (v3[i] - v1[i]));
     }
+    const float s0 = a * w0, s1 = a * w1, s2 = a * w2, s3 = a * w3;
+    for (int64_t i = 0; i < dh; i++) {
+        g0[i] += s0 * g[i];
+        g1[i] += s1 * g[i];
+        g2[i] += s2 * g[i];
+        g3[i] += s3 * g[i];
+    }
+    d[0] = sample;
+    d[1] = dx;
+    d[2] = dy;
 }
 
 static void forward_job(const Job *j) {
     const int64_t dh = j->dh, K = j->levels * j->points, row = j->heads * dh;
-    float zeros[dh], trash[dh];
+    float zeros[dh], trash[4 * dh];
     for (int64_t i = 0; i < dh; i++) zeros[i] = 0.0f;
     for (int64_t bh = j->begin; bh < j->end; bh++) {
         const int64_t b = bh / j->heads, h = bh % j->heads;
         const float *value = j->value + b * j->S * row + h * dh;
         for (int64_t q = 0; q < j->Lq; q++) {
             const int64_t qh = (b * j->Lq + q) * j->heads + h;
+            const float *loc = j->loc + 2 * qh * K, *attn = j->attn + qh * K;
             float *out = j->out + qh * dh;
             for (int64_t i = 0; i < dh; i++) out[i] = 0.0f;
-            for (int64_t k = 0; k < K; k++) {
-                const int64_t l = k / j->points, H = j->shapes[2 * l], W = j->shapes[2 * l + 1];
-                Corner c;
-                const int at = corner(j->loc[2 * (qh * K + k)], j->loc[2 * (qh * K + k) + 1], H, W, &c);
-                if (at < 0)
-                    for (int64_t i = 0; i < dh; i++) out[i] = NAN;
-                if (at <= 0) continue;
-                const float *v[4];
-                float *unused[4];
-                neighbours(&c, H, W, row, value + j->starts[l] * row, 0, zeros, trash, v, unused);
-                const float a = j->attn[qh * K + k], ex = 1 - c.fx, ey = 1 - c.fy;
-                const float s0 = a * ex * ey, s1 = a * c.fx * ey, s2 = a * ex * c.fy, s3 = a * c.fx * c.fy;
-                for (int64_t i = 0; i < dh; i++)
-                    out[i] += s0 * v[0][i] + s1 * v[1][i] + s2 * v[2][i] + s3 * v[3][i];
+            for (int64_t l = 0; l < j->levels; l++) {
+                const int64_t H = j->shapes[2 * l], W = j->shapes[2 * l + 1];
+                const float *map = value + j->starts[l] * row;
+                for (int64_t n = 0; n < j->points; n++, loc += 2, attn++) {
+                    Point p;
+                    const int found = locate(loc[0], loc[1], H, W, row, map, 0, zeros, trash, dh, &p);
+                    if (found < 0)
+                        for (int64_t i = 0; i < dh; i++) out[i] = NAN;
+                    if (found <= 0) continue;
+                    const float a = *attn, ex = 1 - p.fx, ey = 1 - p.fy;
+                    add_sample(out, p.v[0], p.v[1], p.v[2], p.v[3], a * ex * ey, a * p.fx * ey, a * ex * p.fy,
+                               a * p.fx * p.fy, dh);
+                }
             }
         }
     }
 }
 
-/* With g the incoming gradient of the point's head, a its attention weight and w_n its bilinear weights: the
- * value rows get a·w_n·g, the attention weight g·Σ w_n v_n (the sample), the location a·W·g·∂sample/∂x̃ and
- * a·H·g·∂sample/∂ỹ (x̃ = x·W − 0.5). */
+/* The location's gradient is a·W·g·∂sample/∂x̃, a·H·g·∂sample/∂ỹ (x̃ = x·W − 0.5). */
 static void backward_job(const Job *j) {
     const int64_t dh = j->dh, K = j->levels * j->points, row = j->heads * dh;
-    float zeros[dh], trash[dh];
+    float zeros[dh], trash[4 * dh];
     for (int64_t i = 0; i < dh; i++) zeros[i] = 0.0f;
     for (int64_t bh = j->begin; bh < j->end; bh++) {
         const int64_t b = bh / j->heads, h = bh % j->heads;
@@ -105,42 +133,24 @@ static void backward_job(const Job *j) {
         float *grad_value = j->grad_value ? j->grad_value + b * j->S * row + h * dh : 0;
         for (int64_t q = 0; q < j->Lq; q++) {
             const int64_t qh = (b * j->Lq + q) * j->heads + h;
-            const float *g = j->grad + qh * dh;
-            for (int64_t k = 0; k < K; k++) {
-                const int64_t l = k / j->points, H = j->shapes[2 * l], W = j->shapes[2 * l + 1];
-                const float a = j->attn[qh * K + k];
-                float ga = 0.0f, gx = 0.0f, gy = 0.0f;
-                Corner c;
-                const int at = corner(j->loc[2 * (qh * K + k)], j->loc[2 * (qh * K + k) + 1], H, W, &c);
-                if (at < 0) ga = gx = gy = NAN;
-                if (at > 0) {
-                    const float *v[4];
-                    float *gv[4];
-                    const int64_t start = j->starts[l] * row;
-                    float *grad_map = grad_value ? grad_value + start : 0;
-                    neighbours(&c, H, W, row, value + start, grad_map, zeros, trash, v, gv);
-                    const float fx = c.fx, fy = c.fy, ex = 1 - fx, ey = 1 - fy;
-                    const float w0 = ex * ey, w1 = fx * ey, w2 = ex * fy, w3 = fx * fy;
-                    for (int64_t i = 0; i < dh; i++) {
-                        const float sample = w0 * v[0][i] + w1 * v[1][i] + w2 * v[2][i] + w3 * v[3][i];
-                        const float dx = ey * (v[1][i] - v[0][i]) + fy * (v[3][i] - v[2][i]);
-                        const float dy = ex * (v[2][i] - v[0][i]) + fx * (v[3][i] - v[1][i]);
-                        ga += g[i] * sample;
-                        gx += g[i] * dx;
-                        gy += g[i] * dy;
+            const float *g = j->grad + qh * dh, *loc = j->loc + 2 * qh * K, *attn = j->attn + qh * K;
+            for (int64_t l = 0, k = qh * K; l < j->levels; l++) {
+                const int64_t H = j->shapes[2 * l], W = j->shapes[2 * l + 1], start = j->starts[l] * row;
+                const float *map = value + start;
+                float *grad_map = grad_value ? grad_value + start : 0;
+                for (int64_t n = 0; n < j->points; n++, k++, loc += 2, attn++) {
+                    Point p;
+                    float d[3] = {0.0f, 0.0f, 0.0f};
+                    const int found = locate(loc[0], loc[1], H, W, row, map, grad_map, zeros, trash, dh, &p);
+                    if (found < 0) d[0] = d[1] = d[2] = NAN;
+                    if (found > 0)
+                        point_backward(g, p.v[0], p.v[1], p.v[2], p.v[3], p.gv[0], p.gv[1], p.gv[2],
+                                       p.gv[3], p.fx, p.fy, *attn, dh, d);
+                    if (j->grad_attn) j->grad_attn[k] = d[0];
+                    if (j->grad_loc) {
+                        j->grad_loc[2 * k] = *attn * (float)W * d[1];
+                        j->grad_loc[2 * k + 1] = *attn * (float)H * d[2];
                     }
-                    const float s0 = a * w0, s1 = a * w1, s2 = a * w2, s3 = a * w3;
-                    for (int64_t i = 0; i < dh; i++) {
-                        gv[0][i] += s0 * g[i];
-                        gv[1][i] += s1 * g[i];
-                        gv[2][i] += s2 * g[i];
-                        gv[3][i] += s3 * g[i];
-                    }
-                }
-                if (j->grad_attn) j->grad_attn[qh * K + k] = ga;
-                if (j->grad_loc) {
-                    j->grad_loc[2 * (qh * K + k)] = a * (float)W * gx;
-                    j->grad_loc[2 * (qh * K + k) + 1] = a * (float)H * gy;
                 }
             }
         }
