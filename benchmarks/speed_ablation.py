@@ -51,6 +51,7 @@ FAST_PATHS = (
     "bert-onednn",
     "channels-last",
     "native-sampler",
+    "native-groupnorm",
     "bag-sampler",
     "bag-backward",
     "short-softmax",

@@ -1,6 +1,7 @@
 """Building blocks the boxes share: linear layers and 1x1 / 3x3 convolutions with `nn.Linear` /
-`nn.Conv2d` parameters, the sine position encoding, the MLP and the sentence mean. Their products may take
-the CPU fast paths of `model/fast/` (oneDNN, Winograd); what they compute is the plain layer's result.
+`nn.Conv2d` parameters, GroupNorm, the sine position encoding, the MLP and the sentence mean. They may take
+the CPU fast paths of `model/fast/` (oneDNN, Winograd, a C kernel); what they compute is the plain layer's
+result.
 """
 
 from __future__ import annotations
@@ -12,10 +13,20 @@ from torch import Tensor, nn
 
 from lgformer.model import fast
 from lgformer.model.common import kept_while_unchanged, size_cache
+from lgformer.model.fast.groupnorm import GroupNormFunction, native_applies
 from lgformer.model.fast.onednn import linear, onednn_dtype
 from lgformer.model.fast.winograd import WINOGRAD_MIN_CHANNELS, winograd_conv3x3, winograd_weights
 
-__all__ = ["MLP", "Conv1x1", "Conv3x3", "Linear", "linear", "masked_mean", "sine_position_embedding"]
+__all__ = [
+    "MLP",
+    "Conv1x1",
+    "Conv3x3",
+    "GroupNorm",
+    "Linear",
+    "linear",
+    "masked_mean",
+    "sine_position_embedding",
+]
 
 
 class Linear(nn.Linear):
@@ -59,6 +70,16 @@ class Conv3x3(nn.Conv2d):
         rows = x.shape[0] * -(-x.shape[2] // 4) * -(-x.shape[3] // 4)
         weights = kept_while_unchanged(self, "_winograd", (weight,), lambda: winograd_weights(weight, rows))
         return winograd_conv3x3(x, weights)
+
+
+class GroupNorm(nn.GroupNorm):
+    """`nn.GroupNorm` (same parameters and state-dict keys); in CPU training on a bf16 channels-last map its
+    backward takes the `native-groupnorm` fast path (`model/fast/groupnorm.py`)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and fast.enabled("native-groupnorm") and native_applies(x):
+            return GroupNormFunction.apply(x, self.weight, self.bias, self.num_groups, self.eps)
+        return super().forward(x)
 
 
 @size_cache()

@@ -19,7 +19,15 @@ from torch import nn
 from lgformer.model.attention import CrossAttentionLayer
 from lgformer.model.common import size_cache
 from lgformer.model.deformable_attention import MSDeformAttn
-from lgformer.model.layers import Conv1x1, Conv3x3, Linear, linear, masked_mean, sine_position_embedding
+from lgformer.model.layers import (
+    Conv1x1,
+    Conv3x3,
+    GroupNorm,
+    Linear,
+    linear,
+    masked_mean,
+    sine_position_embedding,
+)
 
 LEVELS = 3
 
@@ -57,8 +65,8 @@ def _clones(layer: nn.Module, n: int) -> nn.ModuleList:
     return nn.ModuleList(copy.deepcopy(layer) for _ in range(n))
 
 
-def _group_norm(dim: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, dim)
+def _group_norm(dim: int) -> GroupNorm:
+    return GroupNorm(32, dim)
 
 
 class PixelDecoder(nn.Module):

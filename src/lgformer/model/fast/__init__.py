@@ -31,6 +31,8 @@ PATHS = {
     "channels-last": "the EfficientNet-Lite2 trunk in channels-last memory (plain: NCHW)",
     "native-sampler": "deformable sampling forward and backward by a C kernel built on first use with the "
     "system's compiler, a head's channels at a time (plain: the bag-sampler path, or grid_sample)",
+    "native-groupnorm": "in CPU bf16 training, the pixel decoder's GroupNorm backward on channels-last maps "
+    "by a C kernel built on first use (plain: PyTorch's, several times slower there)",
     "bag-sampler": "deformable sampling as one weighted embedding_bag (plain: grid_sample per level)",
     "bag-backward": "the embedding_bag sampler's own backward (plain: autograd through embedding_bag)",
     "short-softmax": "the deformable attention's softmax over its 12 (level, point) logits taken along the "

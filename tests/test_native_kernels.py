@@ -1,6 +1,6 @@
-"""The `native-sampler` fast path: the deformable sampler's C kernel (`model/fast/sampling.c`), built on first
-use by `model/fast/native.py`: pinned to the plain `grid_sample` form, forward and every gradient; its build
-cached and its absence survived."""
+"""The C kernels of `model/fast/`, built on first use by `model/fast/native.py`: the deformable sampler's
+(`native-sampler`, pinned to the plain `grid_sample` form, forward and every gradient) and GroupNorm's
+backward (`native-groupnorm`, pinned to PyTorch's); their build cached and its absence survived."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import torch
 from lgformer.model import fast
 from lgformer.model.deformable_attention import grid_sample_attention, ms_deform_attn_sample
 from lgformer.model.fast import native
+from lgformer.model.fast.groupnorm import GroupNormFunction, groupnorm_kernel
 from lgformer.model.fast.sampling import NativeSample, native_applies, sampling_kernels
+from lgformer.model.layers import GroupNorm
 
 SHAPES = [(3, 4), (5, 7), (9, 11)]
 
@@ -23,11 +25,11 @@ SHAPES = [(3, 4), (5, 7), (9, 11)]
 def build_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A cache folder of the test's own, the built kernels forgotten before and after."""
     monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
-    native.library.cache_clear()
-    sampling_kernels.cache_clear()
+    for loader in (native.library, sampling_kernels, groupnorm_kernel):
+        loader.cache_clear()
     yield tmp_path
-    native.library.cache_clear()
-    sampling_kernels.cache_clear()
+    for loader in (native.library, sampling_kernels, groupnorm_kernel):
+        loader.cache_clear()
 
 
 def inputs(dh: int = 16, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -141,3 +143,56 @@ def test_native_sampler_falls_back_without_a_compiler(
     assert not list(build_in.iterdir())
     bag = sample_and_grads(value, loc, weights, grad, "native-sampler")
     assert all(torch.equal(a, b) for a, b in zip(got, bag))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_native_groupnorm_backward_matches_pytorch(
+    build_in: Path, monkeypatch: pytest.MonkeyPatch, affine: bool
+) -> None:
+    """On a bf16 channels-last map in training: the forward is PyTorch's bit for bit; the input gradient is
+    PyTorch's bf16 one within a rounding and as near the float64 one on the same bf16 operands (a 1% error in
+    x̂'s term fails this), the weight and bias gradients within fp32 summation error of it."""
+    calls, apply = [], GroupNormFunction.apply
+    monkeypatch.setattr(GroupNormFunction, "apply", lambda *args: calls.append(1) or apply(*args))
+    g = torch.Generator().manual_seed(4)
+    norm = GroupNorm(8, 48, affine=affine)
+    if affine:
+        with torch.no_grad():
+            norm.weight.normal_(generator=g)
+            norm.bias.normal_(generator=g)
+    x = torch.randn(3, 48, 13, 7, generator=g).mul_(3).add_(1).bfloat16()
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    grad = torch.randn(3, 48, 13, 7, generator=g) + 0.3 * x.detach().float()  # (x̂'s term counts too)
+    grad = grad.bfloat16().contiguous(memory_format=torch.channels_last)
+    params = list(norm.parameters())
+
+    def run(*off: str) -> list[torch.Tensor]:
+        with fast.disabled(*off) if off else contextlib.nullcontext():
+            y = norm(x)
+        return [y, *torch.autograd.grad(y, [x, *params], grad)]
+
+    kernel, plain = run(), run("native-groupnorm")
+    assert calls == [1] and kernel[1].dtype == torch.bfloat16
+    assert kernel[1].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(kernel[0], plain[0])
+    wide = [x.detach().double().requires_grad_(), *(p.detach().double().requires_grad_() for p in params)]
+    y = torch.nn.functional.group_norm(wide[0], 8, *(wide[1:] if affine else (None, None)), norm.eps)
+    exact = torch.autograd.grad(y, wide, grad.double())
+    scale = plain[1].abs().max().item()  # the same formulas: at most a rounding apart, element by element
+    torch.testing.assert_close(kernel[1], plain[1], rtol=2**-7, atol=2**-7 * scale)
+    assert relative_error(kernel[1], exact[0]) <= 1.05 * relative_error(plain[1], exact[0])
+    for got, want in zip(kernel[2:], exact[1:]):
+        assert got.dtype == torch.float32 and relative_error(got, want) < 1e-5
+
+
+def test_native_groupnorm_only_where_it_pays(build_in: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp32 maps, NCHW maps and inference keep PyTorch's GroupNorm."""
+    calls, apply = [], GroupNormFunction.apply
+    monkeypatch.setattr(GroupNormFunction, "apply", lambda *args: calls.append(1) or apply(*args))
+    norm = GroupNorm(4, 16)
+    x = torch.randn(2, 16, 5, 5)
+    norm(x.contiguous(memory_format=torch.channels_last).requires_grad_())
+    norm(x.bfloat16().requires_grad_())
+    with torch.no_grad():
+        norm(x.bfloat16().contiguous(memory_format=torch.channels_last))
+    assert calls == []
