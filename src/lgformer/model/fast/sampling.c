@@ -3,9 +3,10 @@
  *
  * What it computes is `grid_sample_attention`: per query, head, level and point, the bilinear sample
  * (zero padding, align_corners=False) of the head's value map at (x·W − 0.5, y·H − 0.5), weighted by the
- * attention weight and summed. Layouts are the model's own, contiguous: value (B, S, heads, dh) with the
- * levels' H·W pixels concatenated along S; locations (B, Lq, heads, levels, points, 2) as (x, y) in [0, 1];
- * attention (B, Lq, heads, levels, points); output and its gradient (B, Lq, heads, dh).
+ * attention weight and summed. Layouts, contiguous: value and its gradient head-major, (B, heads, S, dh) with
+ * the levels' H·W pixels concatenated along S (each (batch, head) map one block: its random reads and writes
+ * stay in few pages); the model's own for the rest: locations (B, Lq, heads, levels, points, 2) as (x, y) in
+ * [0, 1], attention (B, Lq, heads, levels, points), output and its gradient (B, Lq, heads, dh).
  *
  * Why: PyTorch's CPU `grid_sampler_2d_backward` scatters channel by channel, four scalar adds per sample and
  * channel; here each sample adds a head's dh contiguous channels at once, and the value, location and
@@ -35,13 +36,13 @@ typedef struct {
     float fx, fy;
 } Point;
 
-/* Locate (x, y) in [0, 1] on an H x W map of rows `row` floats apart. Returns 1 for a point that reads the
+/* Locate (x, y) in [0, 1] on an H x W map of rows dh floats apart. Returns 1 for a point that reads the
  * map; 0 for one with every neighbour outside it (x̃ = x·W − 0.5 < −1 or ≥ W), which adds nothing and gets no
  * gradient; −1 for a NaN location, whose sample and gradients are NaN as `grid_sample`'s are (a diverged run
  * shows a NaN loss, not a silent zero). A neighbour outside the map reads `zeros` and writes its own row of
  * `trash` (dh floats each; `grad` may be NULL), so that the loops over channels take no branch and no two
  * written rows alias. */
-static int locate(float x, float y, int64_t H, int64_t W, int64_t row, const float *map, float *grad,
+static int locate(float x, float y, int64_t H, int64_t W, const float *map, float *grad,
                   const float *zeros, float *trash, int64_t dh, Point *p) {
     x = x * (float)W - 0.5f;
     y = y * (float)H - 0.5f;
@@ -53,8 +54,8 @@ static int locate(float x, float y, int64_t H, int64_t W, int64_t row, const flo
     for (int n = 0; n < 4; n++) {
         const int64_t xn = (int64_t)xf + (n & 1), yn = (int64_t)yf + (n >> 1);
         const int inside = xn >= 0 && xn < W && yn >= 0 && yn < H;
-        p->v[n] = inside ? map + (yn * W + xn) * row : zeros;
-        p->gv[n] = inside && grad ? grad + (yn * W + xn) * row : trash + n * dh;
+        p->v[n] = inside ? map + (yn * W + xn) * dh : zeros;
+        p->gv[n] = inside && grad ? grad + (yn * W + xn) * dh : trash + n * dh;
     }
     return 1;
 }
@@ -93,12 +94,12 @@ static void point_backward(const float *restrict g, const float *restrict v0, co
 }
 
 static void forward_job(const Job *j) {
-    const int64_t dh = j->dh, K = j->levels * j->points, row = j->heads * dh;
+    const int64_t dh = j->dh, K = j->levels * j->points;
     float zeros[dh], trash[4 * dh];
     for (int64_t i = 0; i < dh; i++) zeros[i] = 0.0f;
     for (int64_t bh = j->begin; bh < j->end; bh++) {
         const int64_t b = bh / j->heads, h = bh % j->heads;
-        const float *value = j->value + b * j->S * row + h * dh;
+        const float *value = j->value + bh * j->S * dh;
         for (int64_t q = 0; q < j->Lq; q++) {
             const int64_t qh = (b * j->Lq + q) * j->heads + h;
             const float *loc = j->loc + 2 * qh * K, *attn = j->attn + qh * K;
@@ -106,10 +107,10 @@ static void forward_job(const Job *j) {
             for (int64_t i = 0; i < dh; i++) out[i] = 0.0f;
             for (int64_t l = 0; l < j->levels; l++) {
                 const int64_t H = j->shapes[2 * l], W = j->shapes[2 * l + 1];
-                const float *map = value + j->starts[l] * row;
+                const float *map = value + j->starts[l] * dh;
                 for (int64_t n = 0; n < j->points; n++, loc += 2, attn++) {
                     Point p;
-                    const int found = locate(loc[0], loc[1], H, W, row, map, 0, zeros, trash, dh, &p);
+                    const int found = locate(loc[0], loc[1], H, W, map, 0, zeros, trash, dh, &p);
                     if (found < 0)
                         for (int64_t i = 0; i < dh; i++) out[i] = NAN;
                     if (found <= 0) continue;
@@ -124,24 +125,24 @@ static void forward_job(const Job *j) {
 
 /* The location's gradient is a·W·g·∂sample/∂x̃, a·H·g·∂sample/∂ỹ (x̃ = x·W − 0.5). */
 static void backward_job(const Job *j) {
-    const int64_t dh = j->dh, K = j->levels * j->points, row = j->heads * dh;
+    const int64_t dh = j->dh, K = j->levels * j->points;
     float zeros[dh], trash[4 * dh];
     for (int64_t i = 0; i < dh; i++) zeros[i] = 0.0f;
     for (int64_t bh = j->begin; bh < j->end; bh++) {
         const int64_t b = bh / j->heads, h = bh % j->heads;
-        const float *value = j->value + b * j->S * row + h * dh;
-        float *grad_value = j->grad_value ? j->grad_value + b * j->S * row + h * dh : 0;
+        const float *value = j->value + bh * j->S * dh;
+        float *grad_value = j->grad_value ? j->grad_value + bh * j->S * dh : 0;
         for (int64_t q = 0; q < j->Lq; q++) {
             const int64_t qh = (b * j->Lq + q) * j->heads + h;
             const float *g = j->grad + qh * dh, *loc = j->loc + 2 * qh * K, *attn = j->attn + qh * K;
             for (int64_t l = 0, k = qh * K; l < j->levels; l++) {
-                const int64_t H = j->shapes[2 * l], W = j->shapes[2 * l + 1], start = j->starts[l] * row;
+                const int64_t H = j->shapes[2 * l], W = j->shapes[2 * l + 1], start = j->starts[l] * dh;
                 const float *map = value + start;
                 float *grad_map = grad_value ? grad_value + start : 0;
                 for (int64_t n = 0; n < j->points; n++, k++, loc += 2, attn++) {
                     Point p;
                     float d[3] = {0.0f, 0.0f, 0.0f};
-                    const int found = locate(loc[0], loc[1], H, W, row, map, grad_map, zeros, trash, dh, &p);
+                    const int found = locate(loc[0], loc[1], H, W, map, grad_map, zeros, trash, dh, &p);
                     if (found < 0) d[0] = d[1] = d[2] = NAN;
                     if (found > 0)
                         point_backward(g, p.v[0], p.v[1], p.v[2], p.v[3], p.gv[0], p.gv[1], p.gv[2],

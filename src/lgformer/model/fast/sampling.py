@@ -58,9 +58,15 @@ def native_applies(value: Tensor, locations: Tensor) -> bool:
     )
 
 
-def _kernel_arguments(value: Tensor, locations: Tensor, shapes: tuple) -> tuple:
-    """The level table (H, W per level; first pixel of each) and the sizes both kernels take after it."""
+def _head_major(value: Tensor) -> Tensor:
+    """value (B, S, heads, dh) -> the kernel's maps (B, heads, S, dh), fp32, in one copy."""
     B, S, heads, dh = value.shape
+    return value.new_empty(B, heads, S, dh, dtype=torch.float32).copy_(value.permute(0, 2, 1, 3))
+
+
+def _kernel_arguments(maps: Tensor, locations: Tensor, shapes: tuple) -> tuple:
+    """The level table (H, W per level; first pixel of each) and the sizes both kernels take after it."""
+    B, heads, S, dh = maps.shape
     _, Lq, _, levels, points, _ = locations.shape
     table = torch.tensor([[h, w] for h, w in shapes], dtype=torch.int64)
     starts = torch.tensor([0, *itertools.accumulate(h * w for h, w in shapes[:-1])], dtype=torch.int64)
@@ -71,15 +77,21 @@ def _pointer(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def native_sample(value: Tensor, shapes: tuple, locations: Tensor, weights: Tensor) -> Tensor:
-    """The forward of `ms_deform_attn_sample` by the C kernel (`native_applies` must hold)."""
-    value, locations, weights = (t.to(torch.float32).contiguous() for t in (value, locations, weights))
-    tables, sizes = _kernel_arguments(value, locations, shapes)
+def _forward(maps: Tensor, shapes: tuple, locations: Tensor, weights: Tensor) -> Tensor:
+    """The forward kernel on head-major fp32 maps and contiguous fp32 locations and weights."""
+    tables, sizes = _kernel_arguments(maps, locations, shapes)
     B, S, Lq, heads, dh = sizes[:5]
-    out = value.new_empty(B, Lq, heads * dh)
-    arrays = (value, locations, weights, out, *tables)
-    sampling_kernels().lgformer_sample_forward(*map(_pointer, arrays), *sizes)
+    out = maps.new_empty(B, Lq, heads * dh)
+    sampling_kernels().lgformer_sample_forward(
+        *map(_pointer, (maps, locations, weights, out, *tables)), *sizes
+    )
     return out
+
+
+def native_sample(value: Tensor, shapes: tuple, locations: Tensor, weights: Tensor) -> Tensor:
+    """The forward of `ms_deform_attn_sample` by the C kernel (`native_applies` must hold), in fp32."""
+    locations, weights = (t.to(torch.float32).contiguous() for t in (locations, weights))
+    return _forward(_head_major(value), shapes, locations, weights)
 
 
 class NativeSample(torch.autograd.Function):
@@ -88,24 +100,32 @@ class NativeSample(torch.autograd.Function):
     @staticmethod
     def forward(ctx, value: Tensor, locations: Tensor, weights: Tensor, shapes: tuple) -> Tensor:
         ctx.shapes, ctx.dtypes = shapes, (value.dtype, locations.dtype, weights.dtype)
-        value, locations, weights = (t.to(torch.float32).contiguous() for t in (value, locations, weights))
-        ctx.save_for_backward(value, locations, weights)
-        return native_sample(value, shapes, locations, weights).to(ctx.dtypes[0])
+        maps = _head_major(value)
+        locations, weights = (t.to(torch.float32).contiguous() for t in (locations, weights))
+        ctx.save_for_backward(maps, locations, weights)
+        return _forward(maps, shapes, locations, weights).to(value.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
-        value, locations, weights = ctx.saved_tensors
+        maps, locations, weights = ctx.saved_tensors
         need = ctx.needs_input_grad[:3]
-        grad_value = torch.zeros_like(value) if need[0] else None
+        grad_maps = torch.zeros_like(maps) if need[0] else None
         grad_loc = torch.empty_like(locations) if need[1] else None
         grad_weights = torch.empty_like(weights) if need[2] else None
-        tables, sizes = _kernel_arguments(value, locations, ctx.shapes)
-        arrays = (value, locations, weights, grad.to(torch.float32).contiguous(), grad_value, grad_loc)
-        arrays += (grad_weights, *tables)
-        sampling_kernels().lgformer_sample_backward(*map(_pointer, arrays), *sizes)
-        grads = (grad_value, grad_loc, grad_weights)
-        return *(None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)), None
+        tables, sizes = _kernel_arguments(maps, locations, ctx.shapes)
+        arrays = (maps, locations, weights, grad.to(torch.float32).contiguous(), grad_maps, grad_loc)
+        sampling_kernels().lgformer_sample_backward(*map(_pointer, (*arrays, grad_weights, *tables)), *sizes)
+        value_dtype, loc_dtype, weights_dtype = ctx.dtypes
+        grad_value = None
+        if grad_maps is not None:  # back to (B, S, heads, dh), in one copy
+            B, heads, S, dh = grad_maps.shape
+            grad_value = grad_maps.new_empty(B, S, heads, dh, dtype=value_dtype).copy_(
+                grad_maps.permute(0, 2, 1, 3)
+            )
+        grad_loc = None if grad_loc is None else grad_loc.to(loc_dtype)
+        grad_weights = None if grad_weights is None else grad_weights.to(weights_dtype)
+        return grad_value, grad_loc, grad_weights, None
 
 
 def bag_sample(value: Tensor, shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor) -> Tensor:
