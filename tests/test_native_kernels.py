@@ -5,6 +5,7 @@ backward (`native-groupnorm`, pinned to PyTorch's); their build cached and its a
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from lgformer.model import fast
-from lgformer.model.deformable_attention import grid_sample_attention, ms_deform_attn_sample
+from lgformer.model.deformable_attention import MSDeformAttn, grid_sample_attention, ms_deform_attn_sample
 from lgformer.model.fast import native
 from lgformer.model.fast.groupnorm import GroupNormFunction, groupnorm_kernel
 from lgformer.model.fast.sampling import NativeSample, native_applies, sampling_kernels
@@ -196,3 +197,43 @@ def test_native_groupnorm_only_where_it_pays(build_in: Path, monkeypatch: pytest
     with torch.no_grad():
         norm(x.bfloat16().contiguous(memory_format=torch.channels_last))
     assert calls == []
+
+
+@pytest.mark.parametrize("ref_rows", [1, 2], ids=["shared-reference", "per-image-reference"])
+def test_native_sampler_fused_in_the_module(
+    build_in: Path, monkeypatch: pytest.MonkeyPatch, ref_rows: int
+) -> None:
+    """MSDeformAttn with the kernel making the locations and the softmax from its raw offsets and logits: the
+    output and the gradients of query, value and every parameter as near the float64 module (plain form) as
+    the float32 plain module is; reference points that need a gradient keep the given-points form."""
+    forms, apply = [], NativeSample.apply
+    monkeypatch.setattr(
+        NativeSample, "apply", lambda *args: forms.append(args[3] is not None) or apply(*args)
+    )
+    g = torch.Generator().manual_seed(5)
+    module = MSDeformAttn(dim=24, levels=3, heads=3, points=2)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    S = sum(h * w for h, w in SHAPES)
+    query, value = torch.randn(2, S, 24, generator=g), torch.randn(2, S, 24, generator=g)
+    ref = torch.rand(ref_rows, S, 2, generator=g)
+    grad = torch.randn(2, S, 24, generator=g)
+
+    def run(dtype: torch.dtype, *off: str) -> list[torch.Tensor]:
+        m = copy.deepcopy(module).to(dtype)
+        leaves = [query.to(dtype).requires_grad_(), value.to(dtype).requires_grad_()]
+        with fast.disabled(*off) if off else contextlib.nullcontext():
+            out = m(leaves[0], ref.to(dtype), leaves[1], SHAPES)
+        return [out.detach(), *torch.autograd.grad(out, [*leaves, *m.parameters()], grad.to(dtype))]
+
+    kernel = run(torch.float32)
+    assert forms == [True]
+    plain = run(torch.float32, "native-sampler", "bag-sampler")
+    exact = run(torch.float64, "native-sampler", "bag-sampler")
+    for got, fp32, ref64 in zip(kernel, plain, exact):
+        assert relative_error(got, ref64) < max(4 * relative_error(fp32, ref64), 1e-6)
+    ref.requires_grad_()
+    out = module(query, ref, value, SHAPES)
+    assert forms == [True, False]
+    torch.autograd.grad(out, ref, grad)

@@ -22,7 +22,6 @@ from lgformer.model.fast.sampling import (
     bag_sample,
     compute_dtype,
     native_applies,
-    native_sample,
     softmax_last,
 )
 from lgformer.model.layers import Linear
@@ -40,15 +39,12 @@ def ms_deform_attn_sample(
     S, levels = value.shape[1], locations.shape[3]
     if sum(h * w for h, w in shapes) != S or len(shapes) != levels:
         raise ValueError(f"value length {S} and {levels} sampled levels do not match level shapes {shapes}")
-    grad = value.requires_grad or locations.requires_grad or weights.requires_grad
-    grad = grad and torch.is_grad_enabled()
     if fast.enabled("native-sampler") and native_applies(value, locations):
-        if grad:
-            return NativeSample.apply(value, locations, weights, tuple(shapes))
-        return native_sample(value, tuple(shapes), locations, weights).to(value.dtype)
+        return NativeSample.apply(value, locations, weights, None, tuple(shapes))
     if not fast.enabled("bag-sampler"):
         return grid_sample_attention(value, shapes, locations, weights)
-    if grad and fast.enabled("bag-backward"):
+    grad = value.requires_grad or locations.requires_grad or weights.requires_grad
+    if grad and torch.is_grad_enabled() and fast.enabled("bag-backward"):
         return BagSample.apply(value, locations, weights, tuple(shapes))
     return bag_sample(value, shapes, locations, weights)
 
@@ -121,6 +117,14 @@ class MSDeformAttn(nn.Module):
             q = query.to(self.sampling_offsets.weight.dtype)
             offsets = self.sampling_offsets(q).view(B, Lq, heads, levels * points * 2)
             logits = self.attention_weights(q).view(B, Lq, heads, levels * points)
+        if (
+            fast.enabled("native-sampler")
+            and native_applies(v, offsets)
+            and not reference_points.requires_grad
+        ):
+            # the C kernel makes the locations and the softmax below itself (model/fast/sampling.py)
+            sample = NativeSample.apply(v, offsets, logits, reference_points, tuple(shapes))
+            return self.output_proj(sample)
         dtype = compute_dtype(offsets)
         logits = logits.to(dtype)
         softmax = softmax_last if fast.enabled("short-softmax") else lambda t: t.softmax(-1)

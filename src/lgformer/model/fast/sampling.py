@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import math
 from functools import cache
 
 import torch
@@ -41,8 +42,8 @@ def sampling_kernels() -> ctypes.CDLL | None:
     lib = native.library("sampling")
     if lib is not None:
         pointer, size = ctypes.c_void_p, ctypes.c_int64
-        lib.lgformer_sample_forward.argtypes = [pointer] * 6 + [size] * 7 + [ctypes.c_int]
-        lib.lgformer_sample_backward.argtypes = [pointer] * 9 + [size] * 7 + [ctypes.c_int]
+        lib.lgformer_sample_forward.argtypes = [pointer] * 9 + [size] * 8 + [ctypes.c_int]
+        lib.lgformer_sample_backward.argtypes = [pointer] * 14 + [size] * 8 + [ctypes.c_int]
         lib.lgformer_sample_forward.restype = lib.lgformer_sample_backward.restype = None
     return lib
 
@@ -58,74 +59,76 @@ def native_applies(value: Tensor, locations: Tensor) -> bool:
     )
 
 
-def _head_major(value: Tensor) -> Tensor:
-    """value (B, S, heads, dh) -> the kernel's maps (B, heads, S, dh), fp32, in one copy."""
-    B, S, heads, dh = value.shape
-    return value.new_empty(B, heads, S, dh, dtype=torch.float32).copy_(value.permute(0, 2, 1, 3))
-
-
-def _kernel_arguments(maps: Tensor, locations: Tensor, shapes: tuple) -> tuple:
-    """The level table (H, W per level; first pixel of each) and the sizes both kernels take after it."""
-    B, heads, S, dh = maps.shape
-    _, Lq, _, levels, points, _ = locations.shape
-    table = torch.tensor([[h, w] for h, w in shapes], dtype=torch.int64)
-    starts = torch.tensor([0, *itertools.accumulate(h * w for h, w in shapes[:-1])], dtype=torch.int64)
-    return (table, starts), (B, S, Lq, heads, dh, levels, points, torch.get_num_threads())
+def _fp32(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.to(torch.float32).contiguous()
 
 
 def _pointer(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _forward(maps: Tensor, shapes: tuple, locations: Tensor, weights: Tensor) -> Tensor:
-    """The forward kernel on head-major fp32 maps and contiguous fp32 locations and weights."""
-    tables, sizes = _kernel_arguments(maps, locations, shapes)
-    B, S, Lq, heads, dh = sizes[:5]
-    out = maps.new_empty(B, Lq, heads * dh)
-    sampling_kernels().lgformer_sample_forward(
-        *map(_pointer, (maps, locations, weights, out, *tables)), *sizes
-    )
-    return out
-
-
-def native_sample(value: Tensor, shapes: tuple, locations: Tensor, weights: Tensor) -> Tensor:
-    """The forward of `ms_deform_attn_sample` by the C kernel (`native_applies` must hold), in fp32."""
-    locations, weights = (t.to(torch.float32).contiguous() for t in (locations, weights))
-    return _forward(_head_major(value), shapes, locations, weights)
-
-
 class NativeSample(torch.autograd.Function):
-    """`native_sample` with the C kernel's backward: value, location and weight gradients in one pass."""
+    """The deformable sampling by the C kernel, forward and backward one pass each, for value (B, S, heads,
+    dh) and the points given either as (locations (B, Lq, heads, levels, points, 2), weights (B, Lq, heads,
+    levels, points), None), as `ms_deform_attn_sample` takes them, or fused, as MSDeformAttn's (raw offsets
+    (B, Lq, heads, levels·points·2), attention logits (B, Lq, heads, levels·points), reference points (B or 1,
+    Lq, 2)), the kernel then making locations and softmax itself. Returns (B, Lq, heads·dh) in value's dtype;
+    gradients for value and the first two point tensors (none for the reference points)."""
 
     @staticmethod
-    def forward(ctx, value: Tensor, locations: Tensor, weights: Tensor, shapes: tuple) -> Tensor:
-        ctx.shapes, ctx.dtypes = shapes, (value.dtype, locations.dtype, weights.dtype)
-        maps = _head_major(value)
-        locations, weights = (t.to(torch.float32).contiguous() for t in (locations, weights))
-        ctx.save_for_backward(maps, locations, weights)
-        return _forward(maps, shapes, locations, weights).to(value.dtype)
+    def forward(
+        ctx, value: Tensor, first: Tensor, second: Tensor, ref: Tensor | None, shapes: tuple
+    ) -> Tensor:
+        B, S, heads, dh = value.shape
+        first, second, ref = _fp32(first), _fp32(second), _fp32(ref)
+        # the kernel's maps: head-major (B, heads, S, dh) fp32, in one copy
+        maps = value.new_empty(B, heads, S, dh, dtype=torch.float32).copy_(value.permute(0, 2, 1, 3))
+        ctx.shapes, ctx.dtypes = shapes, (value.dtype, first.dtype, second.dtype)
+        ctx.save_for_backward(maps, first, second, ref)
+        out = value.new_empty(B, first.shape[1], heads * dh, dtype=torch.float32)
+        points = (first, second, None, None, None) if ref is None else (None, None, first, second, ref)
+        tables, sizes = _kernel_arguments(maps, second, ref, shapes)
+        sampling_kernels().lgformer_sample_forward(*map(_pointer, (maps, *points, out, *tables)), *sizes)
+        return out.to(value.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
-        maps, locations, weights = ctx.saved_tensors
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        maps, first, second, ref = ctx.saved_tensors
         need = ctx.needs_input_grad[:3]
         grad_maps = torch.zeros_like(maps) if need[0] else None
-        grad_loc = torch.empty_like(locations) if need[1] else None
-        grad_weights = torch.empty_like(weights) if need[2] else None
-        tables, sizes = _kernel_arguments(maps, locations, ctx.shapes)
-        arrays = (maps, locations, weights, grad.to(torch.float32).contiguous(), grad_maps, grad_loc)
-        sampling_kernels().lgformer_sample_backward(*map(_pointer, (*arrays, grad_weights, *tables)), *sizes)
-        value_dtype, loc_dtype, weights_dtype = ctx.dtypes
+        grad_first = torch.empty_like(first) if need[1] else None
+        grad_second = torch.empty_like(second) if need[2] else None
+        points = (first, second, None, None, None) if ref is None else (None, None, first, second, ref)
+        grads = (
+            (grad_first, grad_second, None, None) if ref is None else (None, None, grad_first, grad_second)
+        )
+        tables, sizes = _kernel_arguments(maps, second, ref, ctx.shapes)
+        arrays = (maps, *points, _fp32(grad), grad_maps, *grads, *tables)
+        sampling_kernels().lgformer_sample_backward(*map(_pointer, arrays), *sizes)
+        value_dtype, first_dtype, second_dtype = ctx.dtypes
         grad_value = None
         if grad_maps is not None:  # back to (B, S, heads, dh), in one copy
             B, heads, S, dh = grad_maps.shape
             grad_value = grad_maps.new_empty(B, S, heads, dh, dtype=value_dtype).copy_(
                 grad_maps.permute(0, 2, 1, 3)
             )
-        grad_loc = None if grad_loc is None else grad_loc.to(loc_dtype)
-        grad_weights = None if grad_weights is None else grad_weights.to(weights_dtype)
-        return grad_value, grad_loc, grad_weights, None
+        grad_first = None if grad_first is None else grad_first.to(first_dtype)
+        grad_second = None if grad_second is None else grad_second.to(second_dtype)
+        return grad_value, grad_first, grad_second, None, None
+
+
+def _kernel_arguments(maps: Tensor, second: Tensor, ref: Tensor | None, shapes: tuple) -> tuple:
+    """The level table (H, W per level; first pixel of each) and the sizes both kernels take after it."""
+    B, heads, S, dh = maps.shape
+    Lq, levels = second.shape[1], len(shapes)
+    points = (
+        math.prod(second.shape[3:]) // levels
+    )  # weights (.., levels, points) or logits (.., levels·points)
+    table = torch.tensor([[h, w] for h, w in shapes], dtype=torch.int64)
+    starts = torch.tensor([0, *itertools.accumulate(h * w for h, w in shapes[:-1])], dtype=torch.int64)
+    ref_batch = int(ref is not None and ref.shape[0] > 1)
+    return (table, starts), (B, S, Lq, heads, dh, levels, points, ref_batch, torch.get_num_threads())
 
 
 def bag_sample(value: Tensor, shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor) -> Tensor:
