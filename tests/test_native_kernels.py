@@ -203,9 +203,9 @@ def test_native_groupnorm_only_where_it_pays(build_in: Path, monkeypatch: pytest
 def test_native_sampler_fused_in_the_module(
     build_in: Path, monkeypatch: pytest.MonkeyPatch, ref_rows: int
 ) -> None:
-    """MSDeformAttn with the kernel making the locations and the softmax from its raw offsets and logits: the
-    output and the gradients of query, value and every parameter as near the float64 module (plain form) as
-    the float32 plain module is; reference points that need a gradient keep the given-points form."""
+    """MSDeformAttn with the kernel making the locations from its raw offsets and reference points: the output
+    and the gradients of query, value and every parameter as near the float64 module (plain form) as the
+    float32 plain module is; reference points that need a gradient keep the given-locations form."""
     forms, apply = [], NativeSample.apply
     monkeypatch.setattr(
         NativeSample, "apply", lambda *args: forms.append(args[3] is not None) or apply(*args)

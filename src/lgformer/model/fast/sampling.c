@@ -20,40 +20,34 @@
 #define MAX_THREADS 256
 
 typedef struct {
-    const float *value, *grad;
-    const float *loc, *attn;             /* the points as given, or NULL for the fused form: */
-    const float *offsets, *logits, *ref; /* (B, Lq, heads, K, 2), (B, Lq, heads, K), (B or 1, Lq, 2) */
-    float *out, *grad_value;             /* grad_* may be NULL: that gradient is not wanted */
-    float *grad_loc, *grad_attn, *grad_offsets, *grad_logits;
+    const float *value, *grad, *attn;
+    const float *loc;           /* the locations as given, or NULL, and then made from: */
+    const float *offsets, *ref; /* offsets (B, Lq, heads, K, 2) and reference points (B or 1, Lq, 2) */
+    float *out, *grad_value;    /* grad_* may be NULL: that gradient is not wanted */
+    float *grad_loc, *grad_attn, *grad_offsets;
     const int64_t *shapes; /* (levels, 2): H, W */
     const int64_t *starts; /* (levels): first pixel of each level along S */
     int64_t S, Lq, heads, dh, levels, points, ref_batch; /* ref_batch: 1 if ref has B rows, 0 if one */
     int64_t begin, end; /* the (batch, head) maps b·heads + h of this job */
 } Job;
 
-/* The K = levels·points sampling points of query q's head h (qh = (b·Lq + q)·heads + h): locations (x, y)
- * and attention weights a, as given, or in the fused form made as MSDeformAttn makes them: x = ref_x +
- * offset_x / W_l, y = ref_y + offset_y / H_l, a the softmax of the K logits. */
-static void points_of(const Job *j, int64_t b, int64_t q, int64_t qh, float *x, float *y, float *a) {
+/* The locations (x, y) of the K = levels·points sampling points of query q's head h, qh = (b·Lq + q)·heads
+ * + h: as given, or made as MSDeformAttn makes them, x = ref_x + offset_x / W_l and y = ref_y + offset_y /
+ * H_l. */
+static void locations_of(const Job *j, int64_t b, int64_t q, int64_t qh, float *x, float *y) {
     const int64_t K = j->levels * j->points;
     if (j->loc) {
         for (int64_t k = 0; k < K; k++) {
             x[k] = j->loc[2 * (qh * K + k)];
             y[k] = j->loc[2 * (qh * K + k) + 1];
-            a[k] = j->attn[qh * K + k];
         }
         return;
     }
-    const float *offsets = j->offsets + 2 * qh * K, *logits = j->logits + qh * K;
-    const float *ref = j->ref + 2 * (b * j->ref_batch * j->Lq + q);
-    float top = logits[0], total = 0.0f;
-    for (int64_t k = 1; k < K; k++) top = logits[k] > top ? logits[k] : top;
-    for (int64_t k = 0; k < K; k++) total += a[k] = expf(logits[k] - top);
+    const float *offsets = j->offsets + 2 * qh * K, *ref = j->ref + 2 * (b * j->ref_batch * j->Lq + q);
     for (int64_t k = 0; k < K; k++) {
         const int64_t l = k / j->points;
         x[k] = ref[0] + offsets[2 * k] / (float)j->shapes[2 * l + 1];
         y[k] = ref[1] + offsets[2 * k + 1] / (float)j->shapes[2 * l];
-        a[k] /= total;
     }
 }
 
@@ -131,8 +125,9 @@ static void forward_job(const Job *j) {
         const float *value = j->value + bh * j->S * dh;
         for (int64_t q = 0; q < j->Lq; q++) {
             const int64_t qh = (b * j->Lq + q) * j->heads + h;
-            float x[K], y[K], attn[K];
-            points_of(j, b, q, qh, x, y, attn);
+            const float *attn = j->attn + qh * K;
+            float x[K], y[K];
+            locations_of(j, b, q, qh, x, y);
             float *out = j->out + qh * dh;
             for (int64_t i = 0; i < dh; i++) out[i] = 0.0f;
             for (int64_t l = 0, k = 0; l < j->levels; l++) {
@@ -153,8 +148,8 @@ static void forward_job(const Job *j) {
     }
 }
 
-/* The location's gradient is a·W·g·∂sample/∂x̃, a·H·g·∂sample/∂ỹ (x̃ = x·W − 0.5); in the fused form the
- * offset's is that over W (resp. H), a·g·∂sample/∂x̃, and the logit's the softmax's: a_k (ga_k − Σ a ga). */
+/* The location's gradient is a·W·g·∂sample/∂x̃, a·H·g·∂sample/∂ỹ (x̃ = x·W − 0.5); the offset's that over W
+ * (resp. H), a·g·∂sample/∂x̃. */
 static void backward_job(const Job *j) {
     const int64_t dh = j->dh, K = j->levels * j->points;
     float zeros[dh], trash[4 * dh];
@@ -166,8 +161,9 @@ static void backward_job(const Job *j) {
         for (int64_t q = 0; q < j->Lq; q++) {
             const int64_t qh = (b * j->Lq + q) * j->heads + h;
             const float *g = j->grad + qh * dh;
-            float x[K], y[K], attn[K], d[K][3];
-            points_of(j, b, q, qh, x, y, attn);
+            const float *attn = j->attn + qh * K;
+            float x[K], y[K], d[K][3];
+            locations_of(j, b, q, qh, x, y);
             for (int64_t l = 0, k = 0; l < j->levels; l++) {
                 const int64_t H = j->shapes[2 * l], W = j->shapes[2 * l + 1], start = j->starts[l] * dh;
                 const float *map = value + start;
@@ -182,8 +178,6 @@ static void backward_job(const Job *j) {
                                        p.gv[3], p.fx, p.fy, attn[k], dh, d[k]);
                 }
             }
-            float weighted = 0.0f; /* Σ a ga */
-            for (int64_t k = 0; k < K; k++) weighted += attn[k] * d[k][0];
             for (int64_t k = 0; k < K; k++) {
                 const int64_t l = k / j->points, i = qh * K + k;
                 const float H = (float)j->shapes[2 * l], W = (float)j->shapes[2 * l + 1];
@@ -192,7 +186,6 @@ static void backward_job(const Job *j) {
                     j->grad_loc[2 * i] = attn[k] * W * d[k][1];
                     j->grad_loc[2 * i + 1] = attn[k] * H * d[k][2];
                 }
-                if (j->grad_logits) j->grad_logits[i] = attn[k] * (d[k][0] - weighted);
                 if (j->grad_offsets) {
                     j->grad_offsets[2 * i] = attn[k] * d[k][1];
                     j->grad_offsets[2 * i + 1] = attn[k] * d[k][2];
@@ -233,32 +226,29 @@ static void run(Job base, int64_t maps, int threads, void *(*thread)(void *)) {
         if (started[t]) pthread_join(ids[t], 0);
 }
 
-/* The points given as locations and attention weights (`loc`, `attn`), or, with those NULL, as MSDeformAttn's
- * raw offsets, attention logits and reference points (`offsets`, `logits`, `ref`; `ref_batch` 0 when one set
- * of reference points serves the whole batch). */
+/* The locations given (`loc`), or, with `loc` NULL, made from MSDeformAttn's raw offsets and its reference
+ * points (`offsets`, `ref`; `ref_batch` 0 when one set of reference points serves the whole batch). */
 void lgformer_sample_forward(const float *value, const float *loc, const float *attn, const float *offsets,
-                             const float *logits, const float *ref, float *out, const int64_t *shapes,
-                             const int64_t *starts, int64_t B, int64_t S, int64_t Lq, int64_t heads,
-                             int64_t dh, int64_t levels, int64_t points, int64_t ref_batch, int threads) {
-    const Job job = {.value = value, .loc = loc, .attn = attn, .offsets = offsets, .logits = logits,
-                     .ref = ref, .out = out, .shapes = shapes, .starts = starts, .S = S, .Lq = Lq,
-                     .heads = heads, .dh = dh, .levels = levels, .points = points, .ref_batch = ref_batch};
+                             const float *ref, float *out, const int64_t *shapes, const int64_t *starts,
+                             int64_t B, int64_t S, int64_t Lq, int64_t heads, int64_t dh, int64_t levels,
+                             int64_t points, int64_t ref_batch, int threads) {
+    const Job job = {.value = value, .loc = loc, .attn = attn, .offsets = offsets, .ref = ref, .out = out,
+                     .shapes = shapes, .starts = starts, .S = S, .Lq = Lq, .heads = heads, .dh = dh,
+                     .levels = levels, .points = points, .ref_batch = ref_batch};
     run(job, B * heads, threads, forward_thread);
 }
 
-/* The points as in the forward. grad_value must be zeroed by the caller (it is accumulated into); the other
- * gradients are written: grad_loc and grad_attn for points given, grad_offsets and grad_logits for the fused
- * form (the reference points get none). */
+/* The locations as in the forward. grad_value must be zeroed by the caller (it is accumulated into); the
+ * other gradients are written: grad_attn, and grad_loc for locations given or grad_offsets for locations made
+ * (the reference points get none). */
 void lgformer_sample_backward(const float *value, const float *loc, const float *attn, const float *offsets,
-                              const float *logits, const float *ref, const float *grad, float *grad_value,
-                              float *grad_loc, float *grad_attn, float *grad_offsets, float *grad_logits,
-                              const int64_t *shapes, const int64_t *starts, int64_t B, int64_t S, int64_t Lq,
-                              int64_t heads, int64_t dh, int64_t levels, int64_t points, int64_t ref_batch,
-                              int threads) {
-    const Job job = {.value = value, .grad = grad, .loc = loc, .attn = attn, .offsets = offsets,
-                     .logits = logits, .ref = ref, .grad_value = grad_value, .grad_loc = grad_loc,
-                     .grad_attn = grad_attn, .grad_offsets = grad_offsets, .grad_logits = grad_logits,
-                     .shapes = shapes, .starts = starts, .S = S, .Lq = Lq, .heads = heads, .dh = dh,
-                     .levels = levels, .points = points, .ref_batch = ref_batch};
+                              const float *ref, const float *grad, float *grad_value, float *grad_loc,
+                              float *grad_attn, float *grad_offsets, const int64_t *shapes,
+                              const int64_t *starts, int64_t B, int64_t S, int64_t Lq, int64_t heads,
+                              int64_t dh, int64_t levels, int64_t points, int64_t ref_batch, int threads) {
+    const Job job = {.value = value, .grad = grad, .loc = loc, .attn = attn, .offsets = offsets, .ref = ref,
+                     .grad_value = grad_value, .grad_loc = grad_loc, .grad_attn = grad_attn,
+                     .grad_offsets = grad_offsets, .shapes = shapes, .starts = starts, .S = S, .Lq = Lq,
+                     .heads = heads, .dh = dh, .levels = levels, .points = points, .ref_batch = ref_batch};
     run(job, B * heads, threads, backward_thread);
 }

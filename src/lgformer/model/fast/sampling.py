@@ -1,9 +1,10 @@
 """The deformable attention's CPU sampler: the `native-sampler`, `bag-sampler`, `bag-backward` and
 `short-softmax` fast paths of `model/deformable_attention.py`.
 
-`NativeSample` and `native_sample` run the C kernel `sampling.c` (built on first use, `native.py`): forward
-and backward one pass each over the model's own layouts, the backward adding a head's channels at once.
-Where it cannot be built, the embedding_bag sampler below runs.
+`NativeSample` runs the C kernel `sampling.c` (built on first use, `native.py`): forward and backward one
+pass each, the value head-major, the backward adding a head's channels at once; for MSDeformAttn it also
+makes the locations from the raw offsets (no (B, Lq, heads, levels, points, 2) tensor, no autograd of its
+arithmetic). Where it cannot be built, the embedding_bag sampler below runs.
 
 `bag_sample` computes what `grid_sample_attention` computes (bilinear, zero padding, align_corners=False at
 2·loc − 1, weighted and summed) as one weighted `embedding_bag` over the four integer neighbours of every
@@ -42,8 +43,8 @@ def sampling_kernels() -> ctypes.CDLL | None:
     lib = native.library("sampling")
     if lib is not None:
         pointer, size = ctypes.c_void_p, ctypes.c_int64
-        lib.lgformer_sample_forward.argtypes = [pointer] * 9 + [size] * 8 + [ctypes.c_int]
-        lib.lgformer_sample_backward.argtypes = [pointer] * 14 + [size] * 8 + [ctypes.c_int]
+        lib.lgformer_sample_forward.argtypes = [pointer] * 8 + [size] * 8 + [ctypes.c_int]
+        lib.lgformer_sample_backward.argtypes = [pointer] * 12 + [size] * 8 + [ctypes.c_int]
         lib.lgformer_sample_forward.restype = lib.lgformer_sample_backward.restype = None
     return lib
 
@@ -68,54 +69,52 @@ def _pointer(t: Tensor | None) -> int | None:
 
 
 class NativeSample(torch.autograd.Function):
-    """The deformable sampling by the C kernel, forward and backward one pass each, for value (B, S, heads,
-    dh) and the points given either as (locations (B, Lq, heads, levels, points, 2), weights (B, Lq, heads,
-    levels, points), None), as `ms_deform_attn_sample` takes them, or fused, as MSDeformAttn's (raw offsets
-    (B, Lq, heads, levels·points·2), attention logits (B, Lq, heads, levels·points), reference points (B or 1,
-    Lq, 2)), the kernel then making locations and softmax itself. Returns (B, Lq, heads·dh) in value's dtype;
-    gradients for value and the first two point tensors (none for the reference points)."""
+    """The deformable sampling by the C kernel, forward and backward one pass each: value (B, S, heads, dh),
+    weights (B, Lq, heads, levels, points) (or flat over levels·points), and the sampling points either as
+    locations (B, Lq, heads, levels, points, 2) with `ref` None, as `ms_deform_attn_sample` takes them, or as
+    MSDeformAttn's raw offsets (B, Lq, heads, levels·points·2) and reference points `ref` (B or 1, Lq, 2), the
+    kernel then making the locations itself. Returns (B, Lq, heads·dh) in value's dtype; gradients for value,
+    the locations or offsets, and the weights (none for the reference points)."""
 
     @staticmethod
     def forward(
-        ctx, value: Tensor, first: Tensor, second: Tensor, ref: Tensor | None, shapes: tuple
+        ctx, value: Tensor, points: Tensor, weights: Tensor, ref: Tensor | None, shapes: tuple
     ) -> Tensor:
         B, S, heads, dh = value.shape
-        first, second, ref = _fp32(first), _fp32(second), _fp32(ref)
+        points, weights, ref = _fp32(points), _fp32(weights), _fp32(ref)
         # the kernel's maps: head-major (B, heads, S, dh) fp32, in one copy
         maps = value.new_empty(B, heads, S, dh, dtype=torch.float32).copy_(value.permute(0, 2, 1, 3))
-        ctx.shapes, ctx.dtypes = shapes, (value.dtype, first.dtype, second.dtype)
-        ctx.save_for_backward(maps, first, second, ref)
-        out = value.new_empty(B, first.shape[1], heads * dh, dtype=torch.float32)
-        points = (first, second, None, None, None) if ref is None else (None, None, first, second, ref)
-        tables, sizes = _kernel_arguments(maps, second, ref, shapes)
-        sampling_kernels().lgformer_sample_forward(*map(_pointer, (maps, *points, out, *tables)), *sizes)
+        ctx.shapes, ctx.dtypes = shapes, (value.dtype, points.dtype, weights.dtype)
+        ctx.save_for_backward(maps, points, weights, ref)
+        out = value.new_empty(B, points.shape[1], heads * dh, dtype=torch.float32)
+        located = (points, weights, None, None) if ref is None else (None, weights, points, ref)
+        tables, sizes = _kernel_arguments(maps, weights, ref, shapes)
+        sampling_kernels().lgformer_sample_forward(*map(_pointer, (maps, *located, out, *tables)), *sizes)
         return out.to(value.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        maps, first, second, ref = ctx.saved_tensors
+        maps, points, weights, ref = ctx.saved_tensors
         need = ctx.needs_input_grad[:3]
         grad_maps = torch.zeros_like(maps) if need[0] else None
-        grad_first = torch.empty_like(first) if need[1] else None
-        grad_second = torch.empty_like(second) if need[2] else None
-        points = (first, second, None, None, None) if ref is None else (None, None, first, second, ref)
-        grads = (
-            (grad_first, grad_second, None, None) if ref is None else (None, None, grad_first, grad_second)
-        )
-        tables, sizes = _kernel_arguments(maps, second, ref, ctx.shapes)
-        arrays = (maps, *points, _fp32(grad), grad_maps, *grads, *tables)
+        grad_points = torch.empty_like(points) if need[1] else None
+        grad_weights = torch.empty_like(weights) if need[2] else None
+        located = (points, weights, None, None) if ref is None else (None, weights, points, ref)
+        grads = (grad_points, grad_weights, None) if ref is None else (None, grad_weights, grad_points)
+        tables, sizes = _kernel_arguments(maps, weights, ref, ctx.shapes)
+        arrays = (maps, *located, _fp32(grad), grad_maps, *grads, *tables)
         sampling_kernels().lgformer_sample_backward(*map(_pointer, arrays), *sizes)
-        value_dtype, first_dtype, second_dtype = ctx.dtypes
+        value_dtype, points_dtype, weights_dtype = ctx.dtypes
         grad_value = None
         if grad_maps is not None:  # back to (B, S, heads, dh), in one copy
             B, heads, S, dh = grad_maps.shape
             grad_value = grad_maps.new_empty(B, S, heads, dh, dtype=value_dtype).copy_(
                 grad_maps.permute(0, 2, 1, 3)
             )
-        grad_first = None if grad_first is None else grad_first.to(first_dtype)
-        grad_second = None if grad_second is None else grad_second.to(second_dtype)
-        return grad_value, grad_first, grad_second, None, None
+        grad_points = None if grad_points is None else grad_points.to(points_dtype)
+        grad_weights = None if grad_weights is None else grad_weights.to(weights_dtype)
+        return grad_value, grad_points, grad_weights, None, None
 
 
 def _kernel_arguments(maps: Tensor, second: Tensor, ref: Tensor | None, shapes: tuple) -> tuple:
