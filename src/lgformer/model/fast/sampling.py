@@ -81,10 +81,10 @@ class NativeSample(torch.autograd.Function):
         ctx, value: Tensor, points: Tensor, weights: Tensor, ref: Tensor | None, shapes: tuple
     ) -> Tensor:
         B, S, heads, dh = value.shape
+        ctx.shapes, ctx.dtypes = shapes, (value.dtype, points.dtype, weights.dtype)
         points, weights, ref = _fp32(points), _fp32(weights), _fp32(ref)
         # the kernel's maps: head-major (B, heads, S, dh) fp32, in one copy
         maps = value.new_empty(B, heads, S, dh, dtype=torch.float32).copy_(value.permute(0, 2, 1, 3))
-        ctx.shapes, ctx.dtypes = shapes, (value.dtype, points.dtype, weights.dtype)
         ctx.save_for_backward(maps, points, weights, ref)
         out = value.new_empty(B, points.shape[1], heads * dh, dtype=torch.float32)
         located = (points, weights, None, None) if ref is None else (None, weights, points, ref)
@@ -117,13 +117,11 @@ class NativeSample(torch.autograd.Function):
         return grad_value, grad_points, grad_weights, None, None
 
 
-def _kernel_arguments(maps: Tensor, second: Tensor, ref: Tensor | None, shapes: tuple) -> tuple:
+def _kernel_arguments(maps: Tensor, weights: Tensor, ref: Tensor | None, shapes: tuple) -> tuple:
     """The level table (H, W per level; first pixel of each) and the sizes both kernels take after it."""
     B, heads, S, dh = maps.shape
-    Lq, levels = second.shape[1], len(shapes)
-    points = (
-        math.prod(second.shape[3:]) // levels
-    )  # weights (.., levels, points) or logits (.., levels·points)
+    Lq, levels = weights.shape[1], len(shapes)
+    points = math.prod(weights.shape[3:]) // levels  # weights (.., levels, points) or (.., levels·points)
     table = torch.tensor([[h, w] for h, w in shapes], dtype=torch.int64)
     starts = torch.tensor([0, *itertools.accumulate(h * w for h, w in shapes[:-1])], dtype=torch.int64)
     ref_batch = int(ref is not None and ref.shape[0] > 1)
