@@ -3,8 +3,8 @@
 The forward is PyTorch's own (`native_group_norm`, the kernel `F.group_norm` runs, bit for bit); the backward
 of a bf16 channels-last map (CPU bf16 autocast training) is the C kernel `groupnorm.c` (built on first use,
 `native.py`): PyTorch's bf16 backward there runs several times slower than its fp32 one (in fp32 PyTorch's
-is as fast, and is kept). The same formulas as PyTorch's, summed in fp32; the input gradient rounded to bf16
-once.
+is the faster, and is kept). The same formulas as PyTorch's, summed in fp32; the input gradient rounded to
+bf16 once.
 """
 
 from __future__ import annotations
