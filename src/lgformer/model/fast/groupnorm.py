@@ -18,6 +18,7 @@ from torch.autograd.function import once_differentiable
 
 from lgformer.model.common import tracing
 from lgformer.model.fast import native
+from lgformer.model.fast.native import fp32, pointer
 
 
 @cache
@@ -66,12 +67,11 @@ class GroupNormFunction(torch.autograd.Function):
         B, C, H, W = x.shape
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad = grad.to(x.dtype).contiguous(memory_format=torch.channels_last)
-        gamma = None if weight is None else weight.detach().float().contiguous()
         grad_x = torch.empty_like(x, memory_format=torch.channels_last) if need_x else None
         grad_weight = x.new_empty(C, dtype=torch.float32) if need_weight else None
         grad_bias = x.new_empty(C, dtype=torch.float32) if need_bias else None
-        arrays = (x, grad, mean.float().contiguous(), rstd.float().contiguous(), gamma, grad_x)
-        pointers = [None if t is None else t.data_ptr() for t in (*arrays, grad_weight, grad_bias)]
+        arrays = (x, grad, fp32(mean), fp32(rstd), fp32(weight), grad_x, grad_weight, grad_bias)
+        pointers = list(map(pointer, arrays))
         sizes = (B, C, H * W, ctx.groups)
         if groupnorm_kernel().lgformer_groupnorm_backward(
             *pointers, *sizes, x.dtype == torch.bfloat16, torch.get_num_threads()

@@ -24,6 +24,9 @@ import warnings
 from functools import cache
 from pathlib import Path
 
+import torch
+from torch import Tensor
+
 from lgformer.precision import cpu_info
 
 CACHE_ENV = "LGFORMER_CACHE"
@@ -34,6 +37,16 @@ FLAG_SETS = (("-O3", "-march=native", *FLOAT_FLAGS), ("-O3", *FLOAT_FLAGS))
 
 class NativeWarning(UserWarning):
     """A C kernel could not be built or loaded: the slower PyTorch path runs instead."""
+
+
+def fp32(t: Tensor | None) -> Tensor | None:
+    """`t` as the kernels read it: contiguous float32 (None stays None)."""
+    return None if t is None else t.to(torch.float32).contiguous()
+
+
+def pointer(t: Tensor | None) -> int | None:
+    """The address ctypes passes for `t` (NULL for None)."""
+    return None if t is None else t.data_ptr()
 
 
 def cache_folder() -> Path:
@@ -73,8 +86,9 @@ def library(name: str) -> ctypes.CDLL | None:
         reason = f"no C compiler ({os.environ.get('CC') or 'cc'}) on PATH"
     else:
         machine = [platform.machine(), cpu_info().get("model name", ""), cpu_info().get("flags", "")]
+        text = source.read_text()
         for flags in FLAG_SETS:
-            key = "\0".join([source.read_text(), os.path.realpath(compiler), *flags, *machine])
+            key = "\0".join([text, os.path.realpath(compiler), *flags, *machine])
             target = cache_folder() / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
             reason = None if target.exists() else _build(compiler, flags, source, target)
             if reason is None:

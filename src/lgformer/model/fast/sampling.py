@@ -30,6 +30,7 @@ from torch import Tensor
 
 from lgformer.model.common import tracing
 from lgformer.model.fast import native
+from lgformer.model.fast.native import fp32, pointer
 
 
 def compute_dtype(t: Tensor) -> torch.dtype:
@@ -42,9 +43,9 @@ def sampling_kernels() -> ctypes.CDLL | None:
     """`sampling.c` built and loaded with its signatures, or None where it cannot be built (warned once)."""
     lib = native.library("sampling")
     if lib is not None:
-        pointer, size = ctypes.c_void_p, ctypes.c_int64
-        lib.lgformer_sample_forward.argtypes = [pointer] * 8 + [size] * 8 + [ctypes.c_int]
-        lib.lgformer_sample_backward.argtypes = [pointer] * 12 + [size] * 8 + [ctypes.c_int]
+        address, size = ctypes.c_void_p, ctypes.c_int64
+        lib.lgformer_sample_forward.argtypes = [address] * 8 + [size] * 8 + [ctypes.c_int]
+        lib.lgformer_sample_backward.argtypes = [address] * 12 + [size] * 8 + [ctypes.c_int]
         lib.lgformer_sample_forward.restype = lib.lgformer_sample_backward.restype = None
     return lib
 
@@ -58,14 +59,6 @@ def native_applies(value: Tensor, locations: Tensor) -> bool:
         and torch.promote_types(compute_dtype(value), locations.dtype) == torch.float32
         and sampling_kernels() is not None
     )
-
-
-def _fp32(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.to(torch.float32).contiguous()
-
-
-def _pointer(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
 
 
 class NativeSample(torch.autograd.Function):
@@ -82,14 +75,14 @@ class NativeSample(torch.autograd.Function):
     ) -> Tensor:
         B, S, heads, dh = value.shape
         ctx.shapes, ctx.dtypes = shapes, (value.dtype, points.dtype, weights.dtype)
-        points, weights, ref = _fp32(points), _fp32(weights), _fp32(ref)
+        points, weights, ref = fp32(points), fp32(weights), fp32(ref)
         # the kernel's maps: head-major (B, heads, S, dh) fp32, in one copy
         maps = value.new_empty(B, heads, S, dh, dtype=torch.float32).copy_(value.permute(0, 2, 1, 3))
         ctx.save_for_backward(maps, points, weights, ref)
         out = value.new_empty(B, points.shape[1], heads * dh, dtype=torch.float32)
         located = (points, weights, None, None) if ref is None else (None, weights, points, ref)
         tables, sizes = _kernel_arguments(maps, weights, ref, shapes)
-        sampling_kernels().lgformer_sample_forward(*map(_pointer, (maps, *located, out, *tables)), *sizes)
+        sampling_kernels().lgformer_sample_forward(*map(pointer, (maps, *located, out, *tables)), *sizes)
         return out.to(value.dtype)
 
     @staticmethod
@@ -103,8 +96,8 @@ class NativeSample(torch.autograd.Function):
         located = (points, weights, None, None) if ref is None else (None, weights, points, ref)
         grads = (grad_points, grad_weights, None) if ref is None else (None, grad_weights, grad_points)
         tables, sizes = _kernel_arguments(maps, weights, ref, ctx.shapes)
-        arrays = (maps, *located, _fp32(grad), grad_maps, *grads, *tables)
-        sampling_kernels().lgformer_sample_backward(*map(_pointer, arrays), *sizes)
+        arrays = (maps, *located, fp32(grad), grad_maps, *grads, *tables)
+        sampling_kernels().lgformer_sample_backward(*map(pointer, arrays), *sizes)
         value_dtype, points_dtype, weights_dtype = ctx.dtypes
         grad_value = None
         if grad_maps is not None:  # back to (B, S, heads, dh), in one copy
