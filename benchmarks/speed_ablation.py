@@ -52,6 +52,7 @@ FAST_PATHS = (
     "channels-last",
     "native-sampler",
     "native-groupnorm",
+    "native-dw",
     "bag-sampler",
     "bag-backward",
     "short-softmax",

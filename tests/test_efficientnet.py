@@ -172,9 +172,10 @@ def test_conv_bn_folds_eval_mode_batchnorms_and_follows_updates(
 def test_depthwise_weight_gradient_fast_path_is_the_plain_gradient(
     kernel: int, stride: int, bias: bool
 ) -> None:
-    """The trunk's depthwise convolutions in training: with `dw-weight-grad` (5x5 kernels) the output and the
-    gradients of input, weight and a folded BN's bias are, as oneDNN's, within fp32 rounding of the fp64 ones,
-    on odd and even sizes at both strides; 3x3 kernels keep oneDNN's backward."""
+    """The trunk's depthwise convolutions in training, without the C kernel (`native-dw`, its own tests): with
+    `dw-weight-grad` (5x5 kernels) the output and the gradients of input, weight and a folded BN's bias are,
+    as oneDNN's, within fp32 rounding of the fp64 ones, on odd and even sizes at both strides; 3x3 kernels
+    keep oneDNN's backward."""
     from lgformer.model import fast
     from lgformer.model.efficientnet import DepthwiseConv
 
@@ -186,7 +187,8 @@ def test_depthwise_weight_gradient_fast_path_is_the_plain_gradient(
 
     def run(dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         weight, inp = conv.weight.to(dtype), x.to(dtype)
-        y = conv._conv_forward(inp, weight, None if b is None else b.to(dtype))
+        with fast.disabled("native-dw"):
+            y = conv._conv_forward(inp, weight, None if b is None else b.to(dtype))
         g = torch.linspace(-1, 1, y.numel(), dtype=dtype).view_as(y)
         taken = type(y.grad_fn).__name__.startswith("DepthwiseConvFunctionBackward")
         assert taken == (kernel >= 5 and fast.enabled("dw-weight-grad"))
@@ -209,7 +211,7 @@ def test_depthwise_backward_fast_paths_under_bf16_autocast(kernel: int, stride: 
     """Under CPU bf16 autocast the depthwise convolution runs in bf16 either way; with `dw-weight-grad`
     (5x5) and `dw-strided-grad` (stride 2, input gradient in fp32) its output and gradients are as near the
     fp64 ones as oneDNN's bf16 backward's, on odd and even sizes, and each path is taken exactly where it
-    applies."""
+    applies (without the C kernel, `native-dw`, which has its own tests)."""
     from lgformer.model import fast
     from lgformer.model.efficientnet import DepthwiseConv
 
@@ -222,7 +224,10 @@ def test_depthwise_backward_fast_paths_under_bf16_autocast(kernel: int, stride: 
     def run(dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """bf16: fp32 tensors under bf16 autocast; float64: the reference."""
         wide = torch.float64 if dtype == torch.float64 else torch.float32
-        with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
+        with (
+            fast.disabled("native-dw"),
+            torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16),
+        ):
             y = conv._conv_forward(x.to(wide), conv.weight.to(wide), b.to(wide))
         g = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
         taken = type(y.grad_fn).__name__.startswith("DepthwiseConvFunctionBackward")

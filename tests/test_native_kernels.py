@@ -1,6 +1,8 @@
 """The C kernels of `model/fast/`, built on first use by `model/fast/native.py`: the deformable sampler's
-(`native-sampler`, pinned to the plain `grid_sample` form, forward and every gradient) and GroupNorm's
-backward (`native-groupnorm`, pinned to PyTorch's); their build cached and its absence survived."""
+(`native-sampler`, pinned to the plain `grid_sample` form, forward and every gradient), GroupNorm's
+backward (`native-groupnorm`, pinned to PyTorch's) and the stride-2 depthwise convolutions (`native-dw`,
+pinned to the padded map's convolution); their build cached, run on PyTorch's OpenMP threads or POSIX ones,
+and its absence survived."""
 
 from __future__ import annotations
 
@@ -14,25 +16,29 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lgformer.model import fast
 from lgformer.model.deformable_attention import MSDeformAttn, grid_sample_attention, ms_deform_attn_sample
+from lgformer.model.efficientnet import DepthwiseConv, same_pad
 from lgformer.model.fast import native
+from lgformer.model.fast.depthwise import StridedDepthwise, depthwise_kernel
 from lgformer.model.fast.groupnorm import GroupNormFunction, groupnorm_kernel
 from lgformer.model.fast.sampling import NativeSample, native_applies, sampling_kernels
 from lgformer.model.layers import GroupNorm
 
 SHAPES = [(3, 4), (5, 7), (9, 11)]
+LOADERS = (native.library, sampling_kernels, groupnorm_kernel, depthwise_kernel)
 
 
 @pytest.fixture
 def build_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A cache folder of the test's own, the built kernels forgotten before and after."""
     monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
-    for loader in (native.library, sampling_kernels, groupnorm_kernel):
+    for loader in LOADERS:
         loader.cache_clear()
     yield tmp_path
-    for loader in (native.library, sampling_kernels, groupnorm_kernel):
+    for loader in LOADERS:
         loader.cache_clear()
 
 
@@ -252,3 +258,76 @@ def test_native_sampler_fused_in_the_module(
     out = module(query, ref, value, SHAPES)
     assert forms == [True, False]
     torch.autograd.grad(out, ref, grad)
+
+
+@pytest.mark.parametrize("kernel, size", [(3, (12, 9)), (5, (11, 14))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_depthwise_matches_padded_convolution(
+    kernels: Path, monkeypatch: pytest.MonkeyPatch, kernel: int, size: tuple[int, int], dtype: torch.dtype
+) -> None:
+    """A stride-2 depthwise convolution with a bias (the folded BN's), fp32 and under bf16 autocast: output
+    and the input, weight and bias gradients as near the float64 convolution of the padded map (on the
+    operands the run rounds to) as the plain path is; odd and even sizes (the padding one-sided or not)."""
+    calls, apply = [], StridedDepthwise.apply
+    monkeypatch.setattr(StridedDepthwise, "apply", lambda *args: calls.append(1) or apply(*args))
+    g = torch.Generator().manual_seed(6)
+    conv = DepthwiseConv(24, kernel, 2)
+    with torch.no_grad():
+        conv.weight.normal_(generator=g)
+    bias = torch.randn(24, generator=g).requires_grad_()
+    x = torch.randn(3, 24, *size, generator=g).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(3, 24, *(n // 2 + n % 2 for n in size), generator=g)
+    autocast = dtype == torch.bfloat16
+
+    def run(*off: str) -> list[torch.Tensor]:
+        leaf = x.clone().requires_grad_()
+        with fast.disabled(*off) if off else contextlib.nullcontext():
+            with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+                y = conv._conv_forward(leaf, conv.weight, bias)
+        return [y, *torch.autograd.grad(y, [leaf, conv.weight, bias], grad.to(y.dtype))]
+
+    got, plain = run(), run("native-dw")
+    assert calls == [1] and got[0].dtype == dtype
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    wide = [t.detach().to(dtype).double().requires_grad_() for t in (x, conv.weight, bias)]
+    y = F.conv2d(same_pad(wide[0], kernel), wide[1], wide[2], 2, 0, 1, 24)
+    exact = [y, *torch.autograd.grad(y, wide, grad.to(dtype).double())]
+    for fast_one, plain_one, want in zip(got, plain, exact):
+        assert fast_one.shape == want.shape
+        floor = 1e-6 if dtype == torch.float32 else 4e-3  # bf16: one rounding of the result
+        assert relative_error(fast_one, want) < max(1.05 * relative_error(plain_one, want), floor)
+
+
+def test_native_depthwise_only_where_it_applies(build_in: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stride 1, NCHW maps, float64 and tracing keep the padded convolution."""
+    calls, apply = [], StridedDepthwise.apply
+    monkeypatch.setattr(StridedDepthwise, "apply", lambda *args: calls.append(1) or apply(*args))
+    x = torch.randn(2, 8, 6, 6)
+    DepthwiseConv(8, 3, 1)(x.contiguous(memory_format=torch.channels_last))
+    DepthwiseConv(8, 3, 2)(x)
+    DepthwiseConv(8, 3, 2).double()(x.double().contiguous(memory_format=torch.channels_last))
+    torch.jit.trace(
+        DepthwiseConv(8, 3, 2), x.contiguous(memory_format=torch.channels_last), check_trace=False
+    )
+    assert calls == []
+
+
+@pytest.mark.skipif(not native.gnu_openmp_loaded(), reason="PyTorch runs on no GNU OpenMP here")
+def test_native_kernels_on_pytorchs_openmp_and_on_posix_threads(
+    kernels: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Built with OpenMP, a kernel runs on PyTorch's own libgomp (no second OpenMP runtime loaded); built
+    without, on POSIX threads, to the same bits (each job's work is the same)."""
+    value, loc, weights, grad = inputs(seed=7)
+    with_openmp = sample_and_grads(value, loc, weights, grad)
+    runtimes = {
+        line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "libgomp" in line
+    }
+    assert len(runtimes) == 1
+    for loader in LOADERS:
+        loader.cache_clear()
+    monkeypatch.setattr(native, "gnu_openmp_loaded", lambda: False)
+    assert native.OPENMP not in native.flag_sets()[0]
+    with_threads = sample_and_grads(value, loc, weights, grad)
+    assert len(list(kernels.glob("sampling-*.so"))) == 2
+    assert all(torch.equal(a, b) for a, b in zip(with_openmp, with_threads))

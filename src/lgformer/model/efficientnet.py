@@ -23,7 +23,7 @@ from lgformer.errors import LGFormerError
 from lgformer.model import fast
 from lgformer.model.common import IMAGENET_MEAN, IMAGENET_STD, tracing
 from lgformer.model.fast.batchnorm import folded_conv_bn
-from lgformer.model.fast.depthwise import MIN_KERNEL, depthwise_conv
+from lgformer.model.fast.depthwise import MIN_KERNEL, depthwise_conv, native_applies, strided_depthwise_conv
 from lgformer.model.layers import Conv1x1
 from lgformer.safe_load import load_torch_file
 
@@ -89,10 +89,11 @@ class Conv2dSame(nn.Conv2d):
 
 
 class DepthwiseConv(nn.Conv2d):
-    """kxk depthwise conv with TensorFlow "SAME" padding, at stride 1 or 2 (as `Conv2dSame`). In CPU training
-    the `dw-weight-grad` fast path takes 5x5 kernels' weight gradient as one depthwise convolution of the
-    input by the output gradient, and under bf16 autocast `dw-strided-grad` takes the stride-2 input gradient
-    in fp32 (`model/fast/depthwise.py`)."""
+    """kxk depthwise conv with TensorFlow "SAME" padding, at stride 1 or 2 (as `Conv2dSame`). On CPU the
+    `native-dw` fast path runs the stride-2 ones by a C kernel, padding implicit; in training the
+    `dw-weight-grad` fast path takes 5x5 kernels' weight gradient as one depthwise convolution of the input
+    by the output gradient, and under bf16 autocast `dw-strided-grad` takes the stride-2 input gradient in
+    fp32 where the C kernel does not run (`model/fast/depthwise.py`)."""
 
     def __init__(self, channels: int, kernel: int, stride: int) -> None:
         padding = kernel // 2 if stride == 1 else 0
@@ -100,6 +101,8 @@ class DepthwiseConv(nn.Conv2d):
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         kernel, stride = self.kernel_size[0], self.stride[0]
+        if stride == 2 and fast.enabled("native-dw") and native_applies(x):
+            return strided_depthwise_conv(x, weight, bias)
         if stride != 1:
             x = same_pad(x, kernel)
         if torch.is_grad_enabled() and x.device.type == "cpu" and not tracing():

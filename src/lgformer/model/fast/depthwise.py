@@ -1,5 +1,10 @@
-"""The depthwise convolutions' backward in CPU training: the `dw-weight-grad` and `dw-strided-grad` fast paths
-of EfficientNet-Lite2's depthwise convolutions.
+"""EfficientNet-Lite2's depthwise convolutions on CPU: the `native-dw`, `dw-weight-grad` and `dw-strided-grad`
+fast paths.
+
+`StridedDepthwise` runs the stride-2 ones by the C kernel `depthwise.c` (built on first use, `native.py`),
+forward and backward, on the unpadded channels-last map: the TensorFlow "SAME" padding is implicit, so the
+padded copy of the map and its gradient's copy back are not made, and the bf16 input gradient is not
+oneDNN's (below). Where it cannot be built, the two paths below take the backward.
 
 For a depthwise kernel w of shape (C, 1, k, k) at stride s the weight gradient is, channel by channel, the
 correlation of the input with the output gradient, summed over the batch:
@@ -15,10 +20,17 @@ fp32 on the same maps; `dw-strided-grad` takes it in fp32 (a transposed convolut
 
 from __future__ import annotations
 
+import ctypes
+from functools import cache
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from lgformer.model.common import tracing
+from lgformer.model.fast import native
+from lgformer.model.fast.native import pointer
 
 MIN_KERNEL = 5  # the kernel size from which `weight_gradient` is taken
 
@@ -90,15 +102,103 @@ class DepthwiseConvFunction(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
+@cache
+def depthwise_kernel() -> ctypes.CDLL | None:
+    """`depthwise.c` built and loaded with its signatures, or None where it cannot be built (warned once)."""
+    lib = native.library("depthwise")
+    if lib is not None:
+        address, size, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        lib.lgformer_dw2_forward.argtypes = [address] * 4 + [size] * 5 + [flag] * 2
+        lib.lgformer_dw2_backward.argtypes = [address] * 6 + [size] * 5 + [flag] * 2
+        lib.lgformer_dw2_forward.restype = lib.lgformer_dw2_backward.restype = ctypes.c_int
+    return lib
+
+
+def native_applies(x: Tensor) -> bool:
+    """Whether the C kernel takes this stride-2 depthwise convolution: a channels-last CPU map computed in
+    fp32 or bf16 (the autocast dtype where autocast is on), not being traced (the kernel reads memory),
+    kernel built."""
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    return (
+        x.device.type == "cpu"
+        and dtype in (torch.float32, torch.bfloat16)
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and not tracing()
+        and depthwise_kernel() is not None
+    )
+
+
+def _check(failed: int) -> None:
+    if failed:
+        raise MemoryError("depthwise.c: out of memory for its sums")
+
+
+class StridedDepthwise(torch.autograd.Function):
+    """A (C, 1, k, k) depthwise convolution at stride 2 with TensorFlow "SAME" padding of the unpadded
+    channels-last map x (B, C, H, W) -> (B, C, ceil(H/2), ceil(W/2)), by the C kernel, in x's dtype (fp32 or
+    bf16, the weight and bias taken as they are, summed in fp32)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        B, C, H, W = x.shape
+        k = weight.shape[-1]
+        taps = weight.reshape(C, k * k).t().float().contiguous()  # (k·k, C): a tap's channels contiguous
+        y = torch.empty(B, C, (H + 1) // 2, (W + 1) // 2, dtype=x.dtype, memory_format=torch.channels_last)
+        flat_bias = None if bias is None else bias.float().contiguous()
+        _check(
+            depthwise_kernel().lgformer_dw2_forward(
+                x.data_ptr(), taps.data_ptr(), pointer(flat_bias), y.data_ptr(), B, H, W, C, k,
+                x.dtype == torch.bfloat16, torch.get_num_threads(),
+            )
+        )  # fmt: skip
+        ctx.save_for_backward(x, taps)
+        ctx.kernel = k
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, taps = ctx.saved_tensors
+        B, C, H, W = x.shape
+        k = ctx.kernel
+        need_x, need_weight, need_bias = ctx.needs_input_grad
+        g = grad.to(torch.float32).contiguous(memory_format=torch.channels_last)
+        grad_x = torch.empty_like(x, memory_format=torch.channels_last) if need_x else None
+        grad_taps = taps.new_empty(k * k, C) if need_weight else None
+        grad_bias = taps.new_empty(C) if need_bias else None
+        _check(
+            depthwise_kernel().lgformer_dw2_backward(
+                x.data_ptr(), taps.data_ptr(), g.data_ptr(), pointer(grad_x), pointer(grad_taps),
+                pointer(grad_bias), B, H, W, C, k, x.dtype == torch.bfloat16, torch.get_num_threads(),
+            )
+        )  # fmt: skip
+        weight_dtype, bias_dtype = ctx.dtypes
+        grad_weight = None if grad_taps is None else grad_taps.t().reshape(C, 1, k, k).to(weight_dtype)
+        return grad_x, grad_weight, None if grad_bias is None else grad_bias.to(bias_dtype)
+
+
+def _autocast_apply(
+    function: type[torch.autograd.Function], x: Tensor, weight: Tensor, bias: Tensor | None, *args: object
+) -> Tensor:
+    """`function.apply(x, weight, bias, *args)`; under autocast in the autocast dtype, as `F.conv2d` runs."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return function.apply(x, weight, bias, *args)
+    dtype = torch.get_autocast_dtype(device)
+    x, weight, bias = (None if t is None else t.to(dtype) for t in (x, weight, bias))
+    with torch.autocast(device, enabled=False):
+        return function.apply(x, weight, bias, *args)
+
+
+def strided_depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """`StridedDepthwise` (where `native_applies`), under autocast in the autocast dtype."""
+    return _autocast_apply(StridedDepthwise, x, weight, bias)
+
+
 def depthwise_conv(
     x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding: int, by_conv: bool, input_fp32: bool
 ) -> Tensor:
     """A depthwise convolution (square kernel, same stride and padding on both axes) whose backward takes the
-    gradients above; under autocast it runs in the autocast dtype, as `F.conv2d` would."""
-    device = x.device.type
-    if not torch.is_autocast_enabled(device):
-        return DepthwiseConvFunction.apply(x, weight, bias, stride, padding, by_conv, input_fp32)
-    dtype = torch.get_autocast_dtype(device)
-    x, weight, bias = (None if t is None else t.to(dtype) for t in (x, weight, bias))
-    with torch.autocast(device, enabled=False):
-        return DepthwiseConvFunction.apply(x, weight, bias, stride, padding, by_conv, input_fp32)
+    gradients above; under autocast in the autocast dtype."""
+    return _autocast_apply(DepthwiseConvFunction, x, weight, bias, stride, padding, by_conv, input_fp32)

@@ -13,12 +13,11 @@
  *
  * Why: PyTorch's CPU GroupNorm backward on bf16 channels-last maps runs several times slower than on fp32
  * ones (README, "Training speed"). */
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define MAX_THREADS 256
+#include "parallel.h"
 
 typedef struct {
     const void *x, *dy;
@@ -101,31 +100,13 @@ static void *dx_pass(void *arg) {
     return 0;
 }
 
-/* Run `pass` over the jobs, one thread each (the first in the calling thread); 0, or 1 if any job failed. */
-static int run(Job *jobs, int threads, void *(*pass)(void *)) {
-    pthread_t ids[MAX_THREADS];
-    int started[MAX_THREADS], failed = 0;
-    for (int t = 1; t < threads; t++) started[t] = pthread_create(&ids[t], 0, pass, &jobs[t]) == 0;
-    started[0] = 0;
-    for (int t = 0; t < threads; t++)
-        if (!started[t]) failed |= pass(&jobs[t]) != 0;
-    for (int t = 1; t < threads; t++) {
-        void *result = 0;
-        if (started[t]) pthread_join(ids[t], &result);
-        failed |= result != 0;
-    }
-    return failed;
-}
-
 /* x, dy, dx (N, HW, C) channels-last, bf16 when `bf16` else fp32; mean, rstd (N, G); gamma (C) fp32 or NULL
  * (γ = 1). Writes dx (if not NULL), dgamma and dbeta (C, fp32, if not NULL). Returns 0, or 1 when out of
  * memory (outputs then undefined). */
 int lgformer_groupnorm_backward(const void *x, const void *dy, const float *mean, const float *rstd,
                                 const float *gamma, void *dx, float *dgamma, float *dbeta, int64_t N,
                                 int64_t C, int64_t HW, int64_t G, int bf16, int threads) {
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads > HW) threads = (int)HW;
-    if (threads < 1) threads = 1;
+    threads = job_count(HW, threads);
     const int64_t D = C / G, per = 2 * N * C;
     float *sums = calloc((size_t)(threads * per + 3 * N * C + per), sizeof(float));
     if (!sums) return 1;
@@ -136,7 +117,7 @@ int lgformer_groupnorm_backward(const void *x, const void *dy, const float *mean
                        bf16};
         jobs[t] = j;
     }
-    int failed = run(jobs, threads, sum_pass);
+    int failed = run_jobs(jobs, sizeof(Job), threads, sum_pass);
     for (int t = 0; t < threads; t++)
         for (int64_t i = 0; i < per; i++) total[i] += sums[t * per + i];
     const float *s1 = total, *s2 = total + N * C; /* Σ_hw dy, Σ_hw dy·x per (n, c) */
@@ -167,7 +148,7 @@ int lgformer_groupnorm_backward(const void *x, const void *dy, const float *mean
             }
         }
     }
-    if (dx) failed |= run(jobs, threads, dx_pass);
+    if (dx) failed |= run_jobs(jobs, sizeof(Job), threads, dx_pass);
     free(sums);
     return failed;
 }

@@ -6,6 +6,10 @@ by channel in `grid_sampler_2d_backward`). Plain C with no PyTorch headers build
 step at install, and where it cannot be built the model keeps its PyTorch path: `library` warns once
 (`NativeWarning`) and returns None.
 
+Where PyTorch runs on GNU OpenMP (its Linux wheels), the kernels are built with `-fopenmp` and run their
+threads on PyTorch's own OpenMP workers (`parallel.h` says why); elsewhere, or where that build fails, on
+POSIX threads.
+
 A kernel is built once per source, compiler and CPU (it is tuned to the CPU, `-march=native`) into the cache
 folder: `$LGFORMER_CACHE`, else `$XDG_CACHE_HOME/lgformer`, else `~/.cache/lgformer`. `$CC` names the compiler
 (default `cc`).
@@ -33,6 +37,7 @@ CACHE_ENV = "LGFORMER_CACHE"
 # Sums may be reordered (vectorised), NaN and infinities kept; -march=native where the compiler knows it.
 FLOAT_FLAGS = ("-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math")
 FLAG_SETS = (("-O3", "-march=native", *FLOAT_FLAGS), ("-O3", *FLOAT_FLAGS))
+OPENMP = "-fopenmp"
 
 
 class NativeWarning(UserWarning):
@@ -54,6 +59,20 @@ def cache_folder() -> Path:
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lgformer"
+
+
+def gnu_openmp_loaded() -> bool:
+    """Whether this process has GNU OpenMP (libgomp) loaded, as PyTorch's Linux wheels do."""
+    try:
+        return "libgomp" in Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+
+
+def flag_sets() -> list[tuple[str, ...]]:
+    """The compiler flags to try, best first: with OpenMP where PyTorch's libgomp is loaded, then without."""
+    openmp = [(*flags, OPENMP) for flags in FLAG_SETS] if gnu_openmp_loaded() else []
+    return [*openmp, *FLAG_SETS]
 
 
 def _build(compiler: str, flags: tuple[str, ...], source: Path, target: Path) -> str | None:
@@ -79,15 +98,16 @@ def _build(compiler: str, flags: tuple[str, ...], source: Path, target: Path) ->
 
 @cache
 def library(name: str) -> ctypes.CDLL | None:
-    """The kernel `name` (this folder's `name.c`) built and loaded; None, warned once, where it cannot be."""
+    """The kernel `name` (this folder's `name.c`, which may include its `.h` files) built and loaded; None,
+    warned once, where it cannot be."""
     source = Path(__file__).with_name(f"{name}.c")
     compiler = shutil.which(os.environ.get("CC") or "cc")
     if compiler is None:
         reason = f"no C compiler ({os.environ.get('CC') or 'cc'}) on PATH"
     else:
         machine = [platform.machine(), cpu_info().get("model name", ""), cpu_info().get("flags", "")]
-        text = source.read_text()
-        for flags in FLAG_SETS:
+        text = "\0".join(path.read_text() for path in [source, *sorted(source.parent.glob("*.h"))])
+        for flags in flag_sets():
             key = "\0".join([text, os.path.realpath(compiler), *flags, *machine])
             target = cache_folder() / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
             reason = None if target.exists() else _build(compiler, flags, source, target)

@@ -14,10 +14,9 @@
  * head) maps, so no two threads write the same gradient row. Built with associative float math: sums over
  * channels are vectorised, in another order than a plain loop's (as PyTorch's own vectorised sums are). */
 #include <math.h>
-#include <pthread.h>
 #include <stdint.h>
 
-#define MAX_THREADS 256
+#include "parallel.h"
 
 typedef struct {
     const float *value, *grad, *attn;
@@ -205,25 +204,16 @@ static void *backward_thread(void *job) {
     return 0;
 }
 
-/* Split `base` over `threads` jobs of about equal (batch, head) maps; jobs a thread cannot be made for run in
- * the calling thread. */
+/* `thread` over `base`'s (batch, head) maps, split into jobs of about equal parts. */
 static void run(Job base, int64_t maps, int threads, void *(*thread)(void *)) {
     Job jobs[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
-    int started[MAX_THREADS];
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads > maps) threads = (int)maps;
-    if (threads < 1) threads = 1;
-    for (int t = 0; t < threads; t++) {
+    const int count = job_count(maps, threads);
+    for (int t = 0; t < count; t++) {
         jobs[t] = base;
-        jobs[t].begin = maps * t / threads;
-        jobs[t].end = maps * (t + 1) / threads;
-        started[t] = t > 0 && pthread_create(&ids[t], 0, thread, &jobs[t]) == 0;
+        jobs[t].begin = maps * t / count;
+        jobs[t].end = maps * (t + 1) / count;
     }
-    for (int t = 0; t < threads; t++)
-        if (!started[t]) thread(&jobs[t]);
-    for (int t = 1; t < threads; t++)
-        if (started[t]) pthread_join(ids[t], 0);
+    run_jobs(jobs, sizeof(Job), count, thread);
 }
 
 /* The locations given (`loc`), or, with `loc` NULL, made from MSDeformAttn's raw offsets and its reference
