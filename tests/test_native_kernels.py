@@ -326,7 +326,7 @@ def test_native_kernels_on_pytorchs_openmp_and_on_posix_threads(
     assert len(runtimes) == 1
     for loader in LOADERS:
         loader.cache_clear()
-    monkeypatch.setattr(native, "gnu_openmp_loaded", lambda: False)
+    monkeypatch.setenv(native.OPENMP_ENV, "0")
     assert native.OPENMP not in native.flag_sets()[0]
     with_threads = sample_and_grads(value, loc, weights, grad)
     assert len(list(kernels.glob("sampling-*.so"))) == 2

@@ -1,5 +1,5 @@
 /* EfficientNet-Lite2's stride-2 depthwise convolutions with TensorFlow "SAME" padding on channels-last maps,
- * fp32 or bf16, forward and backward: the `native-strided-dw` fast path (model/fast/depthwise.py), built on
+ * fp32 or bf16, forward and backward: the `native-dw` fast path (model/fast/depthwise.py), built on
  * first use by model/fast/native.py and called through ctypes.
  *
  * x (B, H, W, C), y (B, Ho, Wo, C) with Ho = ceil(H / 2), Wo = ceil(W / 2); w (k, k, C) and the bias (C) fp32.

@@ -7,8 +7,8 @@ step at install, and where it cannot be built the model keeps its PyTorch path: 
 (`NativeWarning`) and returns None.
 
 Where PyTorch runs on GNU OpenMP (its Linux wheels), the kernels are built with `-fopenmp` and run their
-threads on PyTorch's own OpenMP workers (`parallel.h` says why); elsewhere, or where that build fails, on
-POSIX threads.
+threads on PyTorch's own OpenMP workers (`parallel.h` says why); elsewhere, where that build fails, or with
+`LGFORMER_OPENMP=0`, on POSIX threads.
 
 A kernel is built once per source, compiler and CPU (it is tuned to the CPU, `-march=native`) into the cache
 folder: `$LGFORMER_CACHE`, else `$XDG_CACHE_HOME/lgformer`, else `~/.cache/lgformer`. `$CC` names the compiler
@@ -34,6 +34,7 @@ from torch import Tensor
 from lgformer.precision import cpu_info
 
 CACHE_ENV = "LGFORMER_CACHE"
+OPENMP_ENV = "LGFORMER_OPENMP"  # 0: the kernels run on POSIX threads
 # Sums may be reordered (vectorised), NaN and infinities kept; -march=native where the compiler knows it.
 FLOAT_FLAGS = ("-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math")
 FLAG_SETS = (("-O3", "-march=native", *FLOAT_FLAGS), ("-O3", *FLOAT_FLAGS))
@@ -70,8 +71,10 @@ def gnu_openmp_loaded() -> bool:
 
 
 def flag_sets() -> list[tuple[str, ...]]:
-    """The compiler flags to try, best first: with OpenMP where PyTorch's libgomp is loaded, then without."""
-    openmp = [(*flags, OPENMP) for flags in FLAG_SETS] if gnu_openmp_loaded() else []
+    """The compiler flags to try, best first: with OpenMP where PyTorch's libgomp is loaded (and
+    `LGFORMER_OPENMP` is not 0), then without."""
+    wanted = os.environ.get(OPENMP_ENV, "1") != "0" and gnu_openmp_loaded()
+    openmp = [(*flags, OPENMP) for flags in FLAG_SETS] if wanted else []
     return [*openmp, *FLAG_SETS]
 
 
