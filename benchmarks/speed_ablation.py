@@ -8,14 +8,14 @@
 Every variant runs in its own process (fresh allocator state) with one fast path switched off through the
 public switch (`lgformer.model.fast`, whose `PATHS` describe each one): `all` switches nothing off,
 `malloc` leaves glibc's allocator as it is (LGFORMER_MALLOC_TUNING=0: default mmap/trim thresholds, 4 KB
-pages), `hugepages` keeps the tuned heap in 4 KB pages (glibc.malloc.hugetlb=0), `posix-threads` runs the C
+pages), `hugepages` keeps the tuned heap in 4 KB pages (glibc.malloc.hugetlb=0), `openmp` runs the C
 kernels on threads of their own instead of PyTorch's OpenMP workers (LGFORMER_OPENMP=0), and every other
 variant is the name of a fast path. Every process is set up as the `lgformer` command sets itself up
 (`lgformer.precision.reexec_with_hugepage_heap`, `tune_cpu_allocator`).
 Rounds alternate the variants; the table gives min and median seconds per forward (or training step).
 
 --in-process builds one model and alternates the variants call by call inside one process instead, which
-cancels the drift of shared cores (±5% between processes); `malloc`, `hugepages` and `posix-threads` act
+cancels the drift of shared cores (±5% between processes); `malloc`, `hugepages` and `openmp` act
 when the process starts, so they need separate processes. `plain` switches every fast path off (the paper's
 formulation as written) and, in a process of its own, leaves the allocator as `malloc` does: the stand-in
 for the authors' code, which runs as a plain Python process.
@@ -68,10 +68,10 @@ FAST_PATHS = (
     "dw-strided-grad",
     "winograd",
 )  # lgformer.model.fast.PATHS, listed here so that `--help` loads no torch
-VARIANTS = ["all", "plain", "malloc", "hugepages", "posix-threads", *FAST_PATHS]
+VARIANTS = ["all", "plain", "malloc", "hugepages", "openmp", *FAST_PATHS]
 
 
-BUILD_TIME = ("malloc", "hugepages", "posix-threads")  # act when the process starts
+BUILD_TIME = ("malloc", "hugepages", "openmp")  # act when the process starts
 
 
 def switch_off(variant: str) -> None:
@@ -122,7 +122,7 @@ def child_environment(variant: str) -> dict[str, str]:
         env["LGFORMER_MALLOC_TUNING"] = "0"
     elif variant == "hugepages":
         env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), "glibc.malloc.hugetlb=0"]))
-    elif variant == "posix-threads":
+    elif variant == "openmp":
         env["LGFORMER_OPENMP"] = "0"
     return env
 
