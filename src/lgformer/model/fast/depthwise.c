@@ -18,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
 #include "parallel.h"
 
 typedef struct {
@@ -28,21 +29,6 @@ typedef struct {
     int64_t B, H, W, C, k, top, left, Ho, Wo, begin, end; /* rows [begin, end) of all B·rows */
     int bf16;
 } Job;
-
-static inline float from_bf16(uint16_t u) {
-    const uint32_t bits = (uint32_t)u << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-/* Round to nearest even; NaN kept NaN. */
-static inline uint16_t to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-    return f != f ? (uint16_t)0x7FC0u : (uint16_t)rounded;
-}
 
 /* row += w · x[pixel], C channels; x bf16 or fp32. */
 static inline void add_product(float *restrict row, const float *restrict w, const void *x, int64_t pixel,
@@ -66,25 +52,33 @@ static inline void store(void *out, int64_t pixel, const float *restrict row, in
     }
 }
 
+/* For each tap t = m·k + n of output pixel (b, i, jj) that reads inside the map, input pixel
+ * (2i − top + m, 2jj − left + n): acc[t·acc_step ..] += coef[t·coef_step ..] · that pixel of x, C channels.
+ * The forward sums into one row with each tap's weights; the weight gradient into each tap's sums. */
+static void over_taps(const Job *j, int64_t b, int64_t i, int64_t jj, float *acc, int64_t acc_step,
+                      const float *coef, int64_t coef_step) {
+    for (int64_t m = 0; m < j->k; m++) {
+        const int64_t r = 2 * i - j->top + m;
+        if (r < 0 || r >= j->H) continue;
+        for (int64_t n = 0; n < j->k; n++) {
+            const int64_t s = 2 * jj - j->left + n, t = m * j->k + n;
+            if (s < 0 || s >= j->W) continue;
+            add_product(acc + t * acc_step, coef + t * coef_step, j->x, (b * j->H + r) * j->W + s, j->C, j->bf16);
+        }
+    }
+}
+
 /* Output rows [begin, end) of B·Ho. */
 static void *forward_job(void *arg) {
     const Job *j = (const Job *)arg;
-    const int64_t C = j->C, k = j->k;
+    const int64_t C = j->C;
     float *row = malloc((size_t)C * sizeof(float));
     if (!row) return arg; /* non-NULL: failed */
     for (int64_t bi = j->begin; bi < j->end; bi++) {
         const int64_t b = bi / j->Ho, i = bi % j->Ho;
         for (int64_t jj = 0; jj < j->Wo; jj++) {
             for (int64_t c = 0; c < C; c++) row[c] = j->bias ? j->bias[c] : 0.0f;
-            for (int64_t m = 0; m < k; m++) {
-                const int64_t r = 2 * i - j->top + m;
-                if (r < 0 || r >= j->H) continue;
-                for (int64_t n = 0; n < k; n++) {
-                    const int64_t s = 2 * jj - j->left + n;
-                    if (s < 0 || s >= j->W) continue;
-                    add_product(row, j->w + (m * k + n) * C, j->x, (b * j->H + r) * j->W + s, C, j->bf16);
-                }
-            }
+            over_taps(j, b, i, jj, row, 0, j->w, C);
             store(j->out, bi * j->Wo + jj, row, C, j->bf16);
         }
     }
@@ -130,15 +124,7 @@ static void *weight_grad_job(void *arg) {
         for (int64_t jj = 0; jj < j->Wo; jj++) {
             const float *restrict g = j->g + (bi * j->Wo + jj) * C;
             for (int64_t c = 0; c < C; c++) dbias[c] += g[c];
-            for (int64_t m = 0; m < k; m++) {
-                const int64_t r = 2 * i - j->top + m;
-                if (r < 0 || r >= j->H) continue;
-                for (int64_t n = 0; n < k; n++) {
-                    const int64_t s = 2 * jj - j->left + n;
-                    if (s < 0 || s >= j->W) continue;
-                    add_product(j->dw + (m * k + n) * C, g, j->x, (b * j->H + r) * j->W + s, C, j->bf16);
-                }
-            }
+            over_taps(j, b, i, jj, j->dw, C, g, 0);
         }
     }
     return 0;

@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
 #include "parallel.h"
 
 typedef struct {
@@ -27,21 +28,6 @@ typedef struct {
     int64_t N, C, HW, begin, end; /* this job's pixels [begin, end) of every sample */
     int bf16;
 } Job;
-
-static inline float from_bf16(uint16_t u) {
-    const uint32_t bits = (uint32_t)u << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-/* Round to nearest even; NaN kept NaN. */
-static inline uint16_t to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-    return f != f ? (uint16_t)0x7FC0u : (uint16_t)rounded;
-}
 
 /* `row` ← C channels from element i of a map, as fp32. */
 static void load(const void *map, int64_t i, int64_t C, int bf16, float *restrict row) {
