@@ -110,6 +110,24 @@ def test_sample_equals_grid_sample():
     torch.testing.assert_close(got, expected.view(B, Lq, -1), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize(
+    "off", [("native-sampler",), ("native-sampler", "bag-sampler")], ids=["bag", "plain"]
+)
+def test_nan_location_gives_a_nan_sample_on_the_fallback_paths(off: tuple[str, ...]) -> None:
+    """Without the C kernel (no compiler), a NaN sampling location (a diverged run) makes its query and head's
+    sample NaN, as grid_sample does, and nothing else; the backward runs."""
+    from lgformer.model import fast
+
+    value, loc, weights = random_inputs(B=2, Lq=5, heads=3, dh=4, points=2, seed=4)
+    loc[1, 2, 0, 1, 1, 0] = float("nan")
+    value.requires_grad_()
+    with fast.disabled(*off):
+        out = ms_deform_attn_sample(value, SHAPES, loc, weights)
+        out.sum().backward()
+    assert out[1, 2, :4].isnan().all()
+    assert not out[1, 2, 4:].isnan().any() and not out[0].isnan().any() and not out[1, :2].isnan().any()
+
+
 def test_sample_gradcheck():
     g = torch.Generator().manual_seed(3)
     shapes = [(2, 3), (3, 2)]

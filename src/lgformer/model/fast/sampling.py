@@ -159,7 +159,8 @@ def bag_sample(value: Tensor, shapes: list[tuple[int, int]], locations: Tensor, 
     frac = pix.sub_(low)
     batch_head = torch.arange(B * heads, dtype=itype, device=device).view(B, 1, heads, 1)
     base = batch_head * Sp + (per_point[:, 3] + stride + 1)  # bordered (0, 0) of each point's level map
-    corner = low.to(itype)
+    # a NaN location (a diverged run) reads border zeros with NaN weights: its sample is NaN, as grid_sample's
+    corner = low.nan_to_num(-1.0).to(itype)
     top_left = (corner[:, :, :, 1] * stride).add_(corner[:, :, :, 0]).add_(base)  # (B, Lq, heads, K)
     # Neighbour rows, (B, Lq, heads, y-corner, x-corner, K).
     rows = torch.stack([torch.zeros_like(stride), stride])[:, None]  # (y-corner, 1, K)
