@@ -53,6 +53,7 @@ FAST_PATHS = (
     "channels-last",
     "native-sampler",
     "native-groupnorm",
+    "native-layernorm",
     "native-dw",
     "bag-sampler",
     "bag-backward",

@@ -1,8 +1,8 @@
 """The C kernels of `model/fast/`, built on first use by `model/fast/native.py`: the deformable sampler's
-(`native-sampler`, pinned to the plain `grid_sample` form, forward and every gradient), GroupNorm's
-backward (`native-groupnorm`, pinned to PyTorch's) and the stride-2 depthwise convolutions (`native-dw`,
-pinned to the padded map's convolution); their build cached, run on PyTorch's OpenMP threads or POSIX ones,
-and its absence survived."""
+(`native-sampler`, pinned to the plain `grid_sample` form, forward and every gradient), GroupNorm's and
+LayerNorm's backwards (`native-groupnorm`, `native-layernorm`, pinned to PyTorch's and to float64) and the
+stride-2 depthwise convolutions (`native-dw`, pinned to the padded map's convolution); their build cached,
+run on PyTorch's OpenMP threads or POSIX ones, and its absence survived."""
 
 from __future__ import annotations
 
@@ -24,11 +24,12 @@ from lgformer.model.efficientnet import DepthwiseConv, same_pad
 from lgformer.model.fast import native
 from lgformer.model.fast.depthwise import StridedDepthwise, depthwise_kernel
 from lgformer.model.fast.groupnorm import GroupNormFunction, groupnorm_kernel
+from lgformer.model.fast.layernorm import LayerNormFunction, layernorm_kernel
 from lgformer.model.fast.sampling import NativeSample, native_applies, sampling_kernels
-from lgformer.model.layers import GroupNorm
+from lgformer.model.layers import GroupNorm, LayerNorm
 
 SHAPES = [(3, 4), (5, 7), (9, 11)]
-LOADERS = (native.library, sampling_kernels, groupnorm_kernel, depthwise_kernel)
+LOADERS = (native.library, sampling_kernels, groupnorm_kernel, depthwise_kernel, layernorm_kernel)
 
 
 @pytest.fixture
@@ -331,3 +332,51 @@ def test_native_kernels_on_pytorchs_openmp_and_on_posix_threads(
     with_threads = sample_and_grads(value, loc, weights, grad)
     assert len(list(kernels.glob("sampling-*.so"))) == 2
     assert all(torch.equal(a, b) for a, b in zip(with_openmp, with_threads))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_native_layernorm_backward_sums_in_fp32(
+    kernels: Path, monkeypatch: pytest.MonkeyPatch, affine: bool
+) -> None:
+    """On a bf16 input in training (LayerNorm follows its input's dtype under autocast): the forward is
+    PyTorch's bit for bit, the input gradient as near the float64 one on the same bf16 operands as PyTorch's
+    bf16 one, the weight and bias gradients within fp32 summation error of it over 3,000 rows (PyTorch's
+    sums them in bf16); rows of 40, not a multiple of a vector."""
+    calls, apply = [], LayerNormFunction.apply
+    monkeypatch.setattr(LayerNormFunction, "apply", lambda *args: calls.append(1) or apply(*args))
+    g = torch.Generator().manual_seed(8)
+    norm = LayerNorm(40, elementwise_affine=affine)
+    if affine:
+        with torch.no_grad():
+            norm.weight.normal_(generator=g)
+            norm.bias.normal_(generator=g)
+    x = (torch.randn(3, 1000, 40, generator=g) * 3 + 1).bfloat16().requires_grad_()
+    grad = (torch.randn(3, 1000, 40, generator=g) + 0.3 * x.detach().float()).bfloat16()
+    params = list(norm.parameters())
+
+    def run(*off: str) -> list[torch.Tensor]:
+        with fast.disabled(*off) if off else contextlib.nullcontext():
+            y = norm(x)
+        return [y, *torch.autograd.grad(y, [x, *params], grad)]
+
+    kernel, plain = run(), run("native-layernorm")
+    assert calls == [1] and kernel[1].dtype == torch.bfloat16
+    assert torch.equal(kernel[0], plain[0])
+    wide = [x.detach().double().requires_grad_(), *(p.detach().double().requires_grad_() for p in params)]
+    y = F.layer_norm(wide[0], (40,), *(wide[1:] if affine else (None, None)), norm.eps)
+    exact = torch.autograd.grad(y, wide, grad.double())
+    assert relative_error(kernel[1], exact[0]) <= 1.05 * relative_error(plain[1], exact[0])
+    for got, want in zip(kernel[2:], exact[1:]):
+        assert got.dtype == torch.float32 and relative_error(got, want) < 1e-5
+
+
+def test_native_layernorm_only_where_it_applies(build_in: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp32 inputs, inference and a LayerNorm over two axes keep PyTorch's."""
+    calls, apply = [], LayerNormFunction.apply
+    monkeypatch.setattr(LayerNormFunction, "apply", lambda *args: calls.append(1) or apply(*args))
+    x = torch.randn(2, 5, 16)
+    LayerNorm(16)(x.requires_grad_())
+    with torch.no_grad():
+        LayerNorm(16)(x.bfloat16())
+    LayerNorm((5, 16))(x.bfloat16().requires_grad_())
+    assert calls == []

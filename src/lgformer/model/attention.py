@@ -14,7 +14,7 @@ from lgformer.model.fast.attention import (
     folded_attention,
     folded_query_attention,
 )
-from lgformer.model.layers import Linear, linear
+from lgformer.model.layers import LayerNorm, Linear, linear
 
 
 class CrossAttentionLayer(nn.Module):
@@ -27,9 +27,9 @@ class CrossAttentionLayer(nn.Module):
     def __init__(self, dim: int, kv_dim: int, heads: int, ffn: int) -> None:
         super().__init__()
         self.cross_attn = nn.MultiheadAttention(dim, heads, kdim=kv_dim, vdim=kv_dim, batch_first=True)
-        self.norm_ca = nn.LayerNorm(dim)
+        self.norm_ca = LayerNorm(dim)
         self.ffn = nn.Sequential(Linear(dim, ffn), nn.ReLU(), nn.Dropout(0.0), Linear(ffn, dim))
-        self.norm_ffn = nn.LayerNorm(dim)
+        self.norm_ffn = LayerNorm(dim)
 
     def forward(
         self,

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lgformer.model.fusion import FUSIONS, Gate
+from lgformer.model.layers import LayerNorm
 
 
 class MultiModalBackbone(nn.Module):
@@ -40,7 +41,7 @@ class MultiModalBackbone(nn.Module):
         self.fusions = nn.ModuleList(FUSIONS[fusion](c, text_dim, h) for c, h in zip(channels, heads))
         self.vis_gates = nn.ModuleList(Gate(c) for c in channels)
         self.text_gates = nn.ModuleList(Gate(text_dim) for _ in channels) if self.bidirectional else None
-        self.out_norms = nn.ModuleList(nn.LayerNorm(c) for c in channels)
+        self.out_norms = nn.ModuleList(LayerNorm(c) for c in channels)
         # After the last stage nothing consumes X' or L': its gates exist (the authors' checkpoints carry
         # them) but can never receive a gradient, so they are frozen and not evaluated.
         for gates in (self.vis_gates, self.text_gates):

@@ -1,7 +1,7 @@
 """Building blocks the boxes share: linear layers and 1x1 / 3x3 convolutions with `nn.Linear` /
-`nn.Conv2d` parameters, GroupNorm, the sine position encoding, the MLP and the sentence mean. They may take
-the CPU fast paths of `model/fast/` (oneDNN, Winograd, a C kernel); what they compute is the plain layer's
-result.
+`nn.Conv2d` parameters, GroupNorm and LayerNorm, the sine position encoding, the MLP and the sentence mean.
+They may take the CPU fast paths of `model/fast/` (oneDNN, Winograd, C kernels); what they compute is the
+plain layer's result.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from lgformer.model import fast
 from lgformer.model.common import kept_while_unchanged, size_cache
-from lgformer.model.fast.groupnorm import GroupNormFunction, native_applies
+from lgformer.model.fast import groupnorm, layernorm
 from lgformer.model.fast.onednn import linear, onednn_dtype
 from lgformer.model.fast.winograd import WINOGRAD_MIN_CHANNELS, winograd_conv3x3, winograd_weights
 
@@ -22,6 +22,7 @@ __all__ = [
     "Conv1x1",
     "Conv3x3",
     "GroupNorm",
+    "LayerNorm",
     "Linear",
     "linear",
     "masked_mean",
@@ -77,8 +78,19 @@ class GroupNorm(nn.GroupNorm):
     backward takes the `native-groupnorm` fast path (`model/fast/groupnorm.py`)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled() and fast.enabled("native-groupnorm") and native_applies(x):
-            return GroupNormFunction.apply(x, self.weight, self.bias, self.num_groups, self.eps)
+        if torch.is_grad_enabled() and fast.enabled("native-groupnorm") and groupnorm.native_applies(x):
+            return groupnorm.GroupNormFunction.apply(x, self.weight, self.bias, self.num_groups, self.eps)
+        return super().forward(x)
+
+
+class LayerNorm(nn.LayerNorm):
+    """`nn.LayerNorm` (same parameters and state-dict keys); in CPU training on a bf16 input its backward
+    takes the `native-layernorm` fast path (`model/fast/layernorm.py`)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        grad = torch.is_grad_enabled() and fast.enabled("native-layernorm")
+        if grad and layernorm.native_applies(x, self.normalized_shape):
+            return layernorm.LayerNormFunction.apply(x, self.weight, self.bias, self.eps)
         return super().forward(x)
 
 

@@ -23,6 +23,7 @@ from lgformer.model.layers import (
     Conv1x1,
     Conv3x3,
     GroupNorm,
+    LayerNorm,
     Linear,
     linear,
     masked_mean,
@@ -38,10 +39,10 @@ class DeformableLayer(nn.Module):
     def __init__(self, dim: int, heads: int, points: int, ffn: int) -> None:
         super().__init__()
         self.self_attn = MSDeformAttn(dim, LEVELS, heads, points)
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm(dim)
         self.linear1 = Linear(dim, ffn)
         self.linear2 = Linear(ffn, dim)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
 
     def forward(
         self, src: torch.Tensor, pos: torch.Tensor, ref: torch.Tensor, shapes: list[tuple[int, int]]

@@ -25,7 +25,7 @@ from lgformer.errors import LGFormerError
 from lgformer.model import fast
 from lgformer.model.common import size_cache
 from lgformer.model.fast import windows
-from lgformer.model.layers import Linear, linear
+from lgformer.model.layers import LayerNorm, Linear, linear
 from lgformer.safe_load import load_torch_file
 
 # name -> (embed dim e, depths, heads per stage)
@@ -93,7 +93,7 @@ class PatchEmbed(nn.Module):
     def __init__(self, in_chans: int, dim: int) -> None:
         super().__init__()
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=PATCH, stride=PATCH)
-        self.norm = nn.LayerNorm(dim)
+        self.norm = LayerNorm(dim)
 
     def forward(self, x: Tensor) -> Tensor:
         ph, pw = -x.shape[2] % PATCH, -x.shape[3] % PATCH
@@ -112,7 +112,7 @@ class PatchMerging(nn.Module):
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(4 * dim)
+        self.norm = LayerNorm(4 * dim)
         self.reduction = Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -190,10 +190,10 @@ class SwinBlock(nn.Module):
     def __init__(self, dim: int, heads: int, window: int, shift: int, drop_path: float = 0.0) -> None:
         super().__init__()
         self.shift = shift
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm(dim)
         self.attn = WindowAttention(dim, heads, window)
         self.drop_path = DropPath(drop_path)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
         self.mlp = Mlp(dim, MLP_RATIO * dim)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from lgformer.errors import LGFormerError
 from lgformer.model import fast
-from lgformer.model.layers import linear
+from lgformer.model.layers import LayerNorm, linear
 from lgformer.safe_load import load_safetensors_file, load_torch_file
 from lgformer.text.tokenizer import BERT_BASE, WEIGHT_FILES, find_file, missing_message
 
@@ -74,12 +74,12 @@ class BertLayer(nn.Module):
                 "self": nn.ModuleDict(
                     {"query": nn.Linear(d, d), "key": nn.Linear(d, d), "value": nn.Linear(d, d)}
                 ),
-                "output": nn.ModuleDict({"dense": nn.Linear(d, d), "LayerNorm": nn.LayerNorm(d, eps=eps)}),
+                "output": nn.ModuleDict({"dense": nn.Linear(d, d), "LayerNorm": LayerNorm(d, eps=eps)}),
             }
         )
         self.intermediate = nn.ModuleDict({"dense": nn.Linear(d, c.intermediate_size)})
         self.output = nn.ModuleDict(
-            {"dense": nn.Linear(c.intermediate_size, d), "LayerNorm": nn.LayerNorm(d, eps=eps)}
+            {"dense": nn.Linear(c.intermediate_size, d), "LayerNorm": LayerNorm(d, eps=eps)}
         )
 
     def forward(self, x: Tensor, keep: Tensor) -> Tensor:
@@ -123,7 +123,7 @@ class Bert(nn.Module):
                 "word_embeddings": nn.Embedding(c.vocab_size, d, padding_idx=c.pad_token_id),
                 "position_embeddings": nn.Embedding(c.max_position_embeddings, d),
                 "token_type_embeddings": nn.Embedding(c.type_vocab_size, d),
-                "LayerNorm": nn.LayerNorm(d, eps=c.layer_norm_eps),
+                "LayerNorm": LayerNorm(d, eps=c.layer_norm_eps),
             }
         )
         self.encoder = nn.ModuleDict(

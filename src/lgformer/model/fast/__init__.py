@@ -33,6 +33,8 @@ PATHS = {
     "system's compiler, a head's channels at a time (plain: the bag-sampler path, or grid_sample)",
     "native-groupnorm": "in CPU bf16 training, the pixel decoder's GroupNorm backward on channels-last maps "
     "by a C kernel built on first use (plain: PyTorch's, several times slower there)",
+    "native-layernorm": "in CPU bf16 training, LayerNorm's backward by a C kernel built on first use, its "
+    "sums in fp32 (plain: PyTorch's, slower there and summing the weight gradients in bf16)",
     "native-dw": "EfficientNet-Lite2's stride-2 depthwise convolutions, forward and backward, by a C kernel "
     "built on first use, the SAME padding implicit (plain: the map padded, then oneDNN)",
     "bag-sampler": "deformable sampling as one weighted embedding_bag (plain: grid_sample per level)",
