@@ -105,13 +105,11 @@ class DepthwiseConvFunction(torch.autograd.Function):
 @cache
 def depthwise_kernel() -> ctypes.CDLL | None:
     """`depthwise.c` built and loaded with its signatures, or None where it cannot be built (warned once)."""
-    lib = native.library("depthwise")
-    if lib is not None:
-        address, size, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        lib.lgformer_dw2_forward.argtypes = [address] * 4 + [size] * 5 + [flag] * 2
-        lib.lgformer_dw2_backward.argtypes = [address] * 6 + [size] * 5 + [flag] * 2
-        lib.lgformer_dw2_forward.restype = lib.lgformer_dw2_backward.restype = ctypes.c_int
-    return lib
+    return native.kernel(
+        "depthwise",
+        lgformer_dw2_forward=native.signature(4, 5, 2),
+        lgformer_dw2_backward=native.signature(6, 5, 2),
+    )
 
 
 def native_applies(x: Tensor) -> bool:

@@ -29,16 +29,6 @@ typedef struct {
     int bf16;
 } Job;
 
-/* `row` ← C channels from element i of a map, as fp32. */
-static void load(const void *map, int64_t i, int64_t C, int bf16, float *restrict row) {
-    if (bf16) {
-        const uint16_t *restrict src = (const uint16_t *)map + i;
-        for (int64_t c = 0; c < C; c++) row[c] = from_bf16(src[c]);
-    } else {
-        memcpy(row, (const float *)map + i, (size_t)C * sizeof(float));
-    }
-}
-
 static void *sum_pass(void *arg) {
     const Job *j = (const Job *)arg;
     const int64_t C = j->C;
@@ -48,8 +38,8 @@ static void *sum_pass(void *arg) {
         float *restrict s1 = j->sums + n * C, *restrict s2 = j->sums + (j->N + n) * C;
         for (int64_t c = 0; c < C; c++) s1[c] = s2[c] = 0.0f;
         for (int64_t i = j->begin; i < j->end; i++) {
-            load(j->x, (n * j->HW + i) * C, C, j->bf16, x);
-            load(j->dy, (n * j->HW + i) * C, C, j->bf16, dy);
+            load_row(j->x, (n * j->HW + i) * C, C, j->bf16, x);
+            load_row(j->dy, (n * j->HW + i) * C, C, j->bf16, dy);
             for (int64_t c = 0; c < C; c++) {
                 s1[c] += dy[c];
                 s2[c] += dy[c] * x[c];
@@ -70,8 +60,8 @@ static void *dx_pass(void *arg) {
         const float *restrict k = j->coeffs + (2 * j->N + n) * C;
         for (int64_t i = j->begin; i < j->end; i++) {
             const int64_t at = (n * j->HW + i) * C;
-            load(j->x, at, C, j->bf16, x);
-            load(j->dy, at, C, j->bf16, dy);
+            load_row(j->x, at, C, j->bf16, x);
+            load_row(j->dy, at, C, j->bf16, dy);
             if (j->bf16) {
                 uint16_t *restrict dst = (uint16_t *)j->dx + at;
                 for (int64_t c = 0; c < C; c++) out[c] = a[c] * dy[c] + b[c] * x[c] + k[c];

@@ -24,13 +24,7 @@ from lgformer.model.fast.native import fp32, pointer
 @cache
 def groupnorm_kernel() -> ctypes.CDLL | None:
     """`groupnorm.c` built and loaded with its signature, or None where it cannot be built (warned once)."""
-    lib = native.library("groupnorm")
-    if lib is not None:
-        lib.lgformer_groupnorm_backward.argtypes = (
-            [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 4 + [ctypes.c_int] * 2
-        )
-        lib.lgformer_groupnorm_backward.restype = ctypes.c_int
-    return lib
+    return native.kernel("groupnorm", lgformer_groupnorm_backward=native.signature(8, 4, 2))
 
 
 def native_applies(x: Tensor) -> bool:
@@ -77,7 +71,4 @@ class GroupNormFunction(torch.autograd.Function):
             *pointers, *sizes, x.dtype == torch.bfloat16, torch.get_num_threads()
         ):
             raise MemoryError("groupnorm.c: out of memory for its sums")
-        if weight is not None:
-            grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
-            grad_bias = None if grad_bias is None else grad_bias.to(weight.dtype)
-        return grad_x, grad_weight, grad_bias, None, None
+        return grad_x, *native.affine_grads(weight, grad_weight, grad_bias), None, None

@@ -26,16 +26,6 @@ typedef struct {
     int bf16;
 } Job;
 
-/* `row` ← D elements from element i of a map, as fp32. */
-static inline void load(const void *map, int64_t i, int64_t D, int bf16, float *restrict row) {
-    if (bf16) {
-        const uint16_t *restrict src = (const uint16_t *)map + i;
-        for (int64_t d = 0; d < D; d++) row[d] = from_bf16(src[d]);
-    } else {
-        memcpy(row, (const float *)map + i, (size_t)D * sizeof(float));
-    }
-}
-
 static void *rows_job(void *arg) {
     const Job *j = (const Job *)arg;
     const int64_t D = j->D;
@@ -44,8 +34,8 @@ static void *rows_job(void *arg) {
     float *restrict dgamma = j->sums, *restrict dbeta = j->sums + D;
     for (int64_t r = j->begin; r < j->end; r++) {
         const float mu = j->mean[r], sigma = j->rstd[r];
-        load(j->x, r * D, D, j->bf16, xh);
-        load(j->dy, r * D, D, j->bf16, h);
+        load_row(j->x, r * D, D, j->bf16, xh);
+        load_row(j->dy, r * D, D, j->bf16, h);
         float a = 0.0f, b = 0.0f;
         for (int64_t d = 0; d < D; d++) {
             xh[d] = (xh[d] - mu) * sigma;

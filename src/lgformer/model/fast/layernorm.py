@@ -25,13 +25,7 @@ from lgformer.model.fast.native import fp32, pointer
 @cache
 def layernorm_kernel() -> ctypes.CDLL | None:
     """`layernorm.c` built and loaded with its signature, or None where it cannot be built (warned once)."""
-    lib = native.library("layernorm")
-    if lib is not None:
-        lib.lgformer_layernorm_backward.argtypes = (
-            [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 2 + [ctypes.c_int] * 2
-        )
-        lib.lgformer_layernorm_backward.restype = ctypes.c_int
-    return lib
+    return native.kernel("layernorm", lgformer_layernorm_backward=native.signature(8, 2, 2))
 
 
 def native_applies(x: Tensor, normalized_shape: tuple[int, ...]) -> bool:
@@ -71,7 +65,4 @@ class LayerNormFunction(torch.autograd.Function):
             *map(pointer, arrays), x.numel() // D, D, True, torch.get_num_threads()
         ):
             raise MemoryError("layernorm.c: out of memory for its sums")
-        if weight is not None:
-            grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
-            grad_bias = None if grad_bias is None else grad_bias.to(weight.dtype)
-        return grad_x if need_x else None, grad_weight, grad_bias, None
+        return grad_x if need_x else None, *native.affine_grads(weight, grad_weight, grad_bias), None

@@ -55,6 +55,18 @@ def pointer(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def signature(addresses: int, sizes: int, ints: int) -> list[type]:
+    """A kernel function's argument types: `addresses` pointers, then `sizes` int64s, then `ints` ints."""
+    return [ctypes.c_void_p] * addresses + [ctypes.c_int64] * sizes + [ctypes.c_int] * ints
+
+
+def affine_grads(weight: Tensor | None, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+    """A norm kernel's fp32 weight and bias gradients in the weight's dtype (as they are with no weight)."""
+    if weight is None:
+        return grads
+    return tuple(None if g is None else g.to(weight.dtype) for g in grads)
+
+
 def cache_folder() -> Path:
     """Where built kernels are kept (module docstring)."""
     if os.environ.get(CACHE_ENV):
@@ -99,6 +111,16 @@ def _build(compiler: str, flags: tuple[str, ...], source: Path, target: Path) ->
         Path(tmp).unlink(missing_ok=True)
 
 
+def kernel(name: str, returns: type | None = ctypes.c_int, **functions: list[type]) -> ctypes.CDLL | None:
+    """`library(name)` with its `functions`' argument types (`signature`) and return type set; None where it
+    cannot be built (warned once)."""
+    lib = library(name)
+    for function, arguments in functions.items() if lib is not None else ():
+        getattr(lib, function).argtypes = arguments
+        getattr(lib, function).restype = returns
+    return lib
+
+
 @cache
 def library(name: str) -> ctypes.CDLL | None:
     """The kernel `name` (this folder's `name.c`, which may include its `.h` files) built and loaded; None,
@@ -122,6 +144,6 @@ def library(name: str) -> ctypes.CDLL | None:
     warnings.warn(
         f"lgformer: the C kernel {name}.c is not built ({reason}); its slower PyTorch path runs instead",
         NativeWarning,
-        stacklevel=2,
+        stacklevel=3,
     )
     return None

@@ -41,13 +41,12 @@ def compute_dtype(t: Tensor) -> torch.dtype:
 @cache
 def sampling_kernels() -> ctypes.CDLL | None:
     """`sampling.c` built and loaded with its signatures, or None where it cannot be built (warned once)."""
-    lib = native.library("sampling")
-    if lib is not None:
-        address, size = ctypes.c_void_p, ctypes.c_int64
-        lib.lgformer_sample_forward.argtypes = [address] * 8 + [size] * 8 + [ctypes.c_int]
-        lib.lgformer_sample_backward.argtypes = [address] * 12 + [size] * 8 + [ctypes.c_int]
-        lib.lgformer_sample_forward.restype = lib.lgformer_sample_backward.restype = None
-    return lib
+    return native.kernel(
+        "sampling",
+        returns=None,
+        lgformer_sample_forward=native.signature(8, 8, 1),
+        lgformer_sample_backward=native.signature(12, 8, 1),
+    )
 
 
 def native_applies(value: Tensor, locations: Tensor) -> bool:
