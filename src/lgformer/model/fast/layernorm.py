@@ -2,10 +2,10 @@
 
 The forward is PyTorch's own (`native_layer_norm`, the kernel `F.layer_norm` runs, bit for bit); the
 backward of a bf16 input (CPU bf16 autocast training: LayerNorm follows its input's dtype there) is the C
-kernel `layernorm.c` (built on first use, `native.py`). PyTorch's takes 1.5-5x longer there than the kernel,
-and sums the weight and bias gradients in bf16: over the 16,800 rows of a `lite` batch they come out ~10% off
-(the kernel's, in fp32, within 1e-6). The same formulas as PyTorch's; the input gradient rounded to bf16
-once.
+kernel `layernorm.c` (built on first use, `native.py`). PyTorch's is slower there, most on short rows, and
+sums the weight and bias gradients in bf16: over the 16,800 rows of a `lite` batch they come out ~10% off
+(the kernel's, in fp32, within 1e-6; README, "Training speed"). The same formulas as PyTorch's; the input
+gradient rounded to bf16 once.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
  * Built with OpenMP (native.py tries that first), the jobs run on the OpenMP runtime PyTorch itself runs on:
  * the kernel asks for libgomp.so.1, and the loader binds it to the copy PyTorch has loaded, so the jobs go to
  * PyTorch's worker threads. Those spin for a while after each of PyTorch's parallel ops; threads of our own
- * would share the cores with them meanwhile, and on two cores a kernel ran 1.5-4x slower inside a training
- * step than alone. Without OpenMP the jobs run on POSIX threads of their own. */
+ * would share the cores with them meanwhile, and a kernel ran several times slower inside a training step
+ * than alone (README, "Training speed"). Without OpenMP the jobs run on POSIX threads of their own. */
 #ifndef LGFORMER_PARALLEL_H
 #define LGFORMER_PARALLEL_H
 
