@@ -14,7 +14,7 @@ then a sum over the B images. oneDNN computes it several times faster than its d
 5x5 kernels (in fp32 and in bf16); for 3x3 ones its own backward is faster (README, "Training speed"), so
 they keep it.
 
-Under bf16 autocast, oneDNN's input gradient of a stride-2 depthwise convolution runs many times slower than in
+Under bf16 autocast, oneDNN's input gradient of a stride-2 depthwise convolution runs far slower than in
 fp32 on the same maps; `dw-strided-grad` takes it in fp32 (a transposed convolution) and rounds it to bf16.
 """
 
