@@ -319,8 +319,10 @@ def test_native_kernels_on_pytorchs_openmp_and_on_posix_threads(
 ) -> None:
     """Built with OpenMP, a kernel runs on PyTorch's own libgomp (no second OpenMP runtime loaded); built
     without, on POSIX threads, to the same bits (each job's work is the same)."""
+    monkeypatch.setenv(native.OPENMP_ENV, "1")  # whatever the environment running the tests says
     value, loc, weights, grad = inputs(seed=7)
     with_openmp = sample_and_grads(value, loc, weights, grad)
+    assert native.OPENMP in native.flag_sets()[0]
     runtimes = {
         line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "libgomp" in line
     }
@@ -368,6 +370,10 @@ def test_native_layernorm_backward_sums_in_fp32(
     assert relative_error(kernel[1], exact[0]) <= 1.05 * relative_error(plain[1], exact[0])
     for got, want in zip(kernel[2:], exact[1:]):
         assert got.dtype == torch.float32 and relative_error(got, want) < 1e-5
+    if affine:  # an input that needs no gradient (its gradient not computed): the same weight gradients
+        y = norm(x.detach())
+        assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(y, params, grad), kernel[2:]))
+        assert calls == [1, 1]
 
 
 def test_native_layernorm_only_where_it_applies(build_in: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,14 +20,9 @@ static inline uint16_t to_bf16(float f) {
     return f != f ? (uint16_t)0x7FC0u : (uint16_t)rounded;
 }
 
-/* row ← n elements from element i of a map, bf16 when `bf16` else fp32, as fp32. */
-static inline void load_row(const void *map, int64_t i, int64_t n, int bf16, float *restrict row) {
-    if (bf16) {
-        const uint16_t *restrict src = (const uint16_t *)map + i;
-        for (int64_t k = 0; k < n; k++) row[k] = from_bf16(src[k]);
-    } else {
-        memcpy(row, (const float *)map + i, (size_t)n * sizeof(float));
-    }
+/* row ← n bf16 elements from element i of a map, as fp32. */
+static inline void load_row(const uint16_t *map, int64_t i, int64_t n, float *restrict row) {
+    for (int64_t k = 0; k < n; k++) row[k] = from_bf16(map[i + k]);
 }
 
 #endif

@@ -22,11 +22,12 @@
 #include "parallel.h"
 
 typedef struct {
+    Range rows; /* of all B·rows */
     const void *x;
     const float *w, *bias, *g; /* g: the output gradient, fp32 */
     void *out;                 /* forward: y; backward: dx */
-    float *dw;                 /* this job's (k + 1, k, C) weight and bias sums, or NULL */
-    int64_t B, H, W, C, k, top, left, Ho, Wo, begin, end; /* rows [begin, end) of all B·rows */
+    float *dw;                 /* every job's (k + 1, k, C) weight and bias sums, this job's at its index */
+    int64_t B, H, W, C, k, top, left, Ho, Wo;
     int bf16;
 } Job;
 
@@ -74,7 +75,7 @@ static void *forward_job(void *arg) {
     const int64_t C = j->C;
     float *row = malloc((size_t)C * sizeof(float));
     if (!row) return arg; /* non-NULL: failed */
-    for (int64_t bi = j->begin; bi < j->end; bi++) {
+    for (int64_t bi = j->rows.begin; bi < j->rows.end; bi++) {
         const int64_t b = bi / j->Ho, i = bi % j->Ho;
         for (int64_t jj = 0; jj < j->Wo; jj++) {
             for (int64_t c = 0; c < C; c++) row[c] = j->bias ? j->bias[c] : 0.0f;
@@ -92,7 +93,7 @@ static void *input_grad_job(void *arg) {
     const int64_t C = j->C, k = j->k;
     float *row = malloc((size_t)C * sizeof(float));
     if (!row) return arg;
-    for (int64_t br = j->begin; br < j->end; br++) {
+    for (int64_t br = j->rows.begin; br < j->rows.end; br++) {
         const int64_t b = br / j->H, r = br % j->H;
         for (int64_t s = 0; s < j->W; s++) {
             for (int64_t c = 0; c < C; c++) row[c] = 0.0f;
@@ -118,36 +119,26 @@ static void *input_grad_job(void *arg) {
 static void *weight_grad_job(void *arg) {
     const Job *j = (const Job *)arg;
     const int64_t C = j->C, k = j->k;
-    float *dbias = j->dw + k * k * C;
-    for (int64_t bi = j->begin; bi < j->end; bi++) {
+    float *dw = j->dw + j->rows.index * (k * k + 1) * C, *dbias = dw + k * k * C;
+    for (int64_t bi = j->rows.begin; bi < j->rows.end; bi++) {
         const int64_t b = bi / j->Ho, i = bi % j->Ho;
         for (int64_t jj = 0; jj < j->Wo; jj++) {
             const float *restrict g = j->g + (bi * j->Wo + jj) * C;
             for (int64_t c = 0; c < C; c++) dbias[c] += g[c];
-            over_taps(j, b, i, jj, j->dw, C, g, 0);
+            over_taps(j, b, i, jj, dw, C, g, 0);
         }
     }
     return 0;
-}
-
-/* Split `rows` over the threads into `jobs` made from `base`; the number of jobs. */
-static int split(Job *jobs, const Job *base, int64_t rows, int threads) {
-    threads = job_count(rows, threads);
-    for (int t = 0; t < threads; t++) {
-        jobs[t] = *base;
-        jobs[t].begin = rows * t / threads;
-        jobs[t].end = rows * (t + 1) / threads;
-    }
-    return threads;
 }
 
 /* y ← the convolution of x; bias may be NULL. Returns 0, or 1 when out of memory. */
 int lgformer_dw2_forward(const void *x, const float *w, const float *bias, void *y, int64_t B, int64_t H,
                          int64_t W, int64_t C, int64_t k, int bf16, int threads) {
     const int64_t top = (k - 2 + H % 2) / 2, left = (k - 2 + W % 2) / 2, Ho = (H + 1) / 2, Wo = (W + 1) / 2;
-    const Job base = {x, w, bias, 0, y, 0, B, H, W, C, k, top, left, Ho, Wo, 0, 0, bf16};
+    const Job base = {{0, 0, 0}, x, w, bias, 0, y, 0, B, H, W, C, k, top, left, Ho, Wo, bf16};
     Job jobs[MAX_THREADS];
-    return run_jobs(jobs, sizeof(Job), split(jobs, &base, B * Ho, threads), forward_job);
+    jobs[0] = base;
+    return run_split(jobs, sizeof(Job), B * Ho, threads, forward_job);
 }
 
 /* From the output gradient g (B, Ho, Wo, C) fp32: dx (x's dtype), dw (k, k, C) and dbias (C) fp32, each
@@ -155,18 +146,18 @@ int lgformer_dw2_forward(const void *x, const float *w, const float *bias, void 
 int lgformer_dw2_backward(const void *x, const float *w, const float *g, void *dx, float *dw, float *dbias,
                           int64_t B, int64_t H, int64_t W, int64_t C, int64_t k, int bf16, int threads) {
     const int64_t top = (k - 2 + H % 2) / 2, left = (k - 2 + W % 2) / 2, Ho = (H + 1) / 2, Wo = (W + 1) / 2;
-    Job base = {x, w, 0, g, dx, 0, B, H, W, C, k, top, left, Ho, Wo, 0, 0, bf16};
+    const Job base = {{0, 0, 0}, x, w, 0, g, dx, 0, B, H, W, C, k, top, left, Ho, Wo, bf16};
     Job jobs[MAX_THREADS];
-    int failed = dx ? run_jobs(jobs, sizeof(Job), split(jobs, &base, B * H, threads), input_grad_job) : 0;
+    jobs[0] = base;
+    int failed = dx ? run_split(jobs, sizeof(Job), B * H, threads, input_grad_job) : 0;
     if (!dw && !dbias) return failed;
     const int64_t per = (k * k + 1) * C;
-    const int n = split(jobs, &base, B * Ho, threads);
-    float *sums = calloc((size_t)(n * per), sizeof(float));
+    const int count = job_count(B * Ho, threads);
+    float *sums = calloc((size_t)(count * per), sizeof(float));
     if (!sums) return 1;
-    for (int t = 0; t < n; t++) jobs[t].dw = sums + t * per;
-    failed |= run_jobs(jobs, sizeof(Job), n, weight_grad_job);
-    for (int t = 1; t < n; t++)
-        for (int64_t i = 0; i < per; i++) sums[i] += sums[t * per + i];
+    jobs[0].dw = sums;
+    failed |= run_split(jobs, sizeof(Job), B * Ho, threads, weight_grad_job);
+    add_up(sums, per, count);
     if (dw) memcpy(dw, sums, (size_t)(k * k * C) * sizeof(float));
     if (dbias) memcpy(dbias, sums + k * k * C, (size_t)C * sizeof(float));
     free(sums);

@@ -126,11 +126,6 @@ def native_applies(x: Tensor) -> bool:
     )
 
 
-def _check(failed: int) -> None:
-    if failed:
-        raise MemoryError("depthwise.c: out of memory for its sums")
-
-
 class StridedDepthwise(torch.autograd.Function):
     """A (C, 1, k, k) depthwise convolution at stride 2 with TensorFlow "SAME" padding of the unpadded
     channels-last map x (B, C, H, W) -> (B, C, ceil(H/2), ceil(W/2)), by the C kernel, in x's dtype (fp32 or
@@ -143,12 +138,11 @@ class StridedDepthwise(torch.autograd.Function):
         taps = weight.reshape(C, k * k).t().float().contiguous()  # (k·k, C): a tap's channels contiguous
         y = torch.empty(B, C, (H + 1) // 2, (W + 1) // 2, dtype=x.dtype, memory_format=torch.channels_last)
         flat_bias = None if bias is None else bias.float().contiguous()
-        _check(
-            depthwise_kernel().lgformer_dw2_forward(
-                x.data_ptr(), taps.data_ptr(), pointer(flat_bias), y.data_ptr(), B, H, W, C, k,
-                x.dtype == torch.bfloat16, torch.get_num_threads(),
-            )
+        failed = depthwise_kernel().lgformer_dw2_forward(
+            x.data_ptr(), taps.data_ptr(), pointer(flat_bias), y.data_ptr(), B, H, W, C, k,
+            x.dtype == torch.bfloat16, torch.get_num_threads(),
         )  # fmt: skip
+        native.check(failed, "depthwise")
         ctx.save_for_backward(x, taps)
         ctx.kernel = k
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
@@ -165,12 +159,11 @@ class StridedDepthwise(torch.autograd.Function):
         grad_x = torch.empty_like(x, memory_format=torch.channels_last) if need_x else None
         grad_taps = taps.new_empty(k * k, C) if need_weight else None
         grad_bias = taps.new_empty(C) if need_bias else None
-        _check(
-            depthwise_kernel().lgformer_dw2_backward(
-                x.data_ptr(), taps.data_ptr(), g.data_ptr(), pointer(grad_x), pointer(grad_taps),
-                pointer(grad_bias), B, H, W, C, k, x.dtype == torch.bfloat16, torch.get_num_threads(),
-            )
+        failed = depthwise_kernel().lgformer_dw2_backward(
+            x.data_ptr(), taps.data_ptr(), g.data_ptr(), pointer(grad_x), pointer(grad_taps),
+            pointer(grad_bias), B, H, W, C, k, x.dtype == torch.bfloat16, torch.get_num_threads(),
         )  # fmt: skip
+        native.check(failed, "depthwise")
         weight_dtype, bias_dtype = ctx.dtypes
         grad_weight = None if grad_taps is None else grad_taps.t().reshape(C, 1, k, k).to(weight_dtype)
         return grad_x, grad_weight, None if grad_bias is None else grad_bias.to(bias_dtype)

@@ -1,4 +1,4 @@
-/* The backward of GroupNorm on channels-last maps, fp32 or bf16: the `native-groupnorm` fast path of the
+/* The backward of GroupNorm on bf16 channels-last maps: the `native-groupnorm` fast path of the
  * pixel decoder's GroupNorms (model/fast/groupnorm.py), built on first use by model/fast/native.py and called
  * through ctypes.
  *
@@ -15,18 +15,17 @@
  * ones (README, "Training speed"). */
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
 #include "bf16.h"
 #include "parallel.h"
 
 typedef struct {
-    const void *x, *dy;
-    void *dx;
-    float *sums;         /* pass 1: this job's Σ dy, Σ dy·x, (N, C) each */
+    Range pixels; /* this job's pixels of every sample */
+    const uint16_t *x, *dy;
+    uint16_t *dx;
+    float *sums;         /* pass 1: every job's Σ dy, Σ dy·x, (N, C) each, this job's at its index */
     const float *coeffs; /* pass 2: per (n, c) the factors of dy, of x, and the constant, (3, N, C) */
-    int64_t N, C, HW, begin, end; /* this job's pixels [begin, end) of every sample */
-    int bf16;
+    int64_t N, C, HW;
 } Job;
 
 static void *sum_pass(void *arg) {
@@ -34,12 +33,13 @@ static void *sum_pass(void *arg) {
     const int64_t C = j->C;
     float *x = malloc((size_t)(2 * C) * sizeof(float)), *dy = x ? x + C : 0;
     if (!x) return arg; /* non-NULL: failed */
+    float *sums = j->sums + j->pixels.index * 2 * j->N * C;
     for (int64_t n = 0; n < j->N; n++) {
-        float *restrict s1 = j->sums + n * C, *restrict s2 = j->sums + (j->N + n) * C;
+        float *restrict s1 = sums + n * C, *restrict s2 = sums + (j->N + n) * C;
         for (int64_t c = 0; c < C; c++) s1[c] = s2[c] = 0.0f;
-        for (int64_t i = j->begin; i < j->end; i++) {
-            load_row(j->x, (n * j->HW + i) * C, C, j->bf16, x);
-            load_row(j->dy, (n * j->HW + i) * C, C, j->bf16, dy);
+        for (int64_t i = j->pixels.begin; i < j->pixels.end; i++) {
+            load_row(j->x, (n * j->HW + i) * C, C, x);
+            load_row(j->dy, (n * j->HW + i) * C, C, dy);
             for (int64_t c = 0; c < C; c++) {
                 s1[c] += dy[c];
                 s2[c] += dy[c] * x[c];
@@ -58,45 +58,36 @@ static void *dx_pass(void *arg) {
     for (int64_t n = 0; n < j->N; n++) {
         const float *restrict a = j->coeffs + n * C, *restrict b = j->coeffs + (j->N + n) * C;
         const float *restrict k = j->coeffs + (2 * j->N + n) * C;
-        for (int64_t i = j->begin; i < j->end; i++) {
+        for (int64_t i = j->pixels.begin; i < j->pixels.end; i++) {
             const int64_t at = (n * j->HW + i) * C;
-            load_row(j->x, at, C, j->bf16, x);
-            load_row(j->dy, at, C, j->bf16, dy);
-            if (j->bf16) {
-                uint16_t *restrict dst = (uint16_t *)j->dx + at;
-                for (int64_t c = 0; c < C; c++) out[c] = a[c] * dy[c] + b[c] * x[c] + k[c];
-                for (int64_t c = 0; c < C; c++) dst[c] = to_bf16(out[c]);
-            } else {
-                float *restrict dst = (float *)j->dx + at;
-                for (int64_t c = 0; c < C; c++) dst[c] = a[c] * dy[c] + b[c] * x[c] + k[c];
-            }
+            load_row(j->x, at, C, x);
+            load_row(j->dy, at, C, dy);
+            uint16_t *restrict dst = j->dx + at;
+            for (int64_t c = 0; c < C; c++) out[c] = a[c] * dy[c] + b[c] * x[c] + k[c];
+            for (int64_t c = 0; c < C; c++) dst[c] = to_bf16(out[c]);
         }
     }
     free(x);
     return 0;
 }
 
-/* x, dy, dx (N, HW, C) channels-last, bf16 when `bf16` else fp32; mean, rstd (N, G); gamma (C) fp32 or NULL
- * (γ = 1). Writes dx (if not NULL), dgamma and dbeta (C, fp32, if not NULL). Returns 0, or 1 when out of
- * memory (outputs then undefined). */
-int lgformer_groupnorm_backward(const void *x, const void *dy, const float *mean, const float *rstd,
-                                const float *gamma, void *dx, float *dgamma, float *dbeta, int64_t N,
-                                int64_t C, int64_t HW, int64_t G, int bf16, int threads) {
-    threads = job_count(HW, threads);
+/* x, dy, dx (N, HW, C) channels-last bf16; mean, rstd (N, G); gamma (C) fp32 or NULL (γ = 1). Writes dx (if
+ * not NULL), dgamma and dbeta (C, fp32, if not NULL). Returns 0, or 1 when out of memory (outputs then
+ * undefined). */
+int lgformer_groupnorm_backward(const uint16_t *x, const uint16_t *dy, const float *mean, const float *rstd,
+                                const float *gamma, uint16_t *dx, float *dgamma, float *dbeta, int64_t N,
+                                int64_t C, int64_t HW, int64_t G, int threads) {
     const int64_t D = C / G, per = 2 * N * C;
-    float *sums = calloc((size_t)(threads * per + 3 * N * C + per), sizeof(float));
+    const int count = job_count(HW, threads);
+    float *sums = calloc((size_t)(count * per + 3 * N * C), sizeof(float));
     if (!sums) return 1;
-    float *coeffs = sums + threads * per, *total = coeffs + 3 * N * C;
+    float *coeffs = sums + count * per;
     Job jobs[MAX_THREADS];
-    for (int t = 0; t < threads; t++) {
-        const Job j = {x, dy, dx, sums + t * per, coeffs, N, C, HW, HW * t / threads, HW * (t + 1) / threads,
-                       bf16};
-        jobs[t] = j;
-    }
-    int failed = run_jobs(jobs, sizeof(Job), threads, sum_pass);
-    for (int t = 0; t < threads; t++)
-        for (int64_t i = 0; i < per; i++) total[i] += sums[t * per + i];
-    const float *s1 = total, *s2 = total + N * C; /* Σ_hw dy, Σ_hw dy·x per (n, c) */
+    const Job base = {{0, 0, 0}, x, dy, dx, sums, coeffs, N, C, HW};
+    jobs[0] = base;
+    int failed = run_split(jobs, sizeof(Job), HW, threads, sum_pass);
+    add_up(sums, per, count);
+    const float *s1 = sums, *s2 = sums + N * C; /* Σ_hw dy, Σ_hw dy·x per (n, c) */
     for (int64_t c = 0; c < C; c++) {
         float dg = 0.0f, db = 0.0f;
         for (int64_t n = 0; n < N; n++) {
@@ -124,7 +115,7 @@ int lgformer_groupnorm_backward(const void *x, const void *dy, const float *mean
             }
         }
     }
-    if (dx) failed |= run_jobs(jobs, sizeof(Job), threads, dx_pass);
+    if (dx) failed |= run_split(jobs, sizeof(Job), HW, threads, dx_pass);
     free(sums);
     return failed;
 }

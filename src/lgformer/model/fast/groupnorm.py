@@ -24,7 +24,7 @@ from lgformer.model.fast.native import fp32, pointer
 @cache
 def groupnorm_kernel() -> ctypes.CDLL | None:
     """`groupnorm.c` built and loaded with its signature, or None where it cannot be built (warned once)."""
-    return native.kernel("groupnorm", lgformer_groupnorm_backward=native.signature(8, 4, 2))
+    return native.kernel("groupnorm", lgformer_groupnorm_backward=native.signature(8, 4, 1))
 
 
 def native_applies(x: Tensor) -> bool:
@@ -65,10 +65,9 @@ class GroupNormFunction(torch.autograd.Function):
         grad_weight = x.new_empty(C, dtype=torch.float32) if need_weight else None
         grad_bias = x.new_empty(C, dtype=torch.float32) if need_bias else None
         arrays = (x, grad, fp32(mean), fp32(rstd), fp32(weight), grad_x, grad_weight, grad_bias)
-        pointers = list(map(pointer, arrays))
         sizes = (B, C, H * W, ctx.groups)
-        if groupnorm_kernel().lgformer_groupnorm_backward(
-            *pointers, *sizes, x.dtype == torch.bfloat16, torch.get_num_threads()
-        ):
-            raise MemoryError("groupnorm.c: out of memory for its sums")
+        failed = groupnorm_kernel().lgformer_groupnorm_backward(
+            *map(pointer, arrays), *sizes, torch.get_num_threads()
+        )
+        native.check(failed, "groupnorm")
         return grad_x, *native.affine_grads(weight, grad_weight, grad_bias), None, None

@@ -1,4 +1,4 @@
-/* The backward of LayerNorm over the last axis, fp32 or bf16: the `native-layernorm` fast path
+/* The backward of LayerNorm over the last axis of a bf16 input: the `native-layernorm` fast path
  * (model/fast/layernorm.py), built on first use by model/fast/native.py and called through ctypes.
  *
  * For a row of D elements with the forward's mean μ and reciprocal standard deviation σ, x̂ = (x − μ)·σ and
@@ -18,12 +18,12 @@
 #include "parallel.h"
 
 typedef struct {
-    const void *x, *dy;
+    Range rows;
+    const uint16_t *x, *dy;
     const float *mean, *rstd, *gamma;
-    void *dx;
-    float *sums; /* this job's Σ dy·x̂ and Σ dy, (2, D) */
-    int64_t D, begin, end; /* rows [begin, end) */
-    int bf16;
+    uint16_t *dx; /* or NULL: not wanted */
+    float *sums;  /* every job's Σ dy·x̂ and Σ dy, (2, D) each, this job's at its index */
+    int64_t D;
 } Job;
 
 static void *rows_job(void *arg) {
@@ -31,11 +31,11 @@ static void *rows_job(void *arg) {
     const int64_t D = j->D;
     float *xh = malloc((size_t)(2 * D) * sizeof(float)), *h = xh ? xh + D : 0;
     if (!xh) return arg; /* non-NULL: failed */
-    float *restrict dgamma = j->sums, *restrict dbeta = j->sums + D;
-    for (int64_t r = j->begin; r < j->end; r++) {
+    float *restrict dgamma = j->sums + j->rows.index * 2 * D, *restrict dbeta = dgamma + D;
+    for (int64_t r = j->rows.begin; r < j->rows.end; r++) {
         const float mu = j->mean[r], sigma = j->rstd[r];
-        load_row(j->x, r * D, D, j->bf16, xh);
-        load_row(j->dy, r * D, D, j->bf16, h);
+        load_row(j->x, r * D, D, xh);
+        load_row(j->dy, r * D, D, h);
         float a = 0.0f, b = 0.0f;
         for (int64_t d = 0; d < D; d++) {
             xh[d] = (xh[d] - mu) * sigma;
@@ -47,36 +47,27 @@ static void *rows_job(void *arg) {
         }
         a /= (float)D;
         b /= (float)D;
-        if (j->bf16) {
-            uint16_t *restrict dst = (uint16_t *)j->dx + r * D;
-            for (int64_t d = 0; d < D; d++) dst[d] = to_bf16(sigma * (h[d] - a - xh[d] * b));
-        } else {
-            float *restrict dst = (float *)j->dx + r * D;
-            for (int64_t d = 0; d < D; d++) dst[d] = sigma * (h[d] - a - xh[d] * b);
-        }
+        if (!j->dx) continue;
+        uint16_t *restrict dst = j->dx + r * D;
+        for (int64_t d = 0; d < D; d++) dst[d] = to_bf16(sigma * (h[d] - a - xh[d] * b));
     }
     free(xh);
     return 0;
 }
 
-/* x, dy, dx (N, D) contiguous, bf16 when `bf16` else fp32; mean, rstd (N) fp32; gamma (D) fp32 or NULL.
- * Writes dx, and dgamma and dbeta (D, fp32) where not NULL. Returns 0, or 1 when out of memory (outputs
- * then undefined). */
-int lgformer_layernorm_backward(const void *x, const void *dy, const float *mean, const float *rstd,
-                                const float *gamma, void *dx, float *dgamma, float *dbeta, int64_t N, int64_t D,
-                                int bf16, int threads) {
-    threads = job_count(N, threads);
-    float *sums = calloc((size_t)(threads * 2 * D), sizeof(float));
+/* x, dy, dx (N, D) contiguous bf16; mean, rstd (N) fp32; gamma (D) fp32 or NULL. Writes dx, dgamma and
+ * dbeta (D, fp32), each where not NULL. Returns 0, or 1 when out of memory (outputs then undefined). */
+int lgformer_layernorm_backward(const uint16_t *x, const uint16_t *dy, const float *mean, const float *rstd,
+                                const float *gamma, uint16_t *dx, float *dgamma, float *dbeta, int64_t N,
+                                int64_t D, int threads) {
+    const int count = job_count(N, threads);
+    float *sums = calloc((size_t)(count * 2 * D), sizeof(float));
     if (!sums) return 1;
     Job jobs[MAX_THREADS];
-    for (int t = 0; t < threads; t++) {
-        const Job j = {x, dy, mean, rstd, gamma, dx, sums + t * 2 * D, D, N * t / threads, N * (t + 1) / threads,
-                       bf16};
-        jobs[t] = j;
-    }
-    const int failed = run_jobs(jobs, sizeof(Job), threads, rows_job);
-    for (int t = 1; t < threads; t++)
-        for (int64_t d = 0; d < 2 * D; d++) sums[d] += sums[t * 2 * D + d];
+    const Job base = {{0, 0, 0}, x, dy, mean, rstd, gamma, dx, sums, D};
+    jobs[0] = base;
+    const int failed = run_split(jobs, sizeof(Job), N, threads, rows_job);
+    add_up(sums, 2 * D, count);
     if (dgamma) memcpy(dgamma, sums, (size_t)D * sizeof(float));
     if (dbeta) memcpy(dbeta, sums + D, (size_t)D * sizeof(float));
     free(sums);

@@ -25,7 +25,7 @@ from lgformer.model.fast.native import fp32, pointer
 @cache
 def layernorm_kernel() -> ctypes.CDLL | None:
     """`layernorm.c` built and loaded with its signature, or None where it cannot be built (warned once)."""
-    return native.kernel("layernorm", lgformer_layernorm_backward=native.signature(8, 2, 2))
+    return native.kernel("layernorm", lgformer_layernorm_backward=native.signature(8, 2, 1))
 
 
 def native_applies(x: Tensor, normalized_shape: tuple[int, ...]) -> bool:
@@ -57,12 +57,12 @@ class LayerNormFunction(torch.autograd.Function):
         D = x.shape[-1]
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad = grad.to(x.dtype).contiguous()
-        grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
+        grad_x = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
         grad_weight = x.new_empty(D, dtype=torch.float32) if need_weight else None
         grad_bias = x.new_empty(D, dtype=torch.float32) if need_bias else None
         arrays = (x, grad, fp32(mean), fp32(rstd), fp32(weight), grad_x, grad_weight, grad_bias)
-        if layernorm_kernel().lgformer_layernorm_backward(
-            *map(pointer, arrays), x.numel() // D, D, True, torch.get_num_threads()
-        ):
-            raise MemoryError("layernorm.c: out of memory for its sums")
-        return grad_x if need_x else None, *native.affine_grads(weight, grad_weight, grad_bias), None
+        failed = layernorm_kernel().lgformer_layernorm_backward(
+            *map(pointer, arrays), x.numel() // D, D, torch.get_num_threads()
+        )
+        native.check(failed, "layernorm")
+        return grad_x, *native.affine_grads(weight, grad_weight, grad_bias), None

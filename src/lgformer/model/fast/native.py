@@ -60,6 +60,12 @@ def signature(addresses: int, sizes: int, ints: int) -> list[type]:
     return [ctypes.c_void_p] * addresses + [ctypes.c_int64] * sizes + [ctypes.c_int] * ints
 
 
+def check(failed: int, name: str) -> None:
+    """Raise for a kernel call that returned non-zero: out of memory for its sums (the only way they fail)."""
+    if failed:
+        raise MemoryError(f"{name}.c: out of memory for its sums")
+
+
 def affine_grads(weight: Tensor | None, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
     """A norm kernel's fp32 weight and bias gradients in the weight's dtype (as they are with no weight)."""
     if weight is None:

@@ -10,11 +10,19 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 #ifndef _OPENMP
 #include <pthread.h>
 #endif
 
 #define MAX_THREADS 256
+
+/* The first member of every kernel's job: the items it takes, [begin, end), and its place among the jobs
+ * (for sums of its own). */
+typedef struct {
+    int64_t begin, end;
+    int index;
+} Range;
 
 /* How many jobs to split `items` into: `threads`, at most `items` and MAX_THREADS, at least 1. */
 static inline int job_count(int64_t items, int threads) {
@@ -25,7 +33,7 @@ static inline int job_count(int64_t items, int threads) {
 
 /* pass(job) for the `count` jobs of `size` bytes each at `jobs`, each on a thread of its own (the first on
  * the calling thread); 0, or 1 if any pass returned non-NULL (failed). */
-static int run_jobs(void *jobs, size_t size, int count, void *(*pass)(void *)) {
+static inline int run_jobs(void *jobs, size_t size, int count, void *(*pass)(void *)) {
     int failed = 0;
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(count) schedule(static, 1) reduction(| : failed)
@@ -45,6 +53,25 @@ static int run_jobs(void *jobs, size_t size, int count, void *(*pass)(void *)) {
     }
 #endif
     return failed;
+}
+
+/* `items` split over job_count(items, threads) jobs made from jobs[0] (`size` bytes each, a Range first),
+ * then run_jobs. */
+static inline int run_split(void *jobs, size_t size, int64_t items, int threads, void *(*pass)(void *)) {
+    const int count = job_count(items, threads);
+    for (int t = 0; t < count; t++) {
+        char *job = (char *)jobs + (size_t)t * size;
+        if (t) memcpy(job, jobs, size);
+        const Range range = {items * t / count, items * (t + 1) / count, t};
+        memcpy(job, &range, sizeof range);
+    }
+    return run_jobs(jobs, size, count, pass);
+}
+
+/* The sums `count` jobs left in `sums`, `per` floats each, added up into the first job's. */
+static inline void add_up(float *sums, int64_t per, int count) {
+    for (int t = 1; t < count; t++)
+        for (int64_t i = 0; i < per; i++) sums[i] += sums[t * per + i];
 }
 
 #endif

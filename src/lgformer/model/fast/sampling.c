@@ -19,6 +19,7 @@
 #include "parallel.h"
 
 typedef struct {
+    Range maps; /* the (batch, head) maps b·heads + h of this job */
     const float *value, *grad, *attn;
     const float *loc;           /* the locations as given, or NULL, and then made from: */
     const float *offsets, *ref; /* offsets (B, Lq, heads, K, 2) and reference points (B or 1, Lq, 2) */
@@ -27,7 +28,6 @@ typedef struct {
     const int64_t *shapes; /* (levels, 2): H, W */
     const int64_t *starts; /* (levels): first pixel of each level along S */
     int64_t S, Lq, heads, dh, levels, points, ref_batch; /* ref_batch: 1 if ref has B rows, 0 if one */
-    int64_t begin, end; /* the (batch, head) maps b·heads + h of this job */
 } Job;
 
 /* The locations (x, y) of the K = levels·points sampling points of query q's head h, qh = (b·Lq + q)·heads
@@ -115,11 +115,12 @@ static void point_backward(const float *restrict g, const float *restrict v0, co
     d[2] = dy;
 }
 
-static void forward_job(const Job *j) {
+static void *forward_job(void *arg) {
+    const Job *j = (const Job *)arg;
     const int64_t dh = j->dh, K = j->levels * j->points;
     float zeros[dh], trash[4 * dh];
     for (int64_t i = 0; i < dh; i++) zeros[i] = 0.0f;
-    for (int64_t bh = j->begin; bh < j->end; bh++) {
+    for (int64_t bh = j->maps.begin; bh < j->maps.end; bh++) {
         const int64_t b = bh / j->heads, h = bh % j->heads;
         const float *value = j->value + bh * j->S * dh;
         for (int64_t q = 0; q < j->Lq; q++) {
@@ -145,15 +146,17 @@ static void forward_job(const Job *j) {
             }
         }
     }
+    return 0;
 }
 
 /* The location's gradient is a·W·g·∂sample/∂x̃, a·H·g·∂sample/∂ỹ (x̃ = x·W − 0.5); the offset's that over W
  * (resp. H), a·g·∂sample/∂x̃. */
-static void backward_job(const Job *j) {
+static void *backward_job(void *arg) {
+    const Job *j = (const Job *)arg;
     const int64_t dh = j->dh, K = j->levels * j->points;
     float zeros[dh], trash[4 * dh];
     for (int64_t i = 0; i < dh; i++) zeros[i] = 0.0f;
-    for (int64_t bh = j->begin; bh < j->end; bh++) {
+    for (int64_t bh = j->maps.begin; bh < j->maps.end; bh++) {
         const int64_t b = bh / j->heads, h = bh % j->heads;
         const float *value = j->value + bh * j->S * dh;
         float *grad_value = j->grad_value ? j->grad_value + bh * j->S * dh : 0;
@@ -192,28 +195,7 @@ static void backward_job(const Job *j) {
             }
         }
     }
-}
-
-static void *forward_thread(void *job) {
-    forward_job((const Job *)job);
     return 0;
-}
-
-static void *backward_thread(void *job) {
-    backward_job((const Job *)job);
-    return 0;
-}
-
-/* `thread` over `base`'s (batch, head) maps, split into jobs of about equal parts. */
-static void run(Job base, int64_t maps, int threads, void *(*thread)(void *)) {
-    Job jobs[MAX_THREADS];
-    const int count = job_count(maps, threads);
-    for (int t = 0; t < count; t++) {
-        jobs[t] = base;
-        jobs[t].begin = maps * t / count;
-        jobs[t].end = maps * (t + 1) / count;
-    }
-    run_jobs(jobs, sizeof(Job), count, thread);
 }
 
 /* The locations given (`loc`), or, with `loc` NULL, made from MSDeformAttn's raw offsets and its reference
@@ -222,10 +204,12 @@ void lgformer_sample_forward(const float *value, const float *loc, const float *
                              const float *ref, float *out, const int64_t *shapes, const int64_t *starts,
                              int64_t B, int64_t S, int64_t Lq, int64_t heads, int64_t dh, int64_t levels,
                              int64_t points, int64_t ref_batch, int threads) {
+    Job jobs[MAX_THREADS];
     const Job job = {.value = value, .loc = loc, .attn = attn, .offsets = offsets, .ref = ref, .out = out,
                      .shapes = shapes, .starts = starts, .S = S, .Lq = Lq, .heads = heads, .dh = dh,
                      .levels = levels, .points = points, .ref_batch = ref_batch};
-    run(job, B * heads, threads, forward_thread);
+    jobs[0] = job;
+    run_split(jobs, sizeof(Job), B * heads, threads, forward_job);
 }
 
 /* The locations as in the forward. grad_value must be zeroed by the caller (it is accumulated into); the
@@ -236,9 +220,11 @@ void lgformer_sample_backward(const float *value, const float *loc, const float 
                               float *grad_attn, float *grad_offsets, const int64_t *shapes,
                               const int64_t *starts, int64_t B, int64_t S, int64_t Lq, int64_t heads,
                               int64_t dh, int64_t levels, int64_t points, int64_t ref_batch, int threads) {
+    Job jobs[MAX_THREADS];
     const Job job = {.value = value, .grad = grad, .loc = loc, .attn = attn, .offsets = offsets, .ref = ref,
                      .grad_value = grad_value, .grad_loc = grad_loc, .grad_attn = grad_attn,
                      .grad_offsets = grad_offsets, .shapes = shapes, .starts = starts, .S = S, .Lq = Lq,
                      .heads = heads, .dh = dh, .levels = levels, .points = points, .ref_batch = ref_batch};
-    run(job, B * heads, threads, backward_thread);
+    jobs[0] = job;
+    run_split(jobs, sizeof(Job), B * heads, threads, backward_job);
 }
