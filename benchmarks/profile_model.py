@@ -126,13 +126,20 @@ def phases(
 ) -> dict:
     """Median wall time of each part of the trainer's step over `runs` steps (after two warm-up steps), the
     backward's exclusive time per module class, and the step's GFLOP against the GEMM roofline."""
-    from lgformer.engine.train import build_optimizer, freeze, set_train_mode
+    from lgformer.engine.train import (
+        build_optimizer,
+        clip_gradients,
+        freeze,
+        keeps_bf16_weights,
+        lent,
+        set_train_mode,
+    )
     from lgformer.model.loss import mask_loss
 
     tc, m = cfg.train, cfg.model
     freeze(model, tc)
     set_train_mode(model, tc)
-    optimizer = build_optimizer(model, tc)
+    optimizer = build_optimizer(model, tc, keeps_bf16_weights(amp, device, 1, 1))
     times: dict[str, list[float]] = collections.defaultdict(list)
     backward: dict[str, float] = collections.defaultdict(float)
     stack: list[list] = []
@@ -170,18 +177,19 @@ def phases(
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch, collate_fn=collate, num_workers=0)
 
     def step(record: bool) -> None:
-        t0 = now()
-        loss = forward_loss()
-        t1 = now()
-        loss.backward()
-        t2 = now()
-        if tc.clip_grad:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_grad)
-        t3 = now()
-        optimizer.step()
-        t4 = now()
-        optimizer.zero_grad(set_to_none=True)
-        t5 = now()
+        with lent(optimizer):
+            t0 = now()
+            loss = forward_loss()
+            t1 = now()
+            loss.backward()
+            t2 = now()
+            if tc.clip_grad:
+                clip_gradients(model, optimizer, tc.clip_grad)
+            t3 = now()
+            optimizer.step()
+            t4 = now()
+            optimizer.zero_grad(set_to_none=True)
+            t5 = now()
         if loader is not None:
             next(iter(loader))
         t6 = now()

@@ -55,6 +55,7 @@ FAST_PATHS = (
     "native-groupnorm",
     "native-layernorm",
     "native-dw",
+    "bf16-weights",
     "bag-sampler",
     "bag-backward",
     "short-softmax",

@@ -101,6 +101,35 @@ def test_resume_mid_epoch_gives_identical_weights(tmp_path, synth, deterministic
     assert steps == [1, 2, 3, 4, 5, 6]  # the log continues without duplicates
 
 
+def test_bf16_weights_train_the_plain_bf16_run_bit_for_bit(tmp_path, synth, deterministic):
+    """CPU bf16 training keeps the products' weights in bf16 between steps (`Bf16WeightsAdamW`, the
+    `bf16-weights` fast path): with a validation between steps (fp32 masters, packed inference weights)
+    and a resume after step 3 (the copies remade from the checkpoint), the last weights are the plain
+    bf16 run's bit for bit, and the trainer took the path."""
+    from lgformer.engine.train import Trainer
+    from lgformer.model import fast
+    from lgformer.model.fast.adamw import Bf16WeightsAdamW, adamw_kernel
+
+    if adamw_kernel() is None:
+        pytest.skip("no C compiler: the bf16-weights path needs its kernel (the plain AdamW runs)")
+    cfg = _lite(
+        synth,
+        SMALL,
+        "train.pretrained=false train.deterministic=true train.amp=bf16",
+        "model.encoder_fp32_stages=0 model.decoder_fp32=false",
+        "train.batch_size=4 train.max_steps=5 train.val_every=2",
+    )
+    with fast.disabled("bf16-weights"):
+        train(cfg, tmp_path / "plain")
+    assert isinstance(Trainer(cfg, tmp_path / "probe").optimizer, Bf16WeightsAdamW)
+    train(cfg, tmp_path / "lent", stop_after=3)
+    train(cfg, tmp_path / "lent", resume=True)
+    a = load_file(tmp_path / "plain" / "last" / "model.safetensors")
+    b = load_file(tmp_path / "lent" / "last" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(v.dtype == torch.float32 for v in b.values() if v.is_floating_point())
+
+
 def test_resume_reads_the_log_a_kill_cut_short_and_refuses_a_damaged_one(tmp_path):
     lines = [json.dumps({"step": step, "loss": 1.0 / step}) for step in (1, 2, 3)]
     (tmp_path / "log.jsonl").write_text("\n".join(lines) + '\n{"step": 4, "lo')

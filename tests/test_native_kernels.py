@@ -1,8 +1,9 @@
 """The C kernels of `model/fast/`, built on first use by `model/fast/native.py`: the deformable sampler's
 (`native-sampler`, pinned to the plain `grid_sample` form, forward and every gradient), GroupNorm's and
-LayerNorm's backwards (`native-groupnorm`, `native-layernorm`, pinned to PyTorch's and to float64) and the
-stride-2 depthwise convolutions (`native-dw`, pinned to the padded map's convolution); their build cached,
-run on PyTorch's OpenMP threads or POSIX ones, and its absence survived."""
+LayerNorm's backwards (`native-groupnorm`, `native-layernorm`, pinned to PyTorch's and to float64), the
+stride-2 depthwise convolutions (`native-dw`, pinned to the padded map's convolution) and AdamW on bf16
+weights (`bf16-weights`, pinned to PyTorch's fused AdamW and to the plain bf16 training step); their build
+cached, run on PyTorch's OpenMP threads or POSIX ones, and its absence survived."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from lgformer.model import fast
 from lgformer.model.deformable_attention import MSDeformAttn, grid_sample_attention, ms_deform_attn_sample
 from lgformer.model.efficientnet import DepthwiseConv, same_pad
 from lgformer.model.fast import native
+from lgformer.model.fast.adamw import Bf16WeightsAdamW, adamw_kernel
 from lgformer.model.fast.depthwise import StridedDepthwise, depthwise_kernel
 from lgformer.model.fast.groupnorm import GroupNormFunction, groupnorm_kernel
 from lgformer.model.fast.layernorm import LayerNormFunction, layernorm_kernel
@@ -29,7 +31,14 @@ from lgformer.model.fast.sampling import NativeSample, native_applies, sampling_
 from lgformer.model.layers import GroupNorm, LayerNorm
 
 SHAPES = [(3, 4), (5, 7), (9, 11)]
-LOADERS = (native.library, sampling_kernels, groupnorm_kernel, depthwise_kernel, layernorm_kernel)
+LOADERS = (
+    native.library,
+    sampling_kernels,
+    groupnorm_kernel,
+    depthwise_kernel,
+    layernorm_kernel,
+    adamw_kernel,
+)
 
 
 @pytest.fixture
@@ -386,3 +395,112 @@ def test_native_layernorm_only_where_it_applies(build_in: Path, monkeypatch: pyt
         LayerNorm(16)(x.bfloat16())
     LayerNorm((5, 16))(x.bfloat16().requires_grad_())
     assert calls == []
+
+
+def weights_and_groups(seed: int) -> tuple[list[torch.nn.Parameter], list[dict]]:
+    """A linear weight and bias, a channels-last convolution weight and a long vector of an odd size (the
+    kernel's split over threads and PyTorch's vector tail), in two groups as the trainer's."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(48, 40), (48,), (16, 8, 3, 3), (100_003,)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    params[2].data = params[2].data.to(memory_format=torch.channels_last)
+    return params, [dict(params=params[:2], lr=1e-3, weight_decay=0.01), dict(params=params[2:], lr=3e-4)]
+
+
+def test_adamw_on_bf16_weights_is_pytorchs_fused_adamw(kernels: Path) -> None:
+    """Four steps from bf16 gradients, clipped: the fp32 masters and moments are PyTorch's fused AdamW's on
+    the gradients cast to fp32 (clipped by `clip_grad_norm_`) bit for bit, but for PyTorch's own vector tail
+    (a few elements of the odd-sized vector, within an ulp), and each bf16 copy is its master's cast."""
+    ours, groups = weights_and_groups(0)
+    theirs, their_groups = weights_and_groups(0)
+    opt = Bf16WeightsAdamW(groups, weight_decay=0.05)
+    ref = torch.optim.AdamW(their_groups, weight_decay=0.05, fused=True)
+    opt._copies = {p: p.detach().to(torch.bfloat16) for p in ours}  # as a watched first step leaves them
+    opt._versions = {p: p._version for p in ours}
+    g = torch.Generator().manual_seed(1)
+    for step in range(4):
+        grads = [(torch.randn(p.shape, generator=g) * 10**-step).bfloat16() for p in ours]
+        with opt.lent():
+            assert all(p.dtype == torch.bfloat16 for p in ours)
+            for p, grad in zip(ours, grads):
+                p.grad = grad.clone()  # the convolution's in NCHW order, unlike its weight: put in order
+            total = opt.clip_grad_norm_(ours, 0.5)
+            opt.step()
+        for p, grad in zip(theirs, grads):
+            p.grad = torch.empty_like(p).copy_(grad)
+        assert total == torch.nn.utils.clip_grad_norm_(theirs, 0.5)
+        ref.step()
+        for p, q in zip(ours, theirs):
+            assert p.dtype == torch.float32 and p.stride() == q.stride()
+            assert torch.equal(opt._copies[p], q.detach().to(torch.bfloat16))
+            for a, b in [(p, q), *((opt.state[p][k], ref.state[q][k]) for k in ("exp_avg", "exp_avg_sq"))]:
+                differ = (a != b).sum().item()
+                assert differ <= 8, (step, differ)
+                torch.testing.assert_close(a, b, rtol=2e-7, atol=0)
+
+
+@pytest.mark.parametrize("preset", ["lite", "official-swin-t"])
+def test_bf16_weights_step_is_the_plain_bf16_step(kernels: Path, preset: str) -> None:
+    """Three trainer steps under bf16 autocast with the products' weights kept in bf16 give the plain steps'
+    weights bit for bit, also after an in-place change to a weight between steps (its copy is remade).
+    The first step finds the weights: linear weights are taken, LayerNorm's and the deformable attention's
+    fp32 sampling offsets are not; outside the step every parameter is fp32."""
+    from lgformer import config as config_mod
+    from lgformer.engine.bench import make_inputs
+    from lgformer.engine.train import backward_batches, build_optimizer, freeze, lent, optimizer_update
+    from lgformer.model.build import build_model
+
+    overrides = ["model.text_encoder=minilm", "model.decoder_layers=1", "model.decoder_fp32=false"]
+    cfg = config_mod.load(preset, [*overrides, "model.encoder_fp32_stages=0", "train.clip_grad=1.0"])
+    torch.manual_seed(0)
+    models = [build_model(cfg.model, pretrained=False).train() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    x = make_inputs(cfg, 64, 2, torch.device("cpu"))
+    batch = {"image": x["image"], "text_mask": x["mask"], "ids": x["ids"], "mask": x["target"]}
+    optimizers = []
+    for model, keep in zip(models, (True, False)):
+        freeze(model, cfg.train)
+        optimizers.append(build_optimizer(model, cfg.train, bf16_weights=keep))
+    for step in range(3):
+        for model, opt in zip(models, optimizers):
+            if step == 2:
+                with torch.no_grad():
+                    model.prototype_generator.layers[0].ffn[0].weight.mul_(0.5)
+            torch.manual_seed(step)
+            with lent(opt):
+                backward_batches(model, iter([batch]), 1, cfg.model, torch.device("cpu"), torch.bfloat16)
+                optimizer_update(model, opt, None, cfg.train.clip_grad)
+            assert all(p.dtype == torch.float32 for p in model.parameters())
+        for a, b in zip(*(m.parameters() for m in models)):
+            assert torch.equal(a, b), step
+    lent_names = {name for name, p in models[0].named_parameters() if p in optimizers[0]._copies}
+    assert "prototype_generator.layers.0.ffn.0.weight" in lent_names
+    assert not any("norm" in n or "sampling_offsets" in n for n in lent_names)
+    linear = [f"{n}.weight" for n, m in models[0].named_modules() if isinstance(m, torch.nn.Linear)]
+    assert len(lent_names & set(linear)) > len(linear) // 2
+
+
+def test_bf16_weights_fall_back_to_adamw_without_a_compiler(
+    build_in: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No compiler: one warning, the weights stay fp32 inside `lent()` and the step is PyTorch's AdamW."""
+    monkeypatch.setenv("CC", "no-such-cc")
+    ours, groups = weights_and_groups(2)
+    theirs, their_groups = weights_and_groups(2)
+    opt = Bf16WeightsAdamW(groups)
+    ref = torch.optim.AdamW(their_groups, fused=True)
+
+    def step(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
+        for p in params:
+            p.grad = torch.ones_like(p)
+        optimizer.step()
+
+    for warned in (True, False):
+        expected = pytest.warns(native.NativeWarning, match="no C compiler")
+        with expected if warned else warnings.catch_warnings():
+            warnings.simplefilter("default" if warned else "error")
+            with opt.lent():
+                assert all(p.dtype == torch.float32 for p in ours)
+                step(ours, opt)
+        step(theirs, ref)
+    assert opt._copies is None and all(torch.equal(p, q) for p, q in zip(ours, theirs))

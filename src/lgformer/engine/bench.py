@@ -249,6 +249,8 @@ def train_step(
         backward_batches,
         build_optimizer,
         freeze,
+        keeps_bf16_weights,
+        lent,
         optimizer_update,
         set_train_mode,
     )
@@ -256,13 +258,14 @@ def train_step(
     tc, m = cfg.train, cfg.model
     freeze(model, tc)
     set_train_mode(model, tc)
-    optimizer = build_optimizer(model, tc)
+    optimizer = build_optimizer(model, tc, keeps_bf16_weights(dtype, device, 1, 1))
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     batch = {"image": x["image"], "text_mask": x["mask"], "ids": x["ids"], "mask": x["target"]}
 
     def step() -> None:
-        backward_batches(model, iter([batch]), 1, m, device, dtype, scaler)
-        optimizer_update(model, optimizer, scaler, tc.clip_grad)
+        with lent(optimizer):
+            backward_batches(model, iter([batch]), 1, m, device, dtype, scaler)
+            optimizer_update(model, optimizer, scaler, tc.clip_grad)
 
     return step
 

@@ -21,6 +21,7 @@ import math
 import random
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from lgformer.engine import distributed as D
 from lgformer.engine.evaluate import evaluate_model
 from lgformer.errors import LGFormerError
 from lgformer.files import atomic_write, recover_folder
+from lgformer.model.fast.adamw import Bf16WeightsAdamW
 from lgformer.precision import autocast, autocast_dtype
 
 AMP_CHOICES = ("auto", "off", "bf16", "fp16")
@@ -79,10 +81,25 @@ def freeze(model: nn.Module, tc: TrainConfig) -> None:
         model.text_encoder.bert.embeddings.requires_grad_(False)
 
 
-def build_optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, tc: TrainConfig, bf16_weights: bool = False) -> torch.optim.Optimizer:
     """AdamW over `param_groups`; betas (0.9, 0.999), eps 1e-8 as the authors. The fused kernel (CPU and GPU)
-    is the fastest update."""
-    return torch.optim.AdamW(param_groups(model, tc), lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
+    is the fastest update. `bf16_weights` (`keeps_bf16_weights`): the products' weights stay bf16 between
+    steps (`Bf16WeightsAdamW`, the same update); take each step inside `lent(optimizer)`."""
+    groups, options = param_groups(model, tc), dict(lr=tc.lr, weight_decay=tc.weight_decay)
+    if bf16_weights:
+        return Bf16WeightsAdamW(groups, **options)
+    return torch.optim.AdamW(groups, fused=True, **options)
+
+
+def keeps_bf16_weights(dtype: torch.dtype | None, device: torch.device, processes: int, accum: int) -> bool:
+    """Whether a run's optimizer keeps the products' weights in bf16 (`Bf16WeightsAdamW`): CPU bf16 autocast,
+    one process, one micro-batch per step (it sums no gradients in bf16)."""
+    return dtype == torch.bfloat16 and device.type == "cpu" and processes == 1 and accum == 1
+
+
+def lent(optimizer: torch.optim.Optimizer) -> AbstractContextManager:
+    """The context of one step's forward, backward and update: `Bf16WeightsAdamW.lent`, else nothing."""
+    return optimizer.lent() if isinstance(optimizer, Bf16WeightsAdamW) else contextlib.nullcontext()
 
 
 def set_lr(optimizer: torch.optim.Optimizer, step: int, total: int, tc: TrainConfig) -> float:
@@ -127,6 +144,15 @@ def backward_batches(
     return loss_sum
 
 
+def clip_gradients(model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float) -> None:
+    """Scale `model`'s gradients to a global norm of at most `max_norm`: PyTorch's `clip_grad_norm_`, or
+    `Bf16WeightsAdamW`'s own (the same sums) where some gradients are bf16."""
+    if isinstance(optimizer, Bf16WeightsAdamW):
+        optimizer.clip_grad_norm_(model.parameters(), max_norm)
+    else:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
 def optimizer_update(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -137,7 +163,7 @@ def optimizer_update(
     if clip_grad:
         if scaler is not None:
             scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        clip_gradients(model, optimizer, clip_grad)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -366,7 +392,8 @@ class Trainer:
         freeze(self.model, tc)
         # A frozen pretrained text encoder is not stored: checkpoints reload it from its source.
         self.exclude = ("text_encoder.",) if tc.pretrained and tc.freeze_text_encoder else ()
-        self.optimizer = build_optimizer(self.model, tc)
+        bf16_weights = keeps_bf16_weights(self.dtype, self.device, self.world.size, self.accum)
+        self.optimizer = build_optimizer(self.model, tc, bf16_weights)
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
         self.step, self.best, self.saved_step = 0, None, None
         self.seconds_before = 0.0  # time of the sessions before a resume
@@ -522,16 +549,23 @@ class Trainer:
             self.optimizer, self.step, self.total, tc
         )  # the new parts' rate, for the log
         set_train_mode(self.model, tc)
-        loss_sum = backward_batches(
-            self.ddp or self.model, batches, self.accum, self.cfg.model, self.device, self.dtype, self.scaler
-        )
-        value = float(D.all_reduce_sum(loss_sum)) / self.world.size
-        if not math.isfinite(value):
-            where = "none" if self.saved_step is None else f"{self.out / 'last'} (step {self.saved_step})"
-            raise LGFormerError(
-                f"step {self.step + 1}: loss is {value}; run stopped. Last good checkpoint: {where}"
+        with lent(self.optimizer):
+            loss_sum = backward_batches(
+                self.ddp or self.model,
+                batches,
+                self.accum,
+                self.cfg.model,
+                self.device,
+                self.dtype,
+                self.scaler,
             )
-        optimizer_update(self.model, self.optimizer, self.scaler, tc.clip_grad)
+            value = float(D.all_reduce_sum(loss_sum)) / self.world.size
+            if not math.isfinite(value):
+                where = "none" if self.saved_step is None else f"{self.out / 'last'} (step {self.saved_step})"
+                raise LGFormerError(
+                    f"step {self.step + 1}: loss is {value}; run stopped. Last good checkpoint: {where}"
+                )
+            optimizer_update(self.model, self.optimizer, self.scaler, tc.clip_grad)
         self.step += 1
         return value
 

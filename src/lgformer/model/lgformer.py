@@ -55,7 +55,9 @@ class LGFormer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.head.mlp[0].weight.dtype  # every box's parameters share it
+        # every box's parameters share it; a table added to maps, not a product's weight (those are bf16
+        # during a `Bf16WeightsAdamW` training step)
+        return self.pixel_decoder.level_embed.dtype
 
     def forward(
         self,

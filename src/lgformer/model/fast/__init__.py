@@ -37,6 +37,9 @@ PATHS = {
     "sums in fp32 (plain: PyTorch's, slower there and summing the weight gradients in bf16)",
     "native-dw": "EfficientNet-Lite2's stride-2 depthwise convolutions, forward and backward, by a C kernel "
     "built on first use, the SAME padding implicit (plain: the map padded, then oneDNN)",
+    "bf16-weights": "in CPU bf16 training, the weights autocast only casts to bf16 kept in bf16 between "
+    "steps, their gradients left in bf16 and folded into AdamW's update by a C kernel built on first use "
+    "(plain: every weight cast to bf16 each step and its gradient cast back to fp32)",
     "bag-sampler": "deformable sampling as one weighted embedding_bag (plain: grid_sample per level)",
     "bag-backward": "the embedding_bag sampler's own backward (plain: autograd through embedding_bag)",
     "short-softmax": "the deformable attention's softmax over its 12 (level, point) logits taken along the "
