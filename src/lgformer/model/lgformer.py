@@ -47,6 +47,9 @@ class LGFormer(nn.Module):
         self.prototype_generator = prototype_generator
         self.head = head
         self.target_head = target_head
+        # an empty tensor that follows the model's conversions (.double(), .half()): its dtype is the model's,
+        # which a product's weight cannot tell (bf16 inside a `Bf16WeightsAdamW` training step)
+        self.register_buffer("dtype_of_parameters", torch.empty(0), persistent=False)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> LGFormer:
         # .to() / .cuda() / .half() replace the parameters' data: the packed weights would be stale memory
@@ -55,9 +58,7 @@ class LGFormer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        # every box's parameters share it; a table added to maps, not a product's weight (those are bf16
-        # during a `Bf16WeightsAdamW` training step)
-        return self.pixel_decoder.level_embed.dtype
+        return self.dtype_of_parameters.dtype
 
     def forward(
         self,

@@ -16,8 +16,8 @@ Outside `lent()` (evaluation, checkpoints) every parameter holds its fp32 master
 bf16 step's: the bf16 copy is autocast's cast of the master, the update PyTorch's on the gradient autocast's
 cast would give. For one process and one micro-batch per step (`Trainer`): summed over micro-batches or
 processes, the gradients would be summed in bf16. The watch sees operators, not reads of a weight's `.dtype`
-or of its memory by a C kernel: the model asks a table for its dtype (`LGFormer.dtype`), and the tests pin
-whole training steps to the plain ones bit for bit.
+or of its memory by a C kernel: the model asks an empty buffer for its dtype (`LGFormer.dtype`), and the
+tests pin whole training steps to the plain ones bit for bit.
 """
 
 from __future__ import annotations
