@@ -21,7 +21,6 @@ import math
 import random
 import time
 from collections.abc import Iterator
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,7 +96,7 @@ def keeps_bf16_weights(dtype: torch.dtype | None, device: torch.device, processe
     return dtype == torch.bfloat16 and device.type == "cpu" and processes == 1 and accum == 1
 
 
-def lent(optimizer: torch.optim.Optimizer) -> AbstractContextManager:
+def lent(optimizer: torch.optim.Optimizer) -> contextlib.AbstractContextManager:
     """The context of one step's forward, backward and update: `Bf16WeightsAdamW.lent`, else nothing."""
     return optimizer.lent() if isinstance(optimizer, Bf16WeightsAdamW) else contextlib.nullcontext()
 
