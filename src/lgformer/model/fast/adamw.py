@@ -150,27 +150,28 @@ class Bf16WeightsAdamW(torch.optim.AdamW):
     def step(self, closure: Any = None) -> Any:
         """AdamW: the lent weights by the C kernel from their bf16 gradients, the rest by PyTorch's."""
         self._stop_watching()
-        lent = [(p, p.grad) for p in self._masters if p.grad is not None]
-        for p, _ in lent:
-            p.grad = None
+        taken = [(p, p.grad) for p in self._masters if p.grad is not None]
+        for p, _ in taken:
+            p.grad = None  # hidden from PyTorch's update
         try:
             loss = super().step(closure)
-            if lent:
-                self._update(lent)
+            if taken:
+                self._update(taken)
         finally:
-            for p, grad in lent:
+            for p, grad in taken:
                 p.grad = grad
             self._coef = 1.0
         return loss
 
-    def _update(self, lent: list[tuple[nn.Parameter, Tensor]]) -> None:
+    def _update(self, taken: list[tuple[nn.Parameter, Tensor]]) -> None:
+        """The C kernel's update of the lent weights `taken` (weight, its bf16 gradient)."""
         group_of = {p: g for g in self.param_groups for p in g["params"]}
-        beta1, beta2 = group_of[lent[0][0]]["betas"]
+        beta1, beta2 = group_of[taken[0][0]]["betas"]
         arrays: list[list[Tensor]] = [[], [], [], [], []]
         sizes, scalars = [], []
-        for p, grad in lent:
+        for p, grad in taken:
             group, master = group_of[p], self._masters[p]
-            if group["betas"] != (beta1, beta2) or group["eps"] != group_of[lent[0][0]]["eps"]:
+            if group["betas"] != (beta1, beta2) or group["eps"] != group_of[taken[0][0]]["eps"]:
                 raise ValueError("Bf16WeightsAdamW: every group needs the same betas and eps")
             state = self.state[p]
             if not state:
@@ -185,15 +186,15 @@ class Bf16WeightsAdamW(torch.optim.AdamW):
             step, lr, wd = float(state["step"]), float(group["lr"]), group["weight_decay"]
             scalars += [1 - lr * wd, -(lr / (1 - beta1**step)), math.sqrt(1 - beta2**step)]
             sizes.append(master.numel())
-        pointers = [(ctypes.c_void_p * len(lent))(*(t.data_ptr() for t in array)) for array in arrays]
+        pointers = [(ctypes.c_void_p * len(taken))(*(t.data_ptr() for t in array)) for array in arrays]
         per_tensor = torch.tensor(scalars, dtype=torch.float32)  # rounded as PyTorch's kernel rounds them
-        eps = group_of[lent[0][0]]["eps"]
+        eps = group_of[taken[0][0]]["eps"]
         failed = adamw_kernel().lgformer_adamw_bf16(
             *pointers,
             (ctypes.c_int64 * len(sizes))(*sizes),
             per_tensor.data_ptr(),
             sum(sizes),
-            len(lent),
+            len(taken),
             torch.get_num_threads(),
             1 - beta1,
             beta2,
