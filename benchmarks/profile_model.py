@@ -130,7 +130,6 @@ def phases(
         build_optimizer,
         clip_gradients,
         freeze,
-        keeps_bf16_weights,
         lent,
         set_train_mode,
     )
@@ -139,7 +138,7 @@ def phases(
     tc, m = cfg.train, cfg.model
     freeze(model, tc)
     set_train_mode(model, tc)
-    optimizer = build_optimizer(model, tc, keeps_bf16_weights(amp, device, 1, 1))
+    optimizer = build_optimizer(model, tc, amp)
     times: dict[str, list[float]] = collections.defaultdict(list)
     backward: dict[str, float] = collections.defaultdict(float)
     stack: list[list] = []

@@ -249,7 +249,6 @@ def train_step(
         backward_batches,
         build_optimizer,
         freeze,
-        keeps_bf16_weights,
         lent,
         optimizer_update,
         set_train_mode,
@@ -258,7 +257,7 @@ def train_step(
     tc, m = cfg.train, cfg.model
     freeze(model, tc)
     set_train_mode(model, tc)
-    optimizer = build_optimizer(model, tc, keeps_bf16_weights(dtype, device, 1, 1))
+    optimizer = build_optimizer(model, tc, dtype)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     batch = {"image": x["image"], "text_mask": x["mask"], "ids": x["ids"], "mask": x["target"]}
 

@@ -80,20 +80,19 @@ def freeze(model: nn.Module, tc: TrainConfig) -> None:
         model.text_encoder.bert.embeddings.requires_grad_(False)
 
 
-def build_optimizer(model: nn.Module, tc: TrainConfig, bf16_weights: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, tc: TrainConfig, amp: torch.dtype | None = None, processes: int = 1, accum: int = 1
+) -> torch.optim.Optimizer:
     """AdamW over `param_groups`; betas (0.9, 0.999), eps 1e-8 as the authors. The fused kernel (CPU and GPU)
-    is the fastest update. `bf16_weights` (`keeps_bf16_weights`): the products' weights stay bf16 between
-    steps (`Bf16WeightsAdamW`, the same update); take each step inside `lent(optimizer)`."""
+    is the fastest update. A CPU model trained under bf16 autocast (`amp`) by one process, one micro-batch a
+    step, gets `Bf16WeightsAdamW`: the same update, the products' weights kept bf16 between steps (summed
+    over micro-batches or processes, their gradients would be summed in bf16). Take each step inside
+    `lent(optimizer)`."""
     groups, options = param_groups(model, tc), dict(lr=tc.lr, weight_decay=tc.weight_decay)
-    if bf16_weights:
+    cpu = next(model.parameters()).device.type == "cpu"
+    if amp == torch.bfloat16 and cpu and processes == 1 and accum == 1:
         return Bf16WeightsAdamW(groups, **options)
     return torch.optim.AdamW(groups, fused=True, **options)
-
-
-def keeps_bf16_weights(dtype: torch.dtype | None, device: torch.device, processes: int, accum: int) -> bool:
-    """Whether a run's optimizer keeps the products' weights in bf16 (`Bf16WeightsAdamW`): CPU bf16 autocast,
-    one process, one micro-batch per step (it sums no gradients in bf16)."""
-    return dtype == torch.bfloat16 and device.type == "cpu" and processes == 1 and accum == 1
 
 
 def lent(optimizer: torch.optim.Optimizer) -> contextlib.AbstractContextManager:
@@ -391,8 +390,7 @@ class Trainer:
         freeze(self.model, tc)
         # A frozen pretrained text encoder is not stored: checkpoints reload it from its source.
         self.exclude = ("text_encoder.",) if tc.pretrained and tc.freeze_text_encoder else ()
-        bf16_weights = keeps_bf16_weights(self.dtype, self.device, self.world.size, self.accum)
-        self.optimizer = build_optimizer(self.model, tc, bf16_weights)
+        self.optimizer = build_optimizer(self.model, tc, self.dtype, self.world.size, self.accum)
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
         self.step, self.best, self.saved_step = 0, None, None
         self.seconds_before = 0.0  # time of the sessions before a resume

@@ -83,7 +83,10 @@ class Bf16WeightsAdamW(torch.optim.AdamW):
         self._coef = 1.0
 
     def _applies(self) -> bool:
-        plain = all(not g["amsgrad"] and not g["maximize"] for g in self.param_groups)
+        """The path's switch is on, its kernel built, and the groups differ at most in rate and decay (the
+        kernel takes one β1, β2 and ε) with neither AMSGrad nor maximize."""
+        shared = {(tuple(g["betas"]), g["eps"]) for g in self.param_groups}
+        plain = len(shared) == 1 and not any(g["amsgrad"] or g["maximize"] for g in self.param_groups)
         return plain and fast.enabled("bf16-weights") and adamw_kernel() is not None
 
     def _trainable(self) -> list[nn.Parameter]:
@@ -150,30 +153,31 @@ class Bf16WeightsAdamW(torch.optim.AdamW):
     def step(self, closure: Any = None) -> Any:
         """AdamW: the lent weights by the C kernel from their bf16 gradients, the rest by PyTorch's."""
         self._stop_watching()
-        taken = [(p, p.grad) for p in self._masters if p.grad is not None]
-        for p, _ in taken:
+        taken = [
+            (group, p, p.grad)
+            for group in self.param_groups
+            for p in group["params"]
+            if p in self._masters and p.grad is not None
+        ]
+        for _, p, _ in taken:
             p.grad = None  # hidden from PyTorch's update
         try:
             loss = super().step(closure)
             if taken:
                 self._update(taken)
         finally:
-            for p, grad in taken:
+            for _, p, grad in taken:
                 p.grad = grad
             self._coef = 1.0
         return loss
 
-    def _update(self, taken: list[tuple[nn.Parameter, Tensor]]) -> None:
-        """The C kernel's update of the lent weights `taken` (weight, its bf16 gradient)."""
-        group_of = {p: g for g in self.param_groups for p in g["params"]}
-        beta1, beta2 = group_of[taken[0][0]]["betas"]
+    def _update(self, taken: list[tuple[dict[str, Any], nn.Parameter, Tensor]]) -> None:
+        """The C kernel's update of the lent weights `taken` (group, weight, its bf16 gradient)."""
+        beta1, beta2 = taken[0][0]["betas"]
         arrays: list[list[Tensor]] = [[], [], [], [], []]
         sizes, scalars = [], []
-        for p, grad in taken:
-            group, master = group_of[p], self._masters[p]
-            if group["betas"] != (beta1, beta2) or group["eps"] != group_of[taken[0][0]]["eps"]:
-                raise ValueError("Bf16WeightsAdamW: every group needs the same betas and eps")
-            state = self.state[p]
+        for group, p, grad in taken:
+            master, state = self._masters[p], self.state[p]
             if not state:
                 state["step"] = torch.zeros((), dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(master, memory_format=torch.preserve_format)
@@ -188,7 +192,6 @@ class Bf16WeightsAdamW(torch.optim.AdamW):
             sizes.append(master.numel())
         pointers = [(ctypes.c_void_p * len(taken))(*(t.data_ptr() for t in array)) for array in arrays]
         per_tensor = torch.tensor(scalars, dtype=torch.float32)  # rounded as PyTorch's kernel rounds them
-        eps = group_of[taken[0][0]]["eps"]
         failed = adamw_kernel().lgformer_adamw_bf16(
             *pointers,
             (ctypes.c_int64 * len(sizes))(*sizes),
@@ -199,7 +202,7 @@ class Bf16WeightsAdamW(torch.optim.AdamW):
             1 - beta1,
             beta2,
             1 - beta2,
-            eps,
+            taken[0][0]["eps"],
             self._coef,
         )
         native.check(failed, "adamw")
